@@ -1,0 +1,377 @@
+"""Typed configuration: dataclasses loaded from YAML, overridden from the command line, validated once.
+
+    cfg = load_config("configs/tiny.yaml", overrides=["model.mtp_depth=2", "train.lr=1e-3"])
+
+Every rule about which values fit together lives in `validate`, so a bad config fails before any work
+starts, with a message that names the field and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and the fix."""
+
+
+@dataclass
+class YarnConfig:
+    """YaRN context extension (the `rope_scaling` block of the HF config)."""
+
+    factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 1024
+    num_layers: int = 12
+    num_heads: int = 16
+    first_k_dense_replace: int = 1
+    intermediate_size: int = 4096  # dense-layer SwiGLU width
+    moe_intermediate_size: int = 512  # width of each routed and shared expert
+    n_routed_experts: int = 32
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 6
+    n_group: int = 4
+    topk_group: int = 2
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight; 0 = aux-loss-free only
+    q_lora_rank: Optional[int] = None  # None: direct q projection
+    kv_lora_rank: int = 256
+    qk_nope_head_dim: int = 64
+    qk_rope_head_dim: int = 32
+    v_head_dim: int = 64
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[YarnConfig] = None
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    mtp_depth: int = 1  # D: number of sequential MTP modules; 0 = plain next-token training
+    init_std: float = 0.006
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_k_dense_replace
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor parallel
+    pp: int = 1  # pipeline parallel
+    ep: int = 1  # expert parallel (carved out of the data-parallel ranks)
+    zero_stage: int = 1
+    sequence_parallel: bool = False
+    pp_microbatches: Optional[int] = None  # defaults to train.grad_accum
+
+
+@dataclass
+class DataConfig:
+    source_dir: Optional[str] = None  # None: the running interpreter's standard library
+    include: list[str] = field(default_factory=lambda: ["**/*.py"])
+    exclude: list[str] = field(default_factory=lambda: ["**/test/**", "**/tests/**", "**/site-packages/**"])
+    data_dir: str = "data/stdlib"
+    val_fraction: float = 0.02
+    tokenizer_sample_bytes: int = 20_000_000
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    seed: int = 1234
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # cosine | constant_decay (DeepSeek: constant, then cosine decay)
+    decay_start_fraction: float = 0.8  # constant_decay: where the decay begins
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    # Piecewise-constant schedules over tokens seen: [[from_tokens, value], ...] starting at 0.
+    mtp_weight_schedule: list[list[float]] = field(default_factory=lambda: [[0, 0.3]])
+    bias_update_schedule: list[list[float]] = field(default_factory=lambda: [[0, 0.001]])
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp8
+    activation_checkpointing: bool = False
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 8
+    save_interval: int = 500
+    keep_last: int = 2
+    max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops
+    compile: bool = False
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 8
+    max_new_tokens: int = 512
+    max_body_bytes: int = 1_000_000
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Turn a YAML value into the annotated type, or raise a ConfigError naming `path`."""
+    origin = get_origin(hint)
+    if origin is Union:  # Optional[X]
+        args = [a for a in get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], path)
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of {hint.__name__} fields, got {value!r}")
+        return _from_dict(hint, value, path)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = get_args(hint)
+        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint in (int, float) and isinstance(value, str):
+        value = _parse_number(value, path)  # PyYAML reads 1e12 (no dot, no sign) as a string
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _parse_number(text: str, path: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{path}: expected a number, got {text!r}") from None
+
+
+def _from_dict(cls: type, data: dict, path: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}: {cls.__name__} has fields {sorted(names)} "
+            "(check the spelling)"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["model.mtp_depth=2", "train.lr=1e-3"]` -> nested dict; values are parsed as YAML."""
+    data: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. model.mtp_depth=2")
+        key, raw = item.split("=", 1)
+        _set_path(data, key.strip(), yaml.safe_load(raw))
+    return data
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _from_dict(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> Config:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model, parallel, data, train, serve)")
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: the one place that knows which values fit together.
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def validate_model(m: ModelConfig) -> None:
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                 "moe_intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim",
+                 "max_position_embeddings"):
+        _require(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive")
+    _require(m.qk_rope_head_dim > 0 and m.qk_rope_head_dim % 2 == 0,
+             f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be a positive even number (RoPE rotates pairs)")
+    _require(m.mtp_depth >= 0, f"model.mtp_depth={m.mtp_depth} must be >= 0 (0 disables MTP)")
+    _require(0 <= m.first_k_dense_replace <= m.num_layers,
+             f"model.first_k_dense_replace={m.first_k_dense_replace} must be in [0, num_layers={m.num_layers}]")
+    _require(m.q_lora_rank is None or m.q_lora_rank > 0,
+             f"model.q_lora_rank={m.q_lora_rank} must be positive, or null for a direct q projection")
+    _require(m.rms_norm_eps > 0, f"model.rms_norm_eps={m.rms_norm_eps} must be positive")
+    _require(m.aux_loss_alpha >= 0, f"model.aux_loss_alpha={m.aux_loss_alpha} must be >= 0")
+    if m.num_moe_layers == 0 and m.mtp_depth == 0:
+        return
+    _require(m.n_routed_experts > 0, f"model.n_routed_experts={m.n_routed_experts} must be positive")
+    _require(m.n_shared_experts >= 0, f"model.n_shared_experts={m.n_shared_experts} must be >= 0")
+    _require(m.n_group > 0 and m.n_routed_experts % m.n_group == 0,
+             f"model.n_routed_experts={m.n_routed_experts} is not divisible by model.n_group={m.n_group}: "
+             f"choose n_group from {_divisors(m.n_routed_experts)}")
+    per_group = m.n_routed_experts // m.n_group
+    _require(per_group >= 2 or m.n_group == 1,
+             f"model.n_group={m.n_group} leaves {per_group} expert per group; groups are ranked by their top-2 "
+             "scores, so use fewer groups")
+    _require(1 <= m.topk_group <= m.n_group,
+             f"model.topk_group={m.topk_group} must be in [1, model.n_group={m.n_group}]")
+    available = m.topk_group * per_group
+    _require(1 <= m.num_experts_per_tok <= available,
+             f"model.num_experts_per_tok={m.num_experts_per_tok} exceeds the {available} experts left after "
+             f"group limiting (topk_group={m.topk_group} x {per_group} per group): lower it or raise topk_group")
+    _require(m.routed_scaling_factor > 0, f"model.routed_scaling_factor={m.routed_scaling_factor} must be positive")
+    if m.rope_scaling is not None:
+        _require(m.rope_scaling.factor >= 1, f"model.rope_scaling.factor={m.rope_scaling.factor} must be >= 1")
+
+
+def validate_schedule(name: str, schedule: list[list[float]]) -> None:
+    _require(len(schedule) > 0, f"train.{name} must have at least one [from_tokens, value] entry")
+    for i, entry in enumerate(schedule):
+        _require(len(entry) == 2, f"train.{name}[{i}]={entry} must be a pair [from_tokens, value]")
+    starts = [e[0] for e in schedule]
+    _require(starts[0] == 0, f"train.{name} must start at 0 tokens, got {starts[0]}")
+    _require(starts == sorted(starts), f"train.{name} must be sorted by from_tokens, got {starts}")
+
+
+def validate(cfg: Config) -> None:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    validate_model(m)
+    for name in ("tp", "pp", "ep"):
+        _require(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1")
+    _require(m.num_heads % p.tp == 0,
+             f"model.num_heads={m.num_heads} is not divisible by parallel.tp={p.tp}: choose tp from "
+             f"{_divisors(m.num_heads)}")
+    _require(m.n_routed_experts % p.ep == 0,
+             f"model.n_routed_experts={m.n_routed_experts} is not divisible by parallel.ep={p.ep}: choose ep from "
+             f"{_divisors(m.n_routed_experts)}")
+    _require(p.pp <= m.num_layers,
+             f"parallel.pp={p.pp} is larger than model.num_layers={m.num_layers}: each stage needs a layer")
+    _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+    _require(p.pp == 1 or p.zero_stage <= 1,
+             f"parallel.zero_stage={p.zero_stage} cannot be used with parallel.pp={p.pp}: DeepSpeed's pipeline "
+             "engine supports ZeRO stage 0 or 1 only")
+    _require(p.pp_microbatches is None or p.pp_microbatches >= 1,
+             f"parallel.pp_microbatches={p.pp_microbatches} must be >= 1")
+    _require(p.tp > 1 or not p.sequence_parallel, "parallel.sequence_parallel needs parallel.tp > 1")
+
+    for name in ("seq_len", "micro_batch_size", "grad_accum", "steps", "log_interval", "eval_interval",
+                 "eval_batches", "save_interval", "keep_last", "max_skipped_steps"):
+        _require(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)} must be >= 1")
+    _require(t.seq_len <= m.max_position_embeddings,
+             f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    _require(0 <= t.warmup_steps <= t.steps, f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}]")
+    _require(t.lr > 0 and 0 <= t.min_lr <= t.lr, f"train.lr={t.lr} and train.min_lr={t.min_lr} need 0 <= min_lr <= lr, lr > 0")
+    _require(t.lr_schedule in ("cosine", "constant_decay"),
+             f"train.lr_schedule={t.lr_schedule!r} must be 'cosine' or 'constant_decay'")
+    _require(0 <= t.decay_start_fraction <= 1, f"train.decay_start_fraction={t.decay_start_fraction} must be in [0, 1]")
+    _require(t.precision in ("auto", "fp32", "bf16", "fp8"),
+             f"train.precision={t.precision!r} must be one of auto, fp32, bf16, fp8")
+    _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    validate_schedule("mtp_weight_schedule", t.mtp_weight_schedule)
+    validate_schedule("bias_update_schedule", t.bias_update_schedule)
+    _require(all(e[1] >= 0 for e in t.bias_update_schedule), "train.bias_update_schedule values must be >= 0")
+
+    d = cfg.data
+    _require(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+    _require(d.num_workers >= 1, f"data.num_workers={d.num_workers} must be >= 1")
+    _require(len(d.include) > 0, "data.include must list at least one glob, e.g. ['**/*.py']")
+
+    s = cfg.serve
+    _require(1 <= s.port <= 65535, f"serve.port={s.port} must be in [1, 65535]")
+    _require(s.max_batch_size >= 1 and s.max_new_tokens >= 1,
+             "serve.max_batch_size and serve.max_new_tokens must be >= 1")
+
+
+def piecewise(schedule: list[list[float]], tokens: float) -> float:
+    """Value of a piecewise-constant [[from_tokens, value], ...] schedule after `tokens` tokens."""
+    value = schedule[0][1]
+    for start, v in schedule:
+        if tokens >= start:
+            value = v
+    return float(value)
+

@@ -1,0 +1,75 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3).
+
+Keys and values are compressed into one latent per token (kv_lora_rank) plus one RoPE key shared by
+all heads; queries optionally go through their own low-rank latent (q_lora_rank).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsmtp.config import ModelConfig
+from dsmtp.model import kernels
+from dsmtp.model.linear import ColumnParallelLinear, RowParallelLinear, replicated_linear
+from dsmtp.model.norm import RMSNorm
+from dsmtp.model.rope import apply_rotary, softmax_scale
+from dsmtp.parallel.topology import tp_size
+
+# DeepSeek's reference code and HF transformers build the latent norms with the default eps,
+# independent of rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_local_heads = cfg.num_heads // tp_size()
+        self.qk_nope_head_dim = cfg.qk_nope_head_dim
+        self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        self.qk_head_dim = cfg.qk_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.softmax_scale = softmax_scale(cfg)
+        std = cfg.init_std
+        q_out = cfg.num_heads * cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.wq = ColumnParallelLinear(cfg.hidden_size, q_out, std)
+        else:
+            self.wq_a = replicated_linear(cfg.hidden_size, cfg.q_lora_rank, std)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
+            self.wq_b = ColumnParallelLinear(cfg.q_lora_rank, q_out, std)
+        self.wkv_a = replicated_linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, std)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
+        self.wkv_b = ColumnParallelLinear(cfg.kv_lora_rank, cfg.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), std)
+        self.wo = RowParallelLinear(cfg.num_heads * cfg.v_head_dim, cfg.hidden_size, std)
+
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head (q_nope, q_rope) for x [B, S, H]; q_rope already rotated."""
+        b, s, _ = x.shape
+        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(b, s, self.n_local_heads, self.qk_head_dim)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rotary(q_rope, cos, sin)
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a KV cache stores per token: the normed latent [B, S, kv_lora_rank] and the rotated
+        shared RoPE key [B, S, qk_rope_head_dim]."""
+        kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin).squeeze(2)
+        return self.kv_norm(kv), k_rope
+
+    def attend(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
+        """Expand the latent to per-head keys and values and attend causally; returns [B, Sq, H]."""
+        b, skv, _ = kv.shape
+        kv = self.wkv_b(kv).view(b, skv, self.n_local_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_local_heads, -1)], dim=-1)
+        out = kernels.attention(q, k, v, self.softmax_scale)
+        return self.wo(out.flatten(2))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q_nope, q_rope = self.query(x, cos, sin)
+        kv, k_rope = self.latent(x, cos, sin)
+        return self.attend(q_nope, q_rope, kv, k_rope)

@@ -1,0 +1,140 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts with a sigmoid, group-limited router
+and auxiliary-loss-free load balancing."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsmtp.config import ModelConfig
+from dsmtp.model import kernels
+from dsmtp.model.mlp import MLP
+
+
+class Router(nn.Module):
+    """Scores every routed expert with a sigmoid and picks top-k inside the best groups.
+
+    `expert_bias` steers which experts are picked (load balancing) but never enters the gate values.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group = cfg.n_group
+        self.topk_group = cfg.topk_group
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        nn.init.normal_(self.weight, std=cfg.init_std)
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] -> expert_ids [T, k], gates [T, k] (float32), scores [T, E] (float32)."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        biased = (scores + self.expert_bias).view(-1, self.n_group, self.n_experts // self.n_group)
+        # Rank groups by the sum of their two best biased scores; drop all but topk_group of them.
+        group_scores = biased.topk(2, dim=-1).values.sum(dim=-1) if biased.shape[-1] > 1 else biased[..., 0]
+        kept_groups = group_scores.topk(self.topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)
+        biased = biased.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).flatten(1)
+        expert_ids = biased.topk(self.top_k, dim=-1).indices
+        gates = scores.gather(1, expert_ids)
+        if self.norm_topk_prob:
+            gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
+        return expert_ids, gates * self.routed_scaling_factor, scores
+
+
+class RoutedExperts(nn.Module):
+    """The routed experts' SwiGLU weights stacked per expert, for grouped GEMMs.
+
+    Holds all experts, or this rank's slice of them once expert parallelism shards it.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.w1 = nn.Parameter(torch.empty(e, i, h))  # gate
+        self.w2 = nn.Parameter(torch.empty(e, h, i))  # down
+        self.w3 = nn.Parameter(torch.empty(e, i, h))  # up
+        for w in (self.w1, self.w2, self.w3):
+            nn.init.normal_(w, std=cfg.init_std)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        return kernels.grouped_swiglu(x, tokens_per_expert, self.w1, self.w2, self.w3)
+
+
+def dispatch_local(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, experts: RoutedExperts) -> torch.Tensor:
+    """Send each token to its k experts on this rank, and sum the gated outputs back per token."""
+    flat_ids = expert_ids.flatten()
+    order = flat_ids.argsort(stable=True)
+    token_index = order // expert_ids.shape[1]
+    tokens_per_expert = torch.bincount(flat_ids, minlength=experts.num_experts)
+    y = experts(x[token_index], tokens_per_expert) * gates.flatten()[order].unsqueeze(-1)
+    return torch.zeros_like(x).index_add_(0, token_index, y.to(x.dtype))
+
+
+def sequence_balance_loss(scores: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss sum_i f_i P_i, averaged over sequences.
+
+    scores [B, S, E] sigmoid affinities, expert_ids [B, S, k] the selected experts.
+    """
+    b, s, e = scores.shape
+    k = expert_ids.shape[-1]
+    probs = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # P_i per sequence
+    picked = torch.zeros(b, e, device=scores.device).scatter_add_(
+        1, expert_ids.reshape(b, -1), torch.ones(b, s * k, device=scores.device))
+    load = picked * e / (k * s)  # f_i per sequence
+    return (load * probs).sum(dim=-1).mean()
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.aux_loss_alpha = cfg.aux_loss_alpha
+        self.router = Router(cfg)
+        self.experts = RoutedExperts(cfg)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.init_std) \
+            if cfg.n_shared_experts > 0 else None
+        # Tokens routed to each expert since the last bias update (this rank's share of the batch).
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+        # How tokens reach the experts; expert parallelism swaps in an all-to-all version.
+        self.dispatch: Callable[..., torch.Tensor] = dispatch_local
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, H] -> (output [B, S, H], sequence-wise aux loss times alpha)."""
+        b, s, h = x.shape
+        flat = x.reshape(-1, h)
+        expert_ids, gates, scores = self.router(flat)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(expert_ids.flatten(), minlength=self.tokens_per_expert.numel())
+        out = self.dispatch(flat, expert_ids, gates, self.experts).view(b, s, h)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        aux = x.new_zeros((), dtype=torch.float32)
+        if self.aux_loss_alpha > 0 and self.training:
+            aux = self.aux_loss_alpha * sequence_balance_loss(scores.view(b, s, -1), expert_ids.view(b, s, -1))
+        return out, aux
+
+
+def moe_layers(model: nn.Module) -> Iterator[MoE]:
+    """Every MoE layer of the model: the trunk's and those inside MTP modules."""
+    return (m for m in model.modules() if isinstance(m, MoE))
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, gamma: float) -> None:
+    """Aux-loss-free balancing, called after each optimizer step with loads already summed over the
+    whole data-parallel batch: bias += gamma * sign(mean_load - load), then the counts restart."""
+    for moe in moe_layers(model):
+        load = moe.tokens_per_expert
+        moe.router.expert_bias += gamma * torch.sign(load.mean() - load)
+        load.zero_()
