@@ -69,7 +69,29 @@ class MLA(nn.Module):
         out = kernels.attention(q, k, v, self.softmax_scale)
         return self.wo(out.flatten(2))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor,
+                        q_positions: torch.Tensor) -> torch.Tensor:
+        """Attend straight over cached latents (DeepSeek-V3's "absorb" inference form); returns [B, Sq, H].
+
+        wkv_b's key half is folded into the query (q_nope . W_k kv = (W_k^T q_nope) . kv) and its value
+        half applied after attention, so per-head keys and values are never built from the cache:
+        every head attends over the same [latent, rope key] of each cached token. Same result as
+        `attend`. q_positions [B, Sq]: each query's position; cached keys past it are masked.
+        """
+        w = self.wkv_b.weight.view(self.n_local_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_k, w_v = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        q = torch.cat([torch.einsum("bshd,hdr->bshr", q_nope, w_k), q_rope], dim=-1)
+        k = torch.cat([kv, k_rope], dim=-1).unsqueeze(2).expand(-1, -1, self.n_local_heads, -1)
+        v = kv.unsqueeze(2).expand(-1, -1, self.n_local_heads, -1)
+        latent_out = kernels.attention(q, k, v, self.softmax_scale, q_positions)  # [B, Sq, h, kv_lora_rank]
+        return self.wo(torch.einsum("bshr,hvr->bshv", latent_out, w_v).flatten(2))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+        """With a KV cache (dsmtp.serve.cache.LayerCache) x holds only the new tokens: their latents are
+        appended to the cache and attention runs over everything cached, in the absorbed form."""
         q_nope, q_rope = self.query(x, cos, sin)
         kv, k_rope = self.latent(x, cos, sin)
-        return self.attend(q_nope, q_rope, kv, k_rope)
+        if cache is None:
+            return self.attend(q_nope, q_rope, kv, k_rope)
+        kv, k_rope, q_positions = cache.append(kv, k_rope)
+        return self.attend_absorbed(q_nope, q_rope, kv, k_rope, q_positions)

@@ -10,14 +10,21 @@ import torch
 import torch.nn.functional as F
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              q_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention. q [B, Sq, h, d_qk], k [B, Skv, h, d_qk], v [B, Skv, h, d_v] -> [B, Sq, h, d_v].
 
-    When Sq < Skv (decoding after a cached prefix) the queries are the last Sq positions.
+    When Sq < Skv (decoding after a cached prefix) the queries are the last Sq positions. With
+    `q_positions` [B, Sq] (a KV cache holding sequences of different lengths) key j is visible to a
+    query at position p iff j <= p: keys past a sequence's own position (padding, stale entries)
+    are masked per sequence.
     """
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     sq, skv = q.shape[2], k.shape[2]
-    if sq == skv:
+    if q_positions is not None:
+        visible = torch.arange(skv, device=q.device)[None, None, :] <= q_positions[:, :, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=scale)
+    elif sq == skv:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     else:
         visible = torch.arange(skv, device=q.device)[None, :] <= torch.arange(sq, device=q.device)[:, None] + (skv - sq)

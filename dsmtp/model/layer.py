@@ -22,9 +22,10 @@ class TransformerLayer(nn.Module):
         self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.init_std) if layer_id < cfg.first_k_dense_replace \
             else MoE(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the new hidden state and this layer's auxiliary balance loss (0 when dense or off)."""
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the new hidden state and this layer's auxiliary balance loss (0 when dense or off).
+        `cache`: this layer's KV cache when decoding (see MLA.forward)."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         if isinstance(self.ffn, MoE):
             ffn_out, aux = self.ffn(self.ffn_norm(x))
         else:

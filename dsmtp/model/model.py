@@ -50,11 +50,13 @@ class DeepSeekV3(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.mtp_depth))
         self.rope = RotaryEmbedding(cfg)
 
-    def trunk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embedded tokens [B, S, H] -> final (post-norm) hidden state h_0 and the summed aux loss."""
+    def trunk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              caches: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedded tokens [B, S, H] -> final (post-norm) hidden state h_0 and the summed aux loss.
+        `caches`: one KV cache per layer when decoding (see MLA.forward)."""
         aux = x.new_zeros((), dtype=torch.float32)
-        for layer in self.layers:
-            x, layer_aux = layer(x, cos, sin)
+        for i, layer in enumerate(self.layers):
+            x, layer_aux = layer(x, cos, sin, None if caches is None else caches[i])
             aux = aux + layer_aux
         return self.norm(x), aux
 

@@ -32,8 +32,9 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h_prev: torch.Tensor, next_token_embedding: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h_prev [B, S, H] (post-norm), next_token_embedding [B, S, H] -> (h_k, aux loss)."""
+                sin: torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h_prev [B, S, H] (post-norm), next_token_embedding [B, S, H] -> (h_k, aux loss).
+        `cache`: the module's own KV cache when decoding (see MLA.forward)."""
         h = self.eh_proj(torch.cat([self.enorm(next_token_embedding), self.hnorm(h_prev)], dim=-1))
-        h, aux = self.layer(h, cos, sin)
+        h, aux = self.layer(h, cos, sin, cache)
         return self.norm(h), aux

@@ -1,0 +1,277 @@
+"""The decoding engine: prefill, KV-cached decoding and MTP self-speculative decoding of a batch.
+
+Notation, per sequence: t_0 .. t_n are its committed tokens (prompt and generated); t_n, the newest,
+has not been through the trunk yet. Between steps:
+  - the trunk's cache holds positions 0 .. n-1, and hidden[0][j] is its output h_0 at position j;
+  - MTP depth k's cache holds positions 0 .. n-k, as far as committed tokens reach (its input at
+    position j is (h_{k-1,j}, Emb(t_{j+k})), as in training); hidden[k][j] is its output h_k.
+One step ("round") with K draft tokens:
+  1. draft: depth k <= D extends its cache to position n-1 (with the drafts so far as tokens) and its
+     output there proposes t_{n+k}; for k > D the last module runs one position further per draft, on
+     its own previous output (as vLLM and SGLang do); then the MTP caches roll back to what the
+     committed tokens determine;
+  2. verify: one trunk forward over [t_n, d_1 .. d_K] gives the trunk's distributions p_1 .. p_{K+1};
+  3. accept (dsmtp.serve.speculative): the a accepted drafts plus one token from the trunk; the
+     trunk's cache is cut back to n+a+1 positions;
+  4. the MTP modules catch up on the newly committed positions (their caches need every position).
+With K = 0 this is plain decoding: one trunk forward per token and no MTP work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from dsmtp.model import DeepSeekV3
+from dsmtp.serve import speculative
+from dsmtp.serve.cache import ModelCache
+from dsmtp.serve.sampling import BatchSampler, SamplingParams, draw
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_ids: tuple[int, ...] = ()  # generation ends at these tokens (not returned)
+    # Called with each step's new tokens; returning False ends this sequence (client gone, stop string).
+    on_tokens: Optional[Callable[[list[int]], bool]] = None
+
+
+@dataclass
+class Result:
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = ""  # "stop" (a stop token), "length" (max_new_tokens), "aborted" (on_tokens said so)
+
+
+@dataclass
+class DecodeStats:
+    """Counted per sequence and decoding step (the prefill's token is not a decoding step)."""
+
+    draft_tokens: int  # K
+    steps: int = 0  # trunk forwards per sequence
+    step_tokens: int = 0  # tokens those forwards produced: accepted drafts + 1 each
+    drafted: list[int] = field(default_factory=list)  # per draft position: steps that proposed one there
+    accepted: list[int] = field(default_factory=list)  # ... and steps that accepted it (and all before it)
+
+    def __post_init__(self):
+        self.drafted = self.drafted or [0] * self.draft_tokens
+        self.accepted = self.accepted or [0] * self.draft_tokens
+
+    def record(self, num_accepted: torch.Tensor, k: int) -> None:
+        self.steps += num_accepted.numel()
+        self.step_tokens += int(num_accepted.sum()) + num_accepted.numel()
+        for i in range(k):
+            self.drafted[i] += num_accepted.numel()
+            self.accepted[i] += int((num_accepted > i).sum())
+
+    @property
+    def acceptance(self) -> list[float]:
+        """Per draft position i: the fraction of steps whose draft i was accepted."""
+        return [a / d if d else float("nan") for a, d in zip(self.accepted, self.drafted)]
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.step_tokens / self.steps if self.steps else float("nan")
+
+
+def _gather(buffer: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """buffer [B, C, H], positions [B, w] -> [B, w, H]."""
+    return buffer.gather(1, positions[..., None].expand(-1, -1, buffer.shape[-1]))
+
+
+def _scatter(buffer: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+    buffer.scatter_(1, positions[..., None].expand(-1, -1, buffer.shape[-1]), values.to(buffer.dtype))
+
+
+class _Batch:
+    """The sequences being decoded together: tokens, caches, hidden states and random streams."""
+
+    def __init__(self, engine: "Engine", requests: list[Request]):
+        model, b = engine.model, len(requests)
+        lengths = [len(r.prompt) for r in requests]
+        # Positions written never pass the last prompt token + max_new_tokens + K (see Engine._step).
+        capacity = max(p + r.max_new_tokens for p, r in zip(lengths, requests)) + engine.k
+        self.requests = requests
+        self.results = [Result() for _ in requests]
+        self.index = list(range(b))  # row -> request
+        self.seq = torch.zeros(b, capacity + 1, dtype=torch.long, device=engine.device)  # tokens by position
+        for row, r in enumerate(requests):
+            self.seq[row, :len(r.prompt)] = torch.tensor(r.prompt)
+        self.prompt_lengths = torch.tensor(lengths, device=engine.device)
+        self.n = self.prompt_lengths - 1  # until the prefill has produced t_n
+        self.cache = ModelCache(model.cfg, b, capacity, engine.dtype, engine.device)
+        depths = len(model.mtp) if engine.k else 0
+        self.hidden = [torch.zeros(b, capacity, model.cfg.hidden_size, dtype=engine.dtype, device=engine.device)
+                       for _ in range(depths + 1)]
+        self.sampler = BatchSampler([r.sampling for r in requests], engine.device)
+
+    @property
+    def size(self) -> int:
+        return len(self.index)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.seq, self.n = self.seq[rows], self.n[rows]
+        self.hidden = [h[rows] for h in self.hidden]
+        self.cache.keep(rows)
+        self.sampler.keep(rows)
+        self.index = [self.index[i] for i in rows.tolist()]
+
+
+class Engine:
+    def __init__(self, model: DeepSeekV3, speculative_k: int = 0):
+        if speculative_k < 0:
+            raise ValueError(f"speculative_k={speculative_k} must be >= 0 (0 is plain decoding)")
+        if speculative_k and not len(model.mtp):
+            raise ValueError("speculative decoding drafts with the MTP modules, but this model has "
+                             "model.mtp_depth=0: use speculative_k=0")
+        self.model = model.eval()
+        self.k = speculative_k
+        self.context = model.cfg.max_position_embeddings
+        weight = model.embed.weight
+        self.dtype, self.device = weight.dtype, weight.device
+
+    def check(self, request: Request) -> None:
+        """Raise ValueError naming the field when a request cannot run."""
+        vocab = self.model.cfg.vocab_size
+        if not request.prompt:
+            raise ValueError("prompt is empty: give at least one token")
+        if min(request.prompt) < 0 or max(request.prompt) >= vocab:
+            raise ValueError(f"prompt holds token ids outside [0, {vocab})")
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={request.max_new_tokens} must be >= 1")
+        if len(request.prompt) + request.max_new_tokens > self.context:
+            raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) "
+                             f"exceeds the model's context of {self.context} tokens: shorten one of them")
+
+    @torch.no_grad()
+    def generate(self, requests: list[Request]) -> tuple[list[Result], DecodeStats]:
+        for request in requests:
+            self.check(request)
+        stats = DecodeStats(self.k)
+        if not requests:
+            return [], stats
+        batch = _Batch(self, requests)
+        self._prefill(batch)
+        while batch.size:
+            self._step(batch, stats)
+        return batch.results, stats
+
+    # -- the forward passes, each appending to its stack's cache at every sequence's next positions
+
+    def _trunk(self, batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
+        stack = batch.cache.trunk
+        cos, sin = self.model.rope(stack.begin(tokens.shape[1]))
+        return self.model.trunk(self.model.embed(tokens), cos, sin, stack.layers)[0]
+
+    def _mtp(self, batch: _Batch, module: int, h_prev: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        stack = batch.cache.mtp[module]
+        cos, sin = self.model.rope(stack.begin(tokens.shape[1]))
+        return self.model.mtp[module](h_prev, self.model.embed(tokens), cos, sin, stack.layers[0])[0]
+
+    def _advance_mtp(self, batch: _Batch, depth: int, upto: torch.Tensor) -> None:
+        """Run MTP depth `depth` over its next positions up to `upto` [B] (inclusive) of each sequence."""
+        stack = batch.cache.mtp[depth - 1]
+        start = stack.lengths
+        count = (upto - start + 1).clamp(min=0)
+        width = int(count.max()) if batch.size else 0
+        if width == 0:
+            return
+        # Sequences with fewer positions to go compute a few extra ones past `upto`; cut off below.
+        positions = start[:, None] + torch.arange(width, device=start.device)
+        h = self._mtp(batch, depth - 1, _gather(batch.hidden[depth - 1], positions),
+                      batch.seq.gather(1, positions + depth))
+        _scatter(batch.hidden[depth], positions, h)
+        stack.truncate(start + count)
+
+    def _sync_mtp(self, batch: _Batch) -> None:
+        for depth in range(1, len(batch.hidden)):
+            self._advance_mtp(batch, depth, batch.n - depth)
+
+    # -- decoding
+
+    def _prefill(self, batch: _Batch) -> None:
+        lengths = batch.prompt_lengths
+        h = self._trunk(batch, batch.seq[:, :int(lengths.max())])  # ragged prompts are right-padded
+        batch.cache.trunk.truncate(lengths)
+        batch.hidden[0][:, :h.shape[1]] = h
+        last = _gather(h, (lengths - 1)[:, None])
+        p = batch.sampler.probabilities(self.model.logits(last))[:, 0]
+        token = draw(p, batch.sampler.uniforms(1)[:, 0])
+        batch.n = lengths.clone()
+        batch.seq.scatter_(1, batch.n[:, None], token[:, None])
+        self._emit(batch, [[t] for t in token.tolist()])
+        if self.k:
+            self._sync_mtp(batch)
+
+    def _draft(self, batch: _Batch, k: int, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Propose t_{n+1} .. t_{n+k} (written into batch.seq) with the MTP modules; returns the drafts
+        [B, k] and the distributions they were drawn from [B, k, V]."""
+        n, depths = batch.n, len(self.model.mtp)
+        drafts, dists = [], []
+        h = None
+        for i in range(1, k + 1):
+            if i <= depths:
+                self._advance_mtp(batch, i, n - 1)
+                h = _gather(batch.hidden[i], (n - 1)[:, None])
+            else:  # reuse the last module one position further, on its own last output
+                h = self._mtp(batch, depths - 1, h, batch.seq.gather(1, (n + i - 1)[:, None]))
+            q = batch.sampler.probabilities(self.model.logits(h))[:, 0]
+            token = draw(q, u[:, i - 1])
+            batch.seq.scatter_(1, (n + i)[:, None], token[:, None])
+            drafts.append(token)
+            dists.append(q)
+        for depth in range(1, depths + 1):
+            batch.cache.mtp[depth - 1].truncate((n - depth + 1).clamp(min=0))
+        return torch.stack(drafts, dim=1), torch.stack(dists, dim=1)
+
+    def _step(self, batch: _Batch, stats: DecodeStats) -> None:
+        n = batch.n
+        # RoPE covers positions < context; requests are checked so that only drafts beyond the last
+        # token a request may produce would pass it, so fewer drafts near the end lose nothing.
+        k = max(0, min(self.k, self.context - 1 - int(n.max())))
+        u = batch.sampler.uniforms(2 * k + 1)
+        if k:
+            drafts, q = self._draft(batch, k, u[:, :k])
+        else:
+            drafts = n.new_zeros(batch.size, 0)
+            q = torch.zeros(batch.size, 0, self.model.cfg.vocab_size, dtype=torch.float64, device=n.device)
+        positions = n[:, None] + torch.arange(k + 1, device=n.device)
+        h = self._trunk(batch, batch.seq.gather(1, positions))
+        _scatter(batch.hidden[0], positions, h)
+        p = batch.sampler.probabilities(self.model.logits(h))
+        accepted, token = speculative.accept(drafts, q, p, u[:, k:])
+        stats.record(accepted, k)
+        new_n = n + accepted + 1
+        batch.seq.scatter_(1, new_n[:, None], token[:, None])
+        batch.cache.trunk.truncate(new_n)
+        batch.n = new_n
+        new_tokens = [batch.seq[row, start + 1:end + 1].tolist() for row, (start, end) in
+                      enumerate(zip(n.tolist(), new_n.tolist()))]
+        self._emit(batch, new_tokens)
+        if self.k:
+            self._sync_mtp(batch)
+
+    def _emit(self, batch: _Batch, new_tokens: list[list[int]]) -> None:
+        """Hand each sequence its new tokens, cut at a stop token or max_new_tokens; drop finished rows."""
+        keep = []
+        for row, tokens in enumerate(new_tokens):
+            request, result = batch.requests[batch.index[row]], batch.results[batch.index[row]]
+            emitted = []
+            for token in tokens:
+                if token in request.stop_ids:
+                    result.finish_reason = "stop"
+                    break
+                emitted.append(token)
+                if len(result.tokens) + len(emitted) == request.max_new_tokens:
+                    result.finish_reason = "length"
+                    break
+            result.tokens.extend(emitted)
+            if emitted and request.on_tokens is not None and request.on_tokens(emitted) is False:
+                result.finish_reason = result.finish_reason or "aborted"
+            if not result.finish_reason:
+                keep.append(row)
+        if len(keep) < batch.size:
+            batch.keep(torch.tensor(keep, dtype=torch.long, device=batch.n.device))

@@ -1,0 +1,88 @@
+"""Next-token distributions (greedy, temperature, top-k, top-p), seeded per sequence, and drawing from them.
+
+Greedy decoding is the one-hot distribution on the arg-max, so speculative sampling and plain decoding
+run one code path for greedy and sampled sequences alike, and greedy stays exact.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0  # 1: no nucleus cut
+    seed: Optional[int] = None  # None: a fresh random seed
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+class BatchSampler:
+    """Per-sequence sampling settings and random streams for a batch.
+
+    Each sequence draws a fixed number of uniforms per decoding step from its own generator, so a
+    seeded request gives the same tokens whichever batch it runs in.
+    """
+
+    def __init__(self, params: list[SamplingParams], device: torch.device):
+        self.temperature = torch.tensor([p.temperature for p in params], dtype=torch.float64, device=device)
+        self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
+        self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64, device=device)
+        self.generators = []
+        for p in params:
+            g = torch.Generator()
+            g.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
+            self.generators.append(g)
+
+    def uniforms(self, count: int) -> torch.Tensor:
+        """[B, count] uniforms in [0, 1), one stream per sequence."""
+        u = torch.stack([torch.rand(count, generator=g, dtype=torch.float64) for g in self.generators])
+        return u.to(self.temperature.device)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.temperature, self.top_k, self.top_p = self.temperature[rows], self.top_k[rows], self.top_p[rows]
+        self.generators = [self.generators[i] for i in rows.tolist()]
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, ..., V] -> each sequence's next-token distribution (float64), after temperature,
+        top-k and top-p; one-hot on the arg-max for greedy sequences."""
+        logits = logits.double()
+        shape = (-1,) + (1,) * (logits.dim() - 1)
+        vocab = logits.shape[-1]
+        greedy = (self.temperature == 0).view(shape)
+        scaled = logits / torch.where(greedy, 1.0, self.temperature.view(shape))
+        # top-k: keep the logits at least as large as the k-th largest.
+        k = torch.where(self.top_k > 0, self.top_k, vocab).clamp(max=vocab).view(shape)
+        sorted_logits = scaled.sort(dim=-1, descending=True).values
+        kth = sorted_logits.gather(-1, (k - 1).expand(*scaled.shape[:-1], 1))
+        probs = torch.softmax(scaled.masked_fill(scaled < kth, float("-inf")), dim=-1)
+        # top-p: keep the most likely tokens until their mass reaches top_p (at least one).
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        top_p = self.top_p.view(shape)
+        sorted_probs = sorted_probs.masked_fill((mass_before >= top_p) & (top_p < 1), 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+        one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        return torch.where(greedy, one_hot, probs)
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: probs [B, V], u [B] uniforms in [0, 1) -> token ids [B].
+
+    A zero-probability token is never drawn; a one-hot distribution always gives its token."""
+    cdf = probs.cumsum(dim=-1)
+    ids = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return ids.clamp(max=probs.shape[-1] - 1)
