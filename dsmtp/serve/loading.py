@@ -79,7 +79,10 @@ def _load_dsmtp(path: Path, overrides: list[str]) -> tuple[DeepSeekV3, Config, T
     cfg = load_config(config, overrides)
     ensure_initialized()
     model = DeepSeekV3(cfg.model)
-    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    result = model.load_state_dict(load_file(str(weights)), strict=False)
+    # megatron-core's linears add an empty `_extra_state` entry while loading: not a tensor of ours
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise CheckpointError(f"{weights} does not match {config}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval(), cfg, load_tokenizer(ckpt / "tokenizer.model")
