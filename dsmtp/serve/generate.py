@@ -15,7 +15,7 @@ import time
 import torch
 
 from dsmtp.serve.engine import DecodeStats, Engine, Request
-from dsmtp.serve.loading import encode_prompt, load
+from dsmtp.serve.loading import completion_text, encode_prompt, load
 from dsmtp.serve.sampling import SamplingParams
 
 
@@ -57,7 +57,8 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     results, stats = engine.generate(requests)
     seconds = time.perf_counter() - start
-    for prompt, result in zip(args.prompt, results):
-        print(f"--- {prompt!r} ({result.finish_reason})\n{prompt}{tokenizer.decode(result.tokens)}")
+    for prompt, request, result in zip(args.prompt, requests, results):
+        text = completion_text(tokenizer, request.prompt, result.tokens)
+        print(f"--- {prompt!r} ({result.finish_reason})\n{prompt}{text}")
     print("---\n" + describe(stats, sum(len(r.tokens) for r in results), seconds))
     return 0

@@ -60,6 +60,13 @@ def encode_prompt(tokenizer: TextTokenizer, text: str) -> list[int]:
     return [tokenizer.eos_id] + tokenizer.encode(text)
 
 
+def completion_text(tokenizer: TextTokenizer, prompt: list[int], completion: list[int]) -> str:
+    """The text of `completion` as it continues `prompt`. Decoding it alone would drop the space that
+    sentencepiece marks on its first token; a few prompt tokens in front keep it."""
+    context = prompt[-8:]
+    return tokenizer.decode(context + completion)[len(tokenizer.decode(context)):]
+
+
 def _resolve(path: Path) -> Path:
     """A step directory, or the newest one named by `latest` in path or path/checkpoints."""
     for root in (path, path / "checkpoints"):

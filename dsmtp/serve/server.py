@@ -26,7 +26,7 @@ import torch
 
 from dsmtp.config import ServeConfig
 from dsmtp.serve.engine import Engine, Request, Result
-from dsmtp.serve.loading import TextTokenizer, encode_prompt, load
+from dsmtp.serve.loading import TextTokenizer, completion_text, encode_prompt, load
 from dsmtp.serve.sampling import SamplingParams
 
 FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "stream", "seed")
@@ -118,7 +118,7 @@ class Job:
     def text(self, final: bool) -> str:
         """The completion text so far, cut at the first stop string. Before the end, hold back what may
         still turn into a stop string or is an incomplete UTF-8 sequence."""
-        text = self.tokenizer.decode(self.tokens)
+        text = completion_text(self.tokenizer, self.completion.prompt_ids, self.tokens)
         cuts = [i for i in (text.find(s) for s in self.completion.stop) if i >= 0]
         if cuts:
             self.hit_stop_string = True
@@ -166,15 +166,23 @@ class EngineWorker(threading.Thread):
         self.counters = Counters()
 
     def run(self) -> None:
-        while True:
+        stopping = False
+        while not stopping:
             batch = [self.jobs.get()]
             while len(batch) < self.max_batch_size:
                 try:
                     batch.append(self.jobs.get_nowait())
                 except queue.Empty:
                     break
-            batch = [job for job in batch if not job.cancelled.is_set()]
-            self._decode(batch)
+            stopping = None in batch
+            batch = [job for job in batch if job is not None and not job.cancelled.is_set()]
+            if batch:
+                self._decode(batch)
+
+    def stop(self) -> None:
+        """Finish the batch at hand, then end the thread."""
+        self.jobs.put(None)
+        self.join()
 
     def _decode(self, batch: list[Job]) -> None:
         requests = [Request(j.completion.prompt_ids, j.completion.max_tokens, j.completion.sampling,
@@ -198,6 +206,7 @@ class EngineWorker(threading.Thread):
 
 class CompletionServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # listen backlog: many clients may connect at once
 
     def __init__(self, engine: Engine, tokenizer: TextTokenizer, limits: ServeConfig, model_name: str,
                  host: str, port: int):
@@ -205,6 +214,10 @@ class CompletionServer(ThreadingHTTPServer):
         self.worker = EngineWorker(engine, limits.max_batch_size)
         self.worker.start()
         super().__init__((host, port), CompletionHandler)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.worker.stop()
 
 
 class CompletionHandler(BaseHTTPRequestHandler):
