@@ -6,6 +6,8 @@ all heads; queries optionally go through their own low-rank latent (q_lora_rank)
 
 from __future__ import annotations
 
+from typing import Optional, Protocol
+
 import torch
 from torch import nn
 
@@ -19,6 +21,15 @@ from dsmtp.parallel.topology import tp_size
 # DeepSeek's reference code and HF transformers build the latent norms with the default eps,
 # independent of rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
+
+
+class LatentCache(Protocol):
+    """What MLA needs from a KV cache when decoding (dsmtp.serve.cache.LayerCache implements it)."""
+
+    def append(self, kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store the new tokens' latents [B, S, kv_lora_rank] and rope keys [B, S, rope_dim]; return all
+        cached latents and rope keys [B, Skv, ...] and the new tokens' positions [B, S]."""
+        ...
 
 
 class MLA(nn.Module):
@@ -86,8 +97,9 @@ class MLA(nn.Module):
         latent_out = kernels.attention(q, k, v, self.softmax_scale, q_positions)  # [B, Sq, h, kv_lora_rank]
         return self.wo(torch.einsum("bshr,hvr->bshv", latent_out, w_v).flatten(2))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
-        """With a KV cache (dsmtp.serve.cache.LayerCache) x holds only the new tokens: their latents are
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: Optional[LatentCache] = None) -> torch.Tensor:
+        """With a KV cache x holds only the new tokens (cos/sin at their positions): their latents are
         appended to the cache and attention runs over everything cached, in the absorbed form."""
         q_nope, q_rope = self.query(x, cos, sin)
         kv, k_rope = self.latent(x, cos, sin)

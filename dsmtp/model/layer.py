@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from dsmtp.config import ModelConfig
-from dsmtp.model.attention import MLA
+from dsmtp.model.attention import MLA, LatentCache
 from dsmtp.model.mlp import MLP
 from dsmtp.model.moe import MoE
 from dsmtp.model.norm import RMSNorm
@@ -22,7 +24,8 @@ class TransformerLayer(nn.Module):
         self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.init_std) if layer_id < cfg.first_k_dense_replace \
             else MoE(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: Optional[LatentCache] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the new hidden state and this layer's auxiliary balance loss (0 when dense or off).
         `cache`: this layer's KV cache when decoding (see MLA.forward)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, cache)

@@ -11,12 +11,14 @@ target at depth k.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsmtp.config import ModelConfig
+from dsmtp.model.attention import LatentCache
 from dsmtp.model.layer import TransformerLayer
 from dsmtp.model.linear import ColumnParallelLinear, VocabParallelEmbedding
 from dsmtp.model.mtp import MTPModule
@@ -51,7 +53,7 @@ class DeepSeekV3(nn.Module):
         self.rope = RotaryEmbedding(cfg)
 
     def trunk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              caches: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              caches: Optional[list[LatentCache]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedded tokens [B, S, H] -> final (post-norm) hidden state h_0 and the summed aux loss.
         `caches`: one KV cache per layer when decoding (see MLA.forward)."""
         aux = x.new_zeros((), dtype=torch.float32)

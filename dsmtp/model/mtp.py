@@ -12,10 +12,13 @@ other order). The embedding and output head are the trunk's own, shared.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from dsmtp.config import ModelConfig
+from dsmtp.model.attention import LatentCache
 from dsmtp.model.layer import TransformerLayer
 from dsmtp.model.linear import replicated_linear
 from dsmtp.model.norm import RMSNorm
@@ -32,7 +35,7 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h_prev: torch.Tensor, next_token_embedding: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+                sin: torch.Tensor, cache: Optional[LatentCache] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """h_prev [B, S, H] (post-norm), next_token_embedding [B, S, H] -> (h_k, aux loss).
         `cache`: the module's own KV cache when decoding (see MLA.forward)."""
         h = self.eh_proj(torch.cat([self.enorm(next_token_embedding), self.hnorm(h_prev)], dim=-1))

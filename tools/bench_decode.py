@@ -1,0 +1,92 @@
+"""Decoding speed: plain vs MTP self-speculative (K = 1..4) at batch 1 and 8, as one table.
+
+    python tools/bench_decode.py --ckpt runs/tiny [--device cuda] [--max-new-tokens 128]
+
+Every configuration decodes the same prompts for exactly --max-new-tokens tokens (stop tokens are
+ignored, so all do the same work), greedy, after one warm-up; the best of --repeats runs is kept.
+tokens/s counts generated tokens over the whole generate call (prefill included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsmtp.serve.engine import Engine, Request  # noqa: E402
+from dsmtp.serve.loading import encode_prompt, load  # noqa: E402
+
+DEFAULT_PROMPTS = ["import os\n", "def main(", "class Config:\n", "    return ", "for i in range(",
+                   "if __name__ == ", "# Copyright", "from typing import "]
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
+
+
+def timed(engine: Engine, requests: list[Request], repeats: int, device: torch.device):
+    best, stats = float("inf"), None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        results, stats = engine.generate(requests)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return sum(len(r.tokens) for r in results) / best, stats
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: as stored")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--max-k", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt", action="append", help="repeatable; default: a few code openings")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    model, cfg, tokenizer = load(args.ckpt, device, getattr(torch, args.dtype) if args.dtype else None)
+    prompts = [encode_prompt(tokenizer, p) for p in (args.prompt or DEFAULT_PROMPTS)]
+    ks = [0] + list(range(1, args.max_k + 1)) if cfg.model.mtp_depth else [0]
+    print(f"# {args.ckpt}: {cfg.model.num_layers} layers + {cfg.model.mtp_depth} MTP, hidden {cfg.model.hidden_size}, "
+          f"dtype {next(model.parameters()).dtype}")
+    print(f"# machine: {machine(device)}")
+    print(f"# greedy, {args.max_new_tokens} new tokens per sequence, best of {args.repeats}")
+    header = f"{'batch':>5} {'mode':>6} {'tokens/s':>10} {'speedup':>8} {'tok/fwd':>8}  acceptance per draft position"
+    print(header + "\n" + "-" * len(header))
+    for batch_size in args.batch_sizes:
+        requests = [Request(prompts[i % len(prompts)], args.max_new_tokens) for i in range(batch_size)]
+        plain = None
+        for k in ks:
+            engine = Engine(model, k)
+            engine.generate(requests)  # warm-up
+            rate, stats = timed(engine, requests, args.repeats, device)
+            plain = plain or rate
+            acceptance = " ".join(f"{a:.3f}" for a in stats.acceptance)
+            mode = f"K={k}" if k else "plain"
+            print(f"{batch_size:>5} {mode:>6} {rate:>10.1f} {rate / plain:>7.2f}x {stats.tokens_per_forward:>8.3f}  "
+                  f"{acceptance}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
