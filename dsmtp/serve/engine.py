@@ -100,9 +100,10 @@ class _Batch:
         self.seq = torch.zeros(b, capacity + 1, dtype=torch.long, device=engine.device)  # tokens by position
         for row, r in enumerate(requests):
             self.seq[row, :len(r.prompt)] = torch.tensor(r.prompt)
-        self.prompt_lengths = torch.tensor(lengths, device=engine.device)
-        self.n = self.prompt_lengths - 1  # until the prefill has produced t_n
+        self.n = torch.zeros(b, dtype=torch.long, device=engine.device)  # set by the prefill
         self.cache = ModelCache(model.cfg, b, capacity, engine.dtype, engine.device)
+        # Hidden states by position: the trunk's, and each MTP depth's (inputs of the next depth and
+        # the drafts' logits); only the trunk's without speculation.
         depths = len(model.mtp) if engine.k else 0
         self.hidden = [torch.zeros(b, capacity, model.cfg.hidden_size, dtype=engine.dtype, device=engine.device)
                        for _ in range(depths + 1)]
@@ -193,7 +194,7 @@ class Engine:
     # -- decoding
 
     def _prefill(self, batch: _Batch) -> None:
-        lengths = batch.prompt_lengths
+        lengths = torch.tensor([len(r.prompt) for r in batch.requests], device=batch.n.device)
         h = self._trunk(batch, batch.seq[:, :int(lengths.max())])  # ragged prompts are right-padded
         batch.cache.trunk.truncate(lengths)
         batch.hidden[0][:, :h.shape[1]] = h
