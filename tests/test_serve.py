@@ -6,6 +6,7 @@ exact equality of greedy tokens is asserted), exact next-token probabilities, ha
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import socket
@@ -256,6 +257,13 @@ def test_speculative_sampling_matches_trunk_distribution(monkeypatch):
     assert _chi_square_p_value(sample_counts()[0], exact) < alpha
 
 
+def test_seeded_sampling_does_not_depend_on_the_batch(random_mtp_model):
+    request = Request(RAGGED_PROMPTS[0], 12, SamplingParams(temperature=1.0, top_p=0.9, seed=5))
+    others = [Request(p, 20, SamplingParams(temperature=0.7, seed=i)) for i, p in enumerate(RAGGED_PROMPTS[1:])]
+    alone = Engine(random_mtp_model, 2).generate([request])[0][0].tokens
+    assert Engine(random_mtp_model, 2).generate([others[0], request, others[1]])[0][1].tokens == alone
+
+
 def test_engine_rejects_bad_requests():
     engine = Engine(random_model(tiny_config(mtp_depth=1)), speculative_k=2)
     for request, field in ((Request([], 4), "prompt"), (Request([1, 64], 4), "prompt"), (Request([1], 0), "max_new_tokens"),
@@ -289,6 +297,12 @@ def test_generate_cli(trained_ckpt, capsys):
     assert "tokens/s" in out and "acceptance per draft position  1: " in out and "mean tokens per trunk forward" in out
     assert generate_main(["--ckpt", str(trained_ckpt / "missing"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # A run's out_dir: checkpoints/latest names the newest step directory.
+    out_dir = trained_ckpt.parent / "run"
+    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out_dir / "checkpoints" / "latest").write_text(f"../../{trained_ckpt.name}\n")
+    model, cfg, _ = load(out_dir)
+    assert cfg.model.mtp_depth == 2 and torch.equal(model.head.weight, load(trained_ckpt)[0].head.weight)
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load(trained_ckpt.parent)
 
@@ -387,6 +401,20 @@ def test_server_concurrent_clients(server):
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
         health = json.loads(r.read())
     assert health["status"] == "ok" and health["completed"] >= len(valid)
+
+
+def test_server_routes_and_headers(server):
+    port = server[0].server_address[1]
+    for method, path, status in (("GET", "/nope", 404), ("GET", "/v1/completions", 405), ("POST", "/v1/chat", 404)):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request(method, path, body=b"{}" if method == "POST" else None)
+        response = conn.getresponse()
+        assert response.status == status and "error" in json.loads(response.read())
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    conn.endheaders()  # no Content-Length
+    response = conn.getresponse()
+    assert response.status == 411 and json.loads(response.read())["error"]["type"] == "invalid_request_error"
 
 
 def test_server_client_disconnect_frees_slot(trained_ckpt):

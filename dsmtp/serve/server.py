@@ -80,6 +80,8 @@ def parse_completion(raw: bytes, tokenizer: TextTokenizer, engine: Engine, limit
     temperature = _field(body, "temperature", (int, float), 1.0, "a number >= 0")
     top_p = _field(body, "top_p", (int, float), 1.0, "a number in (0, 1]")
     top_k = _field(body, "top_k", (int,), 0, "an integer >= 0")
+    if top_k >= 2 ** 31:
+        raise RequestError(400, f"'top_k' must be below 2^31, got {top_k}", "top_k")
     seed = _field(body, "seed", (int, type(None)), None, "an integer in [0, 2^63)")
     if seed is not None and not 0 <= seed < 2 ** 63:
         raise RequestError(400, f"'seed' must be in [0, 2^63), got {seed}", "seed")
@@ -90,7 +92,7 @@ def parse_completion(raw: bytes, tokenizer: TextTokenizer, engine: Engine, limit
         raise RequestError(400, f"'stop' must be up to {MAX_STOP_STRINGS} non-empty strings", "stop")
     try:
         sampling = SamplingParams(float(temperature), top_k, float(top_p), seed)
-    except ValueError as e:
+    except ValueError as e:  # SamplingParams' messages start with "<field>="
         param = str(e).split("=")[0]
         raise RequestError(400, f"'{param}' is out of range: {e}", param) from None
     ids = encode_prompt(tokenizer, prompt)
@@ -99,6 +101,10 @@ def parse_completion(raw: bytes, tokenizer: TextTokenizer, engine: Engine, limit
     if len(ids) + max_tokens > engine.context:
         raise RequestError(400, f"prompt ({len(ids)} tokens) + 'max_tokens' ({max_tokens}) exceeds the model's "
                                 f"context of {engine.context} tokens", "max_tokens")
+    try:  # anything else the engine would refuse (e.g. token ids the model does not have)
+        engine.check(Request(ids, max_tokens, sampling))
+    except ValueError as e:
+        raise RequestError(400, str(e), "prompt") from None
     model = _field(body, "model", (str,), model_name, "a string")
     return Completion(ids, max_tokens, sampling, stop, stream, model)
 
