@@ -3,8 +3,11 @@
 Notation, per sequence: t_0 .. t_n are its committed tokens (prompt and generated); t_n, the newest,
 has not been through the trunk yet. Between steps:
   - the trunk's cache holds positions 0 .. n-1, and hidden[0][j] is its output h_0 at position j;
-  - MTP depth k's cache holds positions 0 .. n-k, as far as committed tokens reach (its input at
-    position j is (h_{k-1,j}, Emb(t_{j+k})), as in training); hidden[k][j] is its output h_k.
+  - MTP depth 1's cache holds positions 0 .. n-1 (its input at position j is (h_{0,j}, Emb(t_{j+1})),
+    as in training), and hidden[1][n-1] is the output that drafts t_{n+1};
+  - a deeper depth k holds a prefix of positions 0 .. n-k, as far as committed tokens reach; it
+    catches up on the rest when it next drafts (so a depth the drafts do not reach costs nothing).
+    hidden[k][j] is depth k's output h_k at its cached positions.
 One step ("round") with K draft tokens:
   1. draft: depth k <= D extends its cache to position n-1 (with the drafts so far as tokens) and its
      output there proposes t_{n+k}; for k > D the last module runs one position further per draft, on
@@ -13,7 +16,7 @@ One step ("round") with K draft tokens:
   2. verify: one trunk forward over [t_n, d_1 .. d_K] gives the trunk's distributions p_1 .. p_{K+1};
   3. accept (dsmtp.serve.speculative): the a accepted drafts plus one token from the trunk; the
      trunk's cache is cut back to n+a+1 positions;
-  4. the MTP modules catch up on the newly committed positions (their caches need every position).
+  4. depth 1 runs over the newly committed positions, which also gives the next step's first draft.
 With K = 0 this is plain decoding: one trunk forward per token and no MTP work.
 """
 
@@ -187,9 +190,8 @@ class Engine:
         _scatter(batch.hidden[depth], positions, h)
         stack.truncate(start + count)
 
-    def _sync_mtp(self, batch: _Batch) -> None:
-        for depth in range(1, len(batch.hidden)):
-            self._advance_mtp(batch, depth, batch.n - depth)
+    def _catch_up_depth1(self, batch: _Batch) -> None:
+        self._advance_mtp(batch, 1, batch.n - 1)
 
     # -- decoding
 
@@ -205,7 +207,7 @@ class Engine:
         batch.seq.scatter_(1, batch.n[:, None], token[:, None])
         self._emit(batch, [[t] for t in token.tolist()])
         if self.k:
-            self._sync_mtp(batch)
+            self._catch_up_depth1(batch)
 
     def _draft(self, batch: _Batch, k: int, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Propose t_{n+1} .. t_{n+k} (written into batch.seq) with the MTP modules; returns the drafts
@@ -225,7 +227,8 @@ class Engine:
             drafts.append(token)
             dists.append(q)
         for depth in range(1, depths + 1):
-            batch.cache.mtp[depth - 1].truncate((n - depth + 1).clamp(min=0))
+            stack = batch.cache.mtp[depth - 1]
+            stack.truncate(torch.minimum(stack.lengths, (n - depth + 1).clamp(min=0)))
         return torch.stack(drafts, dim=1), torch.stack(dists, dim=1)
 
     def _step(self, batch: _Batch, stats: DecodeStats) -> None:
@@ -253,7 +256,7 @@ class Engine:
                       enumerate(zip(n.tolist(), new_n.tolist()))]
         self._emit(batch, new_tokens)
         if self.k:
-            self._sync_mtp(batch)
+            self._catch_up_depth1(batch)
 
     def _emit(self, batch: _Batch, new_tokens: list[list[int]]) -> None:
         """Hand each sequence its new tokens, cut at a stop token or max_new_tokens; drop finished rows."""
