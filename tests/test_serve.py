@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import math
 import socket
 import threading
 import time
@@ -17,7 +16,6 @@ import urllib.request
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dsmtp.serve import speculative
 from dsmtp.serve.cache import ModelCache
