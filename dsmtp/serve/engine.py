@@ -105,9 +105,9 @@ class _Batch:
             self.seq[row, :len(r.prompt)] = torch.tensor(r.prompt)
         self.n = torch.zeros(b, dtype=torch.long, device=engine.device)  # set by the prefill
         self.cache = ModelCache(model.cfg, b, capacity, engine.dtype, engine.device)
-        # Hidden states by position: the trunk's, and each MTP depth's (inputs of the next depth and
-        # the drafts' logits); only the trunk's without speculation.
-        depths = len(model.mtp) if engine.k else 0
+        # Hidden states by position: the trunk's, and those of the MTP depths that draft (inputs of the
+        # next depth and the drafts' logits); only the trunk's without speculation.
+        depths = min(len(model.mtp), engine.k)
         self.hidden = [torch.zeros(b, capacity, model.cfg.hidden_size, dtype=engine.dtype, device=engine.device)
                        for _ in range(depths + 1)]
         self.sampler = BatchSampler([r.sampling for r in requests], engine.device)
