@@ -228,6 +228,7 @@ class CompletionServer(ThreadingHTTPServer):
 
 class CompletionHandler(BaseHTTPRequestHandler):
     server: CompletionServer
+    timeout = 60  # seconds a client may stall a read or a write before it counts as gone
 
     def log_message(self, format: str, *args: Any) -> None:  # one line per request on stderr, no reverse DNS
         sys.stderr.write(f"{self.address_string()} {format % args}\n")
@@ -262,11 +263,13 @@ class CompletionHandler(BaseHTTPRequestHandler):
                                           self.server.model_name)
         except RequestError as e:
             return self._error(e.status, e.message, e.param)
+        except OSError:  # the client stalled or left while sending
+            return
         job = Job(completion, self.server.tokenizer)
         self.server.worker.jobs.put(job)
         try:
             self._stream(job) if completion.stream else self._respond(job)
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # broken pipe, reset or stalled client
             job.cancelled.set()  # the worker drops its row at the next token
 
     def _body(self) -> bytes:
