@@ -19,7 +19,7 @@ import torch
 
 from dsmtp.serve import speculative
 from dsmtp.serve.cache import ModelCache
-from dsmtp.serve.engine import DecodeStats, Engine, Request, _Batch
+from dsmtp.serve.engine import DecodeStats, Engine, Request
 from dsmtp.serve.generate import main as generate_main
 from dsmtp.serve.loading import CheckpointError, completion_text, encode_prompt, load
 from dsmtp.serve.sampling import BatchSampler, SamplingParams, draw
@@ -131,10 +131,9 @@ def test_mtp_drafts_match_full_forward():
     model = random_model(tiny_config(mtp_depth=2))
     engine = Engine(model, speculative_k=2)
     requests = [Request(p, 20, SamplingParams(temperature=1.0, seed=i)) for i, p in enumerate(RAGGED_PROMPTS)]
-    batch, stats = _Batch(engine, requests), DecodeStats(2)
-    engine._prefill(batch)
+    batch, stats = engine.start(requests), DecodeStats(2)
     for _ in range(2):
-        engine._step(batch, stats)
+        engine.step(batch, stats)
     assert batch.size == 3
     drafts, q = engine._draft(batch, 2, torch.rand(3, 2, dtype=torch.float64))
     for row in range(3):
@@ -175,6 +174,24 @@ def test_speculative_greedy_equals_plain_trained_model(trained):
                 assert stats.acceptance[0] >= 0.75 and stats.tokens_per_forward >= 1.75
     assert plain[1][0][1] == "stop"  # the sentence ended with <eos>
     assert completion_text(tokenizer, prompts[0], plain[1][0][0]) == " brown fox jumps over the lazy dog."
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_requests_joining_a_running_batch(random_mtp_model, k):
+    """Continuous batching: sequences merged into a running batch (with a larger cache) decode exactly
+    as they would alone."""
+    engine = Engine(random_mtp_model, k)
+    first = [Request(RAGGED_PROMPTS[0], 10), Request(RAGGED_PROMPTS[1], 4)]
+    later = [Request(RAGGED_PROMPTS[2], 20), Request([5], 12, SamplingParams(temperature=1.0, seed=3))]
+    alone = [engine.generate([r])[0][0].tokens for r in first + later]
+    batch, stats = engine.start(first), DecodeStats(k)
+    for _ in range(3):
+        engine.step(batch, stats)
+    assert batch.size == 1  # the 4-token request is done
+    batch.merge(engine.start(later))
+    while batch.size:
+        engine.step(batch, stats)
+    assert [r.tokens for r in batch.results] == alone
 
 
 def test_acceptance_rule_hand_computed():

@@ -65,6 +65,18 @@ class StackCache:
         self.kv, self.k_rope = self.kv[:, rows], self.k_rope[:, rows]
         self.lengths = self.lengths[rows]
 
+    def merge(self, other: "StackCache", capacity: int) -> None:
+        """Append another cache's sequences, both grown to `capacity` positions."""
+
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            pad = t.new_zeros(t.shape[0], t.shape[1], capacity - t.shape[2], t.shape[3])
+            return torch.cat([t, pad], dim=2)
+
+        self.kv = torch.cat([grown(self.kv), grown(other.kv)], dim=1)
+        self.k_rope = torch.cat([grown(self.k_rope), grown(other.k_rope)], dim=1)
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self.capacity = capacity
+
     @property
     def bytes_per_token(self) -> int:
         """Bytes one token of one sequence occupies: (kv_lora_rank + qk_rope_head_dim) x layers x dtype size."""
@@ -84,6 +96,10 @@ class ModelCache:
     def keep(self, rows: torch.Tensor) -> None:
         for stack in self.stacks():
             stack.keep(rows)
+
+    def merge(self, other: "ModelCache", capacity: int) -> None:
+        for mine, theirs in zip(self.stacks(), other.stacks()):
+            mine.merge(theirs, capacity)
 
     @property
     def bytes_per_token(self) -> int:

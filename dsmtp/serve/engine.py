@@ -85,11 +85,17 @@ def _gather(buffer: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return buffer.gather(1, positions[..., None].expand(-1, -1, buffer.shape[-1]))
 
 
+def _pad_positions(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad dimension 1 (positions) of [B, C, ...] to `length`."""
+    pad = torch.zeros(t.shape[0], length - t.shape[1], *t.shape[2:], dtype=t.dtype, device=t.device)
+    return torch.cat([t, pad], dim=1)
+
+
 def _scatter(buffer: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
     buffer.scatter_(1, positions[..., None].expand(-1, -1, buffer.shape[-1]), values.to(buffer.dtype))
 
 
-class _Batch:
+class Batch:
     """The sequences being decoded together: tokens, caches, hidden states and random streams."""
 
     def __init__(self, engine: "Engine", requests: list[Request]):
@@ -116,12 +122,30 @@ class _Batch:
     def size(self) -> int:
         return len(self.index)
 
+    @property
+    def capacity(self) -> int:
+        return self.cache.trunk.capacity
+
     def keep(self, rows: torch.Tensor) -> None:
         self.seq, self.n = self.seq[rows], self.n[rows]
         self.hidden = [h[rows] for h in self.hidden]
         self.cache.keep(rows)
         self.sampler.keep(rows)
         self.index = [self.index[i] for i in rows.tolist()]
+
+    def merge(self, other: "Batch") -> None:
+        """Take in the sequences of another batch (prefilled by the same engine) to decode them together
+        from the next step on: sequences are independent, so this is concatenation."""
+        capacity = max(self.capacity, other.capacity)
+        self.seq = torch.cat([_pad_positions(self.seq, capacity + 1), _pad_positions(other.seq, capacity + 1)])
+        self.n = torch.cat([self.n, other.n])
+        self.hidden = [torch.cat([_pad_positions(a, capacity), _pad_positions(b, capacity)])
+                       for a, b in zip(self.hidden, other.hidden)]
+        self.cache.merge(other.cache, capacity)
+        self.sampler.merge(other.sampler)
+        self.index += [len(self.requests) + i for i in other.index]
+        self.requests = self.requests + other.requests
+        self.results = self.results + other.results
 
 
 class Engine:
@@ -150,32 +174,44 @@ class Engine:
             raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) "
                              f"exceeds the model's context of {self.context} tokens: shorten one of them")
 
-    @torch.no_grad()
     def generate(self, requests: list[Request]) -> tuple[list[Result], DecodeStats]:
-        for request in requests:
-            self.check(request)
+        """Decode `requests` to the end as one batch; results in request order."""
         stats = DecodeStats(self.k)
         if not requests:
             return [], stats
-        batch = _Batch(self, requests)
-        self._prefill(batch)
+        batch = self.start(requests)
         while batch.size:
-            self._step(batch, stats)
+            self.step(batch, stats)
         return batch.results, stats
+
+    @torch.no_grad()
+    def start(self, requests: list[Request]) -> Batch:
+        """Check and prefill `requests`: a batch whose first tokens are out; `Batch.merge` it into a
+        running batch to serve it alongside (continuous batching)."""
+        for request in requests:
+            self.check(request)
+        batch = Batch(self, requests)
+        self._prefill(batch)
+        return batch
+
+    @torch.no_grad()
+    def step(self, batch: Batch, stats: DecodeStats) -> None:
+        """One decoding step of every sequence in the batch; finished ones leave it."""
+        self._step(batch, stats)
 
     # -- the forward passes, each appending to its stack's cache at every sequence's next positions
 
-    def _trunk(self, batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
+    def _trunk(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
         stack = batch.cache.trunk
         cos, sin = self.model.rope(stack.begin(tokens.shape[1]))
         return self.model.trunk(self.model.embed(tokens), cos, sin, stack.layers)[0]
 
-    def _mtp(self, batch: _Batch, module: int, h_prev: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def _mtp(self, batch: Batch, module: int, h_prev: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         stack = batch.cache.mtp[module]
         cos, sin = self.model.rope(stack.begin(tokens.shape[1]))
         return self.model.mtp[module](h_prev, self.model.embed(tokens), cos, sin, stack.layers[0])[0]
 
-    def _advance_mtp(self, batch: _Batch, depth: int, upto: torch.Tensor) -> None:
+    def _advance_mtp(self, batch: Batch, depth: int, upto: torch.Tensor) -> None:
         """Run MTP depth `depth` over its next positions up to `upto` [B] (inclusive) of each sequence."""
         stack = batch.cache.mtp[depth - 1]
         start = stack.lengths
@@ -190,12 +226,12 @@ class Engine:
         _scatter(batch.hidden[depth], positions, h)
         stack.truncate(start + count)
 
-    def _catch_up_depth1(self, batch: _Batch) -> None:
+    def _catch_up_depth1(self, batch: Batch) -> None:
         self._advance_mtp(batch, 1, batch.n - 1)
 
     # -- decoding
 
-    def _prefill(self, batch: _Batch) -> None:
+    def _prefill(self, batch: Batch) -> None:
         lengths = torch.tensor([len(r.prompt) for r in batch.requests], device=batch.n.device)
         h = self._trunk(batch, batch.seq[:, :int(lengths.max())])  # ragged prompts are right-padded
         batch.cache.trunk.truncate(lengths)
@@ -209,7 +245,7 @@ class Engine:
         if self.k:
             self._catch_up_depth1(batch)
 
-    def _draft(self, batch: _Batch, k: int, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draft(self, batch: Batch, k: int, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Propose t_{n+1} .. t_{n+k} (written into batch.seq) with the MTP modules; returns the drafts
         [B, k] and the distributions they were drawn from [B, k, V]."""
         n, depths = batch.n, len(self.model.mtp)
@@ -231,7 +267,7 @@ class Engine:
             stack.truncate(torch.minimum(stack.lengths, (n - depth + 1).clamp(min=0)))
         return torch.stack(drafts, dim=1), torch.stack(dists, dim=1)
 
-    def _step(self, batch: _Batch, stats: DecodeStats) -> None:
+    def _step(self, batch: Batch, stats: DecodeStats) -> None:
         n = batch.n
         # RoPE covers positions < context; requests are checked so that only drafts beyond the last
         # token a request may produce would pass it, so fewer drafts near the end lose nothing.
@@ -258,7 +294,7 @@ class Engine:
         if self.k:
             self._catch_up_depth1(batch)
 
-    def _emit(self, batch: _Batch, new_tokens: list[list[int]]) -> None:
+    def _emit(self, batch: Batch, new_tokens: list[list[int]]) -> None:
         """Hand each sequence its new tokens, cut at a stop token or max_new_tokens; drop finished rows."""
         keep = []
         for row, tokens in enumerate(new_tokens):

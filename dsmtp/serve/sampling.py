@@ -55,6 +55,12 @@ class BatchSampler:
         self.temperature, self.top_k, self.top_p = self.temperature[rows], self.top_k[rows], self.top_p[rows]
         self.generators = [self.generators[i] for i in rows.tolist()]
 
+    def merge(self, other: "BatchSampler") -> None:
+        self.temperature = torch.cat([self.temperature, other.temperature])
+        self.top_k = torch.cat([self.top_k, other.top_k])
+        self.top_p = torch.cat([self.top_p, other.top_p])
+        self.generators = self.generators + other.generators
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, ..., V] -> each sequence's next-token distribution (float64), after temperature,
         top-k and top-p; one-hot on the arg-max for greedy sequences."""
