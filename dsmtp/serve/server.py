@@ -3,16 +3,17 @@
 
     dsmtp serve --ckpt runs/tiny --speculative 2 --set serve.port=8000
 
-HTTP threads only parse, validate and stream. One engine worker thread takes the requests waiting
-(up to serve.max_batch_size) and decodes them as one batch, so the model is only ever run by that
-thread and sequences never mix (each batch row has its own cache and random stream). A streaming
-client that goes away is noticed at its next token and its row leaves the batch.
+HTTP threads only parse, validate and stream. One engine worker thread runs the model: between
+decoding steps it lets waiting requests join the running batch (up to serve.max_batch_size
+sequences), so sequences never mix (each batch row has its own cache and random stream). A
+streaming client that goes away is noticed at its next token and its row leaves the batch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import queue
 import sys
 import threading
@@ -25,7 +26,7 @@ from typing import Any, Optional
 import torch
 
 from dsmtp.config import ServeConfig
-from dsmtp.serve.engine import Engine, Request, Result
+from dsmtp.serve.engine import Batch, DecodeStats, Engine, Request, Result
 from dsmtp.serve.loading import TextTokenizer, completion_text, encode_prompt, load
 from dsmtp.serve.sampling import SamplingParams
 
@@ -152,6 +153,10 @@ class Job:
         rest, self._sent = text[self._sent:], len(text)
         return rest
 
+    def request(self) -> Request:
+        c = self.completion
+        return Request(c.prompt_ids, c.max_tokens, c.sampling, (self.tokenizer.eos_id,), self.on_tokens)
+
     def finish_reason(self, result: Result) -> str:
         return "stop" if result.finish_reason == "stop" or self.hit_stop_string else "length"
 
@@ -165,49 +170,70 @@ class Counters:
 
 
 class EngineWorker(threading.Thread):
+    """The one thread that runs the model, with continuous batching: between decoding steps, waiting
+    requests are prefilled and join the running batch (up to max_batch_size sequences), and finished
+    sequences leave it."""
+
     def __init__(self, engine: Engine, max_batch_size: int):
         super().__init__(daemon=True, name="engine-worker")
         self.engine, self.max_batch_size = engine, max_batch_size
-        self.jobs: queue.Queue = queue.Queue()
+        self.jobs: queue.Queue = queue.Queue()  # Job, or None to stop
         self.counters = Counters()
-
-    def run(self) -> None:
-        stopping = False
-        while not stopping:
-            batch = [self.jobs.get()]
-            while len(batch) < self.max_batch_size:
-                try:
-                    batch.append(self.jobs.get_nowait())
-                except queue.Empty:
-                    break
-            stopping = None in batch
-            batch = [job for job in batch if job is not None and not job.cancelled.is_set()]
-            if batch:
-                self._decode(batch)
+        self.stats = DecodeStats(engine.k)  # over everything served
 
     def stop(self) -> None:
-        """Finish the batch at hand, then end the thread."""
+        """Finish the requests at hand, then end the thread."""
         self.jobs.put(None)
         self.join()
 
-    def _decode(self, batch: list[Job]) -> None:
-        requests = [Request(j.completion.prompt_ids, j.completion.max_tokens, j.completion.sampling,
-                            (j.tokenizer.eos_id,), j.on_tokens) for j in batch]
-        self.counters.active = len(batch)
-        try:
-            results, _ = self.engine.generate(requests)
-        except Exception as e:  # keep serving; every client of this batch hears about it
-            for job in batch:
-                job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
-            return
-        finally:
-            self.counters.active = 0
-        with self.counters.lock:
-            self.counters.aborted += sum(r.finish_reason == "aborted" and j.cancelled.is_set()
-                                         for j, r in zip(batch, results))
-            self.counters.completed += len(batch)
-        for job, result in zip(batch, results):
+    def run(self) -> None:
+        batch: Optional[Batch] = None
+        running: list[tuple[Job, Result]] = []
+        stopping = False
+        while not (stopping and not running):
+            new = [] if stopping else self._take(block=not running, room=self.max_batch_size - len(running))
+            stopping = stopping or None in new
+            new = [job for job in new if job is not None and not job.cancelled.is_set()]
+            at_risk = [job for job, _ in running] + new
+            try:
+                if new:
+                    started = self.engine.start([job.request() for job in new])
+                    running += zip(new, started.results)
+                    if batch is None or not batch.size:
+                        batch = started
+                    else:
+                        batch.merge(started)
+                if batch is not None and batch.size:
+                    self.engine.step(batch, self.stats)
+            except Exception as e:  # keep serving; every client of the batch hears about it
+                for job in at_risk:
+                    job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
+                batch, running = None, []
+            self.counters.active = batch.size if batch is not None else 0
+            running = self._finish(running)
+
+    def _take(self, block: bool, room: int) -> list[Optional[Job]]:
+        """Up to `room` waiting jobs; waits for one when `block` (nothing is running)."""
+        taken: list[Optional[Job]] = [self.jobs.get()] if block else []
+        while len(taken) < room and None not in taken:
+            try:
+                taken.append(self.jobs.get_nowait())
+            except queue.Empty:
+                break
+        return taken
+
+    def _finish(self, running: list[tuple[Job, Result]]) -> list[tuple[Job, Result]]:
+        """Tell the clients of finished sequences; return the others."""
+        still = []
+        for job, result in running:
+            if not result.finish_reason:
+                still.append((job, result))
+                continue
+            with self.counters.lock:
+                self.counters.completed += 1
+                self.counters.aborted += result.finish_reason == "aborted" and job.cancelled.is_set()
             job.events.put(("done", result))
+        return still
 
 
 class CompletionServer(ThreadingHTTPServer):
@@ -224,6 +250,10 @@ class CompletionServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         super().server_close()
         self.worker.stop()
+
+
+def _finite(x: float) -> Optional[float]:
+    return x if math.isfinite(x) else None  # JSON has no NaN
 
 
 class CompletionHandler(BaseHTTPRequestHandler):
@@ -247,9 +277,13 @@ class CompletionHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/health":
-            c = self.server.worker.counters
-            self._json(200, {"status": "ok", "model": self.server.model_name, "queued": self.server.worker.jobs.qsize(),
-                             "active": c.active, "completed": c.completed, "aborted": c.aborted})
+            worker = self.server.worker
+            c, stats = worker.counters, worker.stats
+            speculative = {"draft_tokens": stats.draft_tokens, "tokens_per_forward": _finite(stats.tokens_per_forward),
+                           "acceptance": [_finite(a) for a in stats.acceptance]}
+            self._json(200, {"status": "ok", "model": self.server.model_name, "queued": worker.jobs.qsize(),
+                             "active": c.active, "completed": c.completed, "aborted": c.aborted,
+                             "speculative": speculative})
         elif self.path == "/v1/completions":
             self._error(405, "use POST for /v1/completions")
         else:
