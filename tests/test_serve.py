@@ -131,7 +131,7 @@ def test_mtp_drafts_match_full_forward():
     model = random_model(tiny_config(mtp_depth=2))
     engine = Engine(model, speculative_k=2)
     requests = [Request(p, 20, SamplingParams(temperature=1.0, seed=i)) for i, p in enumerate(RAGGED_PROMPTS)]
-    batch, stats = engine.start(requests), DecodeStats(2)
+    (batch, _), stats = engine.start(requests), DecodeStats(2)
     for _ in range(2):
         engine.step(batch, stats)
     assert batch.size == 3
@@ -184,14 +184,16 @@ def test_requests_joining_a_running_batch(random_mtp_model, k):
     first = [Request(RAGGED_PROMPTS[0], 10), Request(RAGGED_PROMPTS[1], 4)]
     later = [Request(RAGGED_PROMPTS[2], 20), Request([5], 12, SamplingParams(temperature=1.0, seed=3))]
     alone = [engine.generate([r])[0][0].tokens for r in first + later]
-    batch, stats = engine.start(first), DecodeStats(k)
+    (batch, results), stats = engine.start(first), DecodeStats(k)
     for _ in range(3):
         engine.step(batch, stats)
-    assert batch.size == 1  # the 4-token request is done
-    batch.merge(engine.start(later))
+    assert batch.size == 1 and len(batch.results) == 1  # the 4-token request is done and forgotten
+    joining, joining_results = engine.start(later)
+    batch.merge(joining)
+    results = results + joining_results
     while batch.size:
         engine.step(batch, stats)
-    assert [r.tokens for r in batch.results] == alone
+    assert [r.tokens for r in results] == alone
 
 
 def test_acceptance_rule_hand_computed():

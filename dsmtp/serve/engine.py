@@ -103,9 +103,9 @@ class Batch:
         lengths = [len(r.prompt) for r in requests]
         # Positions written never pass the last prompt token + max_new_tokens + K (see Engine._step).
         capacity = max(p + r.max_new_tokens for p, r in zip(lengths, requests)) + engine.k
-        self.requests = requests
-        self.results = [Result() for _ in requests]
-        self.index = list(range(b))  # row -> request
+        self.requests = requests  # the ones still decoding (finished ones are dropped) ...
+        self.results = [Result() for _ in requests]  # ... with their results, filled in as they go
+        self.index = list(range(b))  # row -> position in requests / results
         self.seq = torch.zeros(b, capacity + 1, dtype=torch.long, device=engine.device)  # tokens by position
         for row, r in enumerate(requests):
             self.seq[row, :len(r.prompt)] = torch.tensor(r.prompt)
@@ -131,7 +131,10 @@ class Batch:
         self.hidden = [h[rows] for h in self.hidden]
         self.cache.keep(rows)
         self.sampler.keep(rows)
-        self.index = [self.index[i] for i in rows.tolist()]
+        # Forget finished requests, so a batch that keeps taking new ones does not grow.
+        kept = [self.index[i] for i in rows.tolist()]
+        self.requests, self.results = [self.requests[i] for i in kept], [self.results[i] for i in kept]
+        self.index = list(range(len(kept)))
 
     def merge(self, other: "Batch") -> None:
         """Take in the sequences of another batch (prefilled by the same engine) to decode them together
@@ -179,20 +182,22 @@ class Engine:
         stats = DecodeStats(self.k)
         if not requests:
             return [], stats
-        batch = self.start(requests)
+        batch, results = self.start(requests)
         while batch.size:
             self.step(batch, stats)
-        return batch.results, stats
+        return results, stats
 
     @torch.no_grad()
-    def start(self, requests: list[Request]) -> Batch:
-        """Check and prefill `requests`: a batch whose first tokens are out; `Batch.merge` it into a
-        running batch to serve it alongside (continuous batching)."""
+    def start(self, requests: list[Request]) -> tuple[Batch, list[Result]]:
+        """Check and prefill `requests`: a batch whose first tokens are out, and the requests' results
+        (filled in as they decode; finished requests leave the batch). `Batch.merge` the batch into a
+        running one to serve it alongside (continuous batching)."""
         for request in requests:
             self.check(request)
         batch = Batch(self, requests)
+        results = batch.results
         self._prefill(batch)
-        return batch
+        return batch, results
 
     @torch.no_grad()
     def step(self, batch: Batch, stats: DecodeStats) -> None:

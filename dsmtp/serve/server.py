@@ -197,8 +197,8 @@ class EngineWorker(threading.Thread):
             at_risk = [job for job, _ in running] + new
             try:
                 if new:
-                    started = self.engine.start([job.request() for job in new])
-                    running += zip(new, started.results)
+                    started, results = self.engine.start([job.request() for job in new])
+                    running += zip(new, results)
                     if batch is None or not batch.size:
                         batch = started
                     else:
