@@ -167,7 +167,7 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected true or false, got {value!r}")
         return value
     if hint in (int, float) and isinstance(value, str):
-        value = _parse_number(value, path)  # PyYAML reads 1e12 (no dot, no sign) as a string
+        value = _parse_number(value)  # PyYAML reads 1e12 (no dot, no sign) as a string
     if hint is int:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -185,11 +185,11 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     return value
 
 
-def _parse_number(text: str, path: str) -> float:
+def _parse_number(text: str) -> float | str:
     try:
         return float(text)
     except ValueError:
-        raise ConfigError(f"{path}: expected a number, got {text!r}") from None
+        return text  # not a number: the type check below names the field
 
 
 def _from_dict(cls: type, data: dict, path: str) -> Any:
