@@ -295,9 +295,9 @@ def validate_model(m: ModelConfig) -> None:
              f"model.n_routed_experts={m.n_routed_experts} is not divisible by model.n_group={m.n_group}: "
              f"choose n_group from {_divisors(m.n_routed_experts)}")
     per_group = m.n_routed_experts // m.n_group
-    _require(per_group >= 2 or m.n_group == 1,
+    _require(per_group >= 2,
              f"model.n_group={m.n_group} leaves {per_group} expert per group; groups are ranked by their top-2 "
-             "scores, so use fewer groups")
+             "scores, so use fewer groups (or at least 2 routed experts)")
     _require(1 <= m.topk_group <= m.n_group,
              f"model.topk_group={m.topk_group} must be in [1, model.n_group={m.n_group}]")
     available = m.topk_group * per_group
