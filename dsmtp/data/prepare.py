@@ -147,7 +147,7 @@ def _build(build: Path, root: Path, files: list[SourceFile], data: DataConfig, v
         t = time.perf_counter()
         sample = _tokenizer_sample(splits["train"], data.tokenizer_sample_bytes)
         tokenizer = train_tokenizer((text for text in map(_text_of, sample) if text is not None),
-                                    vocab_size, build / MODEL_FILE, num_threads=data.num_workers)
+                                    vocab_size, build / MODEL_FILE)
         seconds["tokenizer"] = time.perf_counter() - t
 
         t = time.perf_counter()

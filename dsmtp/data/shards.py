@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -31,8 +31,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class ShardWriter:
     """Appends documents (EOS-terminated) to the shards of one split."""
 
-    def __init__(self, split_dir: Path, dtype: np.dtype, eos_id: int, max_shard_tokens: int = SHARD_TOKENS):
-        self.split_dir, self.dtype, self.eos_id, self.max_shard_tokens = split_dir, dtype, eos_id, max_shard_tokens
+    def __init__(self, split_dir: Path, dtype: np.dtype, eos_id: int, max_shard_tokens: Optional[int] = None):
+        self.split_dir, self.dtype, self.eos_id = split_dir, np.dtype(dtype), eos_id
+        self.max_shard_tokens = max_shard_tokens or SHARD_TOKENS
         split_dir.mkdir(parents=True, exist_ok=True)
         self.shards: list[dict] = []
         self._file = None

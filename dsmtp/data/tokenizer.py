@@ -22,6 +22,9 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 # so it is encoded as its UTF-8 bytes through the byte-fallback pieces instead.
 SPACE_MARK = "\u2581"
 SENTENCE_CHARS = 2048  # training sentences are chunks of whole lines up to this many characters
+# sentencepiece's BPE trainer learns a different model for every thread count; one thread keeps the
+# tokenizer a function of the corpus alone (identical on every machine and for any data.num_workers).
+TRAINER_THREADS = 1
 
 
 class Tokenizer:
@@ -95,7 +98,7 @@ def training_sentences(texts: Iterable[str]) -> Iterator[str]:
             yield "".join(chunk)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: Path, num_threads: int) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: Path) -> Tokenizer:
     """Train a BPE model on `texts` and write it to `out_path` (the caller's temporary build dir)."""
     model = io.BytesIO()
     try:
@@ -114,7 +117,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: Path, num_t
             split_digits=True,
             max_sentence_length=4 * SENTENCE_CHARS,  # bytes; chunks are at most SENTENCE_CHARS characters
             input_sentence_size=0,  # the caller already sampled the input
-            num_threads=num_threads,
+            num_threads=TRAINER_THREADS,
             minloglevel=2,
             split_by_whitespace=False,  # pieces may span spaces ("    return"): 9-17% fewer tokens on code
         )
