@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -116,6 +118,16 @@ def test_shards_hold_every_usable_file_once_eos_separated(data_dir, corpus):
             docs[tok.decode(tokens[a:b - 1].tolist())] += 1
     # independent reference: the files themselves, each exactly once over both splits
     assert docs == Counter((corpus / f"{n}.py").read_text() for n in CORPUS)
+
+
+def test_unigram_baseline_matches_hand_computation(data_dir):
+    train, val = Counter(stream(data_dir, "train").tolist()), Counter(stream(data_dir, "val").tolist())
+    n_train, n_val = sum(train.values()), sum(val.values())
+    entropy = -sum(c / n_train * math.log(c / n_train) for c in train.values())
+    cross = -sum(c * math.log((train[t] + 1) / (n_train + VOCAB)) for t, c in val.items()) / n_val
+    unigram = load_manifest(data_dir)["unigram"]
+    assert unigram["train_entropy_nats"] == pytest.approx(entropy, rel=1e-9)
+    assert unigram["val_cross_entropy_nats"] == pytest.approx(cross, rel=1e-9)
 
 
 def test_split_by_path_hash_is_stable_and_near_fraction():
@@ -251,7 +263,7 @@ def test_crash_mid_prepare_leaves_nothing_loadable(tmp_path, monkeypatch):
 
     # a killed run (no cleanup) leaves a temp dir: ignored, then removed by the next run
     monkeypatch.setattr(ShardWriter, "add", real_add)
-    stale = tmp_path / ".d.tmp-999999999"
+    stale = tmp_path / f".d.tmp-999999999@{socket.gethostname()}"
     stale.mkdir()
     (stale / "manifest.json").write_text("{}")
     prepare(cfg, VOCAB)

@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -47,7 +48,7 @@ def prepare(data: DataConfig, vocab_size: int) -> Path:
         return data_dir
     _check_replaceable(data_dir)
     _remove_stale_builds(data_dir)
-    build = data_dir.parent / f".{data_dir.name}.tmp-{os.getpid()}"
+    build = _work_dir(data_dir, "tmp")
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
     try:
@@ -93,14 +94,20 @@ def _check_replaceable(data_dir: Path) -> None:
         )
 
 
+def _work_dir(data_dir: Path, kind: str) -> Path:
+    """A sibling of data_dir owned by this process: `.NAME.tmp-PID@HOST` (host: data dirs may be shared)."""
+    return data_dir.parent / f".{data_dir.name}.{kind}-{os.getpid()}@{socket.gethostname()}"
+
+
 def _remove_stale_builds(data_dir: Path) -> None:
-    """Delete temporary dirs left by prepare runs that were killed (their process is gone)."""
+    """Delete work dirs left by prepare runs on this host that were killed (their process is gone)."""
     if not data_dir.parent.is_dir():
         return
-    for path in data_dir.parent.glob(f".{data_dir.name}.*-*"):
-        kind, _, pid = path.name[len(data_dir.name) + 2:].partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+    for kind in ("tmp", "old"):
+        for path in data_dir.parent.glob(f".{data_dir.name}.{kind}-*@*"):
+            pid, _, host = path.name.rpartition(f".{kind}-")[2].partition("@")
+            if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _process_alive(pid: int) -> bool:
@@ -116,7 +123,7 @@ def _process_alive(pid: int) -> bool:
 def _publish(build: Path, data_dir: Path) -> None:
     """Swap the complete build into place. A crash between the two renames leaves no data dir at all
     (the next run rebuilds), never a mix of old and new files."""
-    old = data_dir.parent / f".{data_dir.name}.old-{os.getpid()}"
+    old = _work_dir(data_dir, "old")
     if data_dir.exists():
         os.replace(data_dir, old)
     os.replace(build, data_dir)
@@ -146,6 +153,8 @@ def _build(build: Path, root: Path, files: list[SourceFile], data: DataConfig, v
 
         t = time.perf_counter()
         sample = _tokenizer_sample(splits["train"], data.tokenizer_sample_bytes)
+        print(f"training a {vocab_size}-piece BPE tokenizer on {len(sample)} train files "
+              f"({sum(f.size for f in sample) / 1e6:.1f} MB)", flush=True)
         tokenizer = train_tokenizer((text for text in map(_text_of, sample) if text is not None),
                                     vocab_size, build / MODEL_FILE)
         seconds["tokenizer"] = time.perf_counter() - t
@@ -154,6 +163,7 @@ def _build(build: Path, root: Path, files: list[SourceFile], data: DataConfig, v
         dtype = token_dtype(vocab_size)
         split_stats = {split: _write_split(build, splits[split], split, tokenizer, dtype, pmap, skipped)
                        for split in SPLITS}
+        unigram = unigram_baseline(build, split_stats, dtype, vocab_size)
         seconds["tokenize"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started
 
@@ -173,6 +183,7 @@ def _build(build: Path, root: Path, files: list[SourceFile], data: DataConfig, v
                       "sample_files": len(sample), "sentencepiece": sentencepiece.__version__},
         "dtype": dtype.name,
         "splits": split_stats,
+        "unigram": unigram,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     write_json_atomic(build / MANIFEST_FILE, manifest)
@@ -194,6 +205,21 @@ def _write_split(build: Path, files: list[SourceFile], split: str, tokenizer: To
     shards = writer.close()
     return {"files": docs, "documents": docs, "chars": chars,
             "tokens": sum(s["num_tokens"] for s in shards), "shards": shards}
+
+
+def unigram_baseline(data_dir: Path, split_stats: dict, dtype: np.dtype, vocab_size: int) -> dict:
+    """What a model that ignores context scores (nats/token): the entropy of the train split's token
+    frequencies, and the val split's cross-entropy under them (add-one smoothed, so unseen tokens count).
+    A trained model's val loss should end well below the latter."""
+    counts = {}
+    for split, stats in split_stats.items():
+        counts[split] = sum(np.bincount(np.memmap(data_dir / s["tokens"], dtype=dtype, mode="r"), minlength=vocab_size)
+                            for s in stats["shards"])
+    train = counts["train"]
+    freq = train[train > 0] / train.sum()
+    smoothed = (train + 1) / (train.sum() + vocab_size)
+    return {"train_entropy_nats": float(-(freq * np.log(freq)).sum()),
+            "val_cross_entropy_nats": float(-(counts["val"] * np.log(smoothed)).sum() / counts["val"].sum())}
 
 
 def _tokenizer_sample(train: list[SourceFile], sample_bytes: int) -> list[SourceFile]:
@@ -255,6 +281,8 @@ def summary(data_dir: Path, manifest: dict) -> str:
     for split, s in splits.items():
         lines.append(f"  {split}: {s['files']} files, {s['tokens']:,} tokens ({manifest['dtype']}), "
                      f"{s['chars'] / max(s['tokens'] - s['documents'], 1):.2f} chars/token")
+    lines.append(f"  unigram baseline: train entropy {manifest['unigram']['train_entropy_nats']:.3f} nats/token, "
+                 f"val cross-entropy {manifest['unigram']['val_cross_entropy_nats']:.3f}")
     return "\n".join(lines)
 
 
