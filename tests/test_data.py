@@ -181,9 +181,11 @@ def test_bad_source_is_refused_before_work(tmp_path, case, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if case == "missing" else ["src"])  # no data dir
 
 
-def test_vocab_too_large_for_corpus_and_foreign_data_dir(tmp_path, corpus):
-    with pytest.raises(DataError, match="lower model.vocab_size"):
+def test_bad_settings_and_foreign_data_dir_are_refused(tmp_path, corpus):
+    with pytest.raises(DataError, match="change model.vocab_size"):
         prepare(data_config(corpus, tmp_path / "d"), 60_000)
+    with pytest.raises(DataError, match="data.tokenizer_sample_bytes=0 must be positive"):
+        prepare(data_config(corpus, tmp_path / "d", tokenizer_sample_bytes=0), VOCAB)
     assert not (tmp_path / "d").exists() and not list(tmp_path.glob(".d.*"))
     foreign = tmp_path / "mine"
     foreign.mkdir()

@@ -39,6 +39,8 @@ from dsmtp.data.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
 def prepare(data: DataConfig, vocab_size: int) -> Path:
     """Build `data.data_dir` (tokenizer.model, manifest.json, train/, val/); a no-op if up to date."""
     started = time.perf_counter()
+    if data.tokenizer_sample_bytes <= 0:
+        raise DataError(f"data.tokenizer_sample_bytes={data.tokenizer_sample_bytes} must be positive, e.g. 20000000")
     data_dir = Path(data.data_dir)
     root = resolve_source_dir(data.source_dir)
     files = scan(root, data.include, data.exclude)
@@ -87,7 +89,8 @@ def _is_up_to_date(data_dir: Path, fingerprint: str) -> bool:
 
 def _check_replaceable(data_dir: Path) -> None:
     """Never move away a directory that is not ours (e.g. data.data_dir pointing at a source tree)."""
-    if data_dir.exists() and (not data_dir.is_dir() or (any(data_dir.iterdir()) and not (data_dir / MANIFEST_FILE).exists())):
+    ours = data_dir.is_dir() and (not any(data_dir.iterdir()) or (data_dir / MANIFEST_FILE).exists())
+    if data_dir.exists() and not ours:
         raise DataError(
             f"data.data_dir={data_dir} exists and is not a dsmtp data dir (no {MANIFEST_FILE}): choose another "
             "data.data_dir, or remove it yourself"
@@ -175,7 +178,7 @@ def _build(build: Path, root: Path, files: list[SourceFile], data: DataConfig, v
         "config": {**dataclasses.asdict(data), "vocab_size": vocab_size},
         "files": {
             "matched": len(files),
-            "used": sum(s["files"] for s in split_stats.values()),
+            "used": sum(s["documents"] for s in split_stats.values()),  # one document per file
             "skipped": {reason: len(v) for reason, v in skipped.items()},
             "skipped_examples": {reason: [f.rel for f in v[:5]] for reason, v in skipped.items() if v},
         },
@@ -203,7 +206,7 @@ def _write_split(build: Path, files: list[SourceFile], split: str, tokenizer: To
         writer.add(tokens)
         chars, docs = chars + n_chars, docs + 1
     shards = writer.close()
-    return {"files": docs, "documents": docs, "chars": chars,
+    return {"documents": docs, "chars": chars,
             "tokens": sum(s["num_tokens"] for s in shards), "shards": shards}
 
 
@@ -211,10 +214,12 @@ def unigram_baseline(data_dir: Path, split_stats: dict, dtype: np.dtype, vocab_s
     """What a model that ignores context scores (nats/token): the entropy of the train split's token
     frequencies, and the val split's cross-entropy under them (add-one smoothed, so unseen tokens count).
     A trained model's val loss should end well below the latter."""
-    counts = {}
+    counts = {split: np.zeros(vocab_size, dtype=np.int64) for split in split_stats}
     for split, stats in split_stats.items():
-        counts[split] = sum(np.bincount(np.memmap(data_dir / s["tokens"], dtype=dtype, mode="r"), minlength=vocab_size)
-                            for s in stats["shards"])
+        for shard in stats["shards"]:
+            tokens = np.memmap(data_dir / shard["tokens"], dtype=dtype, mode="r")
+            for start in range(0, len(tokens), 1 << 24):  # bounded memory: bincount widens to int64
+                counts[split] += np.bincount(tokens[start:start + (1 << 24)], minlength=vocab_size)
     train = counts["train"]
     freq = train[train > 0] / train.sum()
     smoothed = (train + 1) / (train.sum() + vocab_size)
@@ -279,7 +284,7 @@ def summary(data_dir: Path, manifest: dict) -> str:
         f"  tokenizer: vocab {manifest['tokenizer']['vocab_size']}, sha256 {manifest['tokenizer']['sha256'][:16]}",
     ]
     for split, s in splits.items():
-        lines.append(f"  {split}: {s['files']} files, {s['tokens']:,} tokens ({manifest['dtype']}), "
+        lines.append(f"  {split}: {s['documents']} files, {s['tokens']:,} tokens ({manifest['dtype']}), "
                      f"{s['chars'] / max(s['tokens'] - s['documents'], 1):.2f} chars/token")
     lines.append(f"  unigram baseline: train entropy {manifest['unigram']['train_entropy_nats']:.3f} nats/token, "
                  f"val cross-entropy {manifest['unigram']['val_cross_entropy_nats']:.3f}")
