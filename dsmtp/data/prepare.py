@@ -126,6 +126,10 @@ def _process_alive(pid: int) -> bool:
 def _publish(build: Path, data_dir: Path) -> None:
     """Swap the complete build into place. A crash between the two renames leaves no data dir at all
     (the next run rebuilds), never a mix of old and new files."""
+    for path in build.rglob("*"):  # on disk before the rename makes them visible (power loss)
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
     old = _work_dir(data_dir, "old")
     if data_dir.exists():
         os.replace(data_dir, old)
