@@ -263,11 +263,18 @@ def test_crash_mid_prepare_leaves_nothing_loadable(tmp_path, monkeypatch):
             load(tmp_path / "d")
     assert not list(tmp_path.glob(".d.*"))
 
-    # a killed run (no cleanup) leaves a temp dir: ignored, then removed by the next run
+    # a killed run (no finally, no cleanup: os._exit mid-tokenization) leaves its temp dir behind:
+    # nothing loadable, and the next run removes it
+    killed = (f"import os, dsmtp.data.shards as s, dsmtp.data.prepare as p, dsmtp.config as c\n"
+              f"s.ShardWriter.add = lambda self, tokens: os._exit(9)\n"
+              f"p.prepare(c.DataConfig(source_dir={str(src)!r}, data_dir={str(tmp_path / 'd')!r}, num_workers=1), {VOCAB})")
+    proc = subprocess.run([sys.executable, "-c", killed], cwd=REPO, capture_output=True, timeout=120)
+    assert proc.returncode == 9
+    (stale,) = tmp_path.glob(f".d.tmp-*@{socket.gethostname()}")
+    assert (stale / "tokenizer.model").is_file()
+    with pytest.raises(DataError):
+        load_manifest(tmp_path / "d")
     monkeypatch.setattr(ShardWriter, "add", real_add)
-    stale = tmp_path / f".d.tmp-999999999@{socket.gethostname()}"
-    stale.mkdir()
-    (stale / "manifest.json").write_text("{}")
     prepare(cfg, VOCAB)
     assert not stale.exists() and load_manifest(tmp_path / "d")["files"]["used"] == len(CORPUS)
 
