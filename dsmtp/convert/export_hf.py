@@ -78,7 +78,7 @@ def check_source(source: TensorSource, cfg: ModelConfig, where: str) -> None:
 
 
 def plan(cfg: ModelConfig, dtype: torch.dtype) -> list[PlannedTensor]:
-    """Every HF tensor in write order; the router bias stays float32, as HF keeps it."""
+    """Every HF tensor in write order; the router bias stays float32, as released."""
     out = []
     for name, shape in names.our_shapes(cfg).items():
         for t in names.hf_targets(name, cfg):

@@ -24,7 +24,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from dsmtp.config import Config, ConfigError, ModelConfig, _merge, config_from_dict, config_to_dict, parse_overrides
+from dsmtp.config import Config, ConfigError, ModelConfig, TrainConfig, _merge, config_from_dict, config_to_dict, parse_overrides
 from dsmtp.convert import names
 from dsmtp.convert.checkpoint_io import MODEL_FILE, TOKENIZER_FILE, SafetensorsSource, write_checkpoint_metadata
 from dsmtp.convert.hf_config import UnsupportedHFConfig, from_hf_config
@@ -59,6 +59,8 @@ def import_config(hf_dir: Path, base_config: Optional[Path], overrides: list[str
                                   "yet; dequantize to bf16 first")
     base = yaml.safe_load(base_config.read_text()) if base_config else {}
     data = _merge(_merge(base or {}, {"model": dataclasses.asdict(model)}), parse_overrides(overrides))
+    # Unless chosen, train on sequences the model's positions cover.
+    data.setdefault("train", {}).setdefault("seq_len", min(TrainConfig.seq_len, model.max_position_embeddings))
     cfg = config_from_dict(data)
     changed = [f.name for f in dataclasses.fields(ModelConfig)
                if getattr(cfg.model, f.name) != getattr(model, f.name) and f.name not in TRAINING_ONLY_MODEL_FIELDS]

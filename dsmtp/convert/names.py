@@ -197,5 +197,6 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def is_float32_in_hf(hf_name: str) -> bool:
-    """Tensors HF keeps in float32 whatever the checkpoint dtype (the router's bias)."""
-    return hf_name.endswith("e_score_correction_bias")
+    """The router's bias, stored in float32 in the released checkpoint whatever the weights' dtype (the
+    router weight is stored in the checkpoint dtype, as released, and upcast by transformers on load)."""
+    return hf_name.endswith("mlp.gate.e_score_correction_bias")

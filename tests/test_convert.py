@@ -1,0 +1,297 @@
+"""Issue 6: conversion to and from the HuggingFace DeepSeek-V3 format, MTP layers included."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+import yaml
+from _hf_helpers import random_model, random_tokens, save_checkpoint, tiny_config
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers.modeling_layers import MtpModel
+
+from dsmtp.config import ConfigError, load_config
+from dsmtp.convert import names
+from dsmtp.convert.checkpoint_io import SafetensorsSource
+from dsmtp.convert.export_hf import export
+from dsmtp.convert.hf_config import UnsupportedHFConfig, from_hf_config, to_hf_config
+from dsmtp.convert.import_hf import import_hf
+
+TOL = 1e-4
+STDLIB = Path(json.__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> Path:
+    """A small sentencepiece model trained like dsmtp's: BPE, byte fallback, pad/bos/eos = 0/1/2, identity
+    normalization, no dummy prefix, whitespace kept (code indentation)."""
+    d = tmp_path_factory.mktemp("sp")
+    corpus = d / "corpus.txt"
+    corpus.write_text("".join(p.read_text() for p in sorted((STDLIB / "json").glob("*.py"))))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(d / "sp"), vocab_size=384, model_type="bpe", byte_fallback=True,
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
+        character_coverage=1.0, minloglevel=2)
+    return d / "sp.model"
+
+
+def read_dir(hf_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(hf_dir.glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert torch.equal(a[name], b[name]), name
+
+
+def trained_model(cfg, steps: int = 25):
+    """A briefly trained model (repeating a fixed token pattern), so greedy decoding has clear winners."""
+    model = random_model(cfg)
+    model.train()
+    pattern = random_tokens(cfg, batch=1, seq=12, seed=7)
+    data = pattern.repeat(4, 5)[:, :cfg.model.mtp_depth + 41]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(data[:, :40], data[:, 1:], mtp_weight=0.3).loss.backward()
+        opt.step()
+    return model.eval(), pattern
+
+
+@torch.no_grad()
+def greedy(model, prompt: torch.Tensor, new_tokens: int, eos_id: int = 2, pad_id: int = 0) -> torch.Tensor:
+    """Plain greedy decoding with our model (full recompute each step); finished rows continue with pad, as
+    transformers' generate does."""
+    ids, done = prompt, torch.zeros(prompt.shape[0], dtype=torch.bool)
+    for _ in range(new_tokens):
+        nxt = model(ids)[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        done |= nxt == eos_id
+        if done.all():
+            break
+    return ids
+
+
+def test_export_loads_in_transformers_with_same_logits_generation_and_mtp(tmp_path, sp_model):
+    cfg = tiny_config(q_lora_rank=32, yarn=True)
+    model, pattern = trained_model(cfg)
+    ckpt = save_checkpoint(model, cfg, tmp_path / "run" / "checkpoints" / "step_00000025", sp_model)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000025\n")
+    out = export(tmp_path / "run", tmp_path / "hf", dtype="fp32", max_shard_bytes=300_000)
+
+    # layout: bounded shards with an index, config and generation config as serving engines read them
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            sizes = [f.get_slice(k).get_shape() for k in f.keys()]
+        nbytes = sum(4 * torch.Size(s).numel() for s in sizes)
+        assert nbytes <= 300_000 or len(sizes) == 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 1 and config["rope_scaling"]["type"] == "yarn"
+    assert config["torch_dtype"] == "float32" and config["architectures"] == ["DeepseekV3ForCausalLM"]
+    L = cfg.model.num_layers
+    assert {f"model.layers.{L}.{n}" for n in ("enorm.weight", "hnorm.weight", "eh_proj.weight",
+            "shared_head.norm.weight", "shared_head.head.weight", "embed_tokens.weight")} <= set(index["weight_map"])
+    with safe_open(str(out / index["weight_map"][f"model.layers.{L - 1}.mlp.gate.e_score_correction_bias"]), "pt") as f:
+        bias = f.get_tensor(f"model.layers.{L - 1}.mlp.gate.e_score_correction_bias")
+    assert bias.dtype == torch.float32 and torch.equal(bias, model.layers[L - 1].ffn.router.expert_bias)
+
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = random_tokens(cfg)
+    with torch.no_grad():
+        logit_diff = (model(tokens) - hf(tokens).logits).abs().max().item()
+    print(f"export logits: max abs diff {logit_diff:.3e}")
+    assert logit_diff <= TOL
+
+    prompt = torch.cat([pattern[:, :6], random_tokens(cfg, batch=1, seq=6, seed=3)])
+    ours = greedy(model, prompt, 32)
+    theirs = hf.generate(prompt, max_new_tokens=32, do_sample=False, attention_mask=torch.ones_like(prompt))
+    assert ours.shape[1] > prompt.shape[1] + 8 and torch.equal(ours, theirs[:, :ours.shape[1]])
+    assert theirs.shape[1] == ours.shape[1] or (theirs[:, ours.shape[1]:] == 0).all()
+
+    # transformers' MtpModel on the exported layer-L tensors. It looks for MTP keys with the pattern
+    # the model class declares (layer 61, the 671B layout); point it at this model's layer L.
+    hf._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{L}\..*"]
+    mtp_model = MtpModel.from_pretrained(hf).eval()
+    inputs, next_tokens = tokens[:, :-1], tokens[:, 1:]
+    positions = torch.arange(inputs.shape[1])
+    with torch.no_grad():
+        cos, sin = model.rope(positions)
+        h0, _ = model.trunk(model.embed(inputs), cos, sin)
+        ours_mtp = model.logits(model.mtp[0](h0, model.embed(next_tokens), cos, sin)[0])
+        h_hf = hf.model(inputs).last_hidden_state
+        theirs_h = mtp_model.forward_layer(0, h_hf, positions[None].expand(len(inputs), -1), None, input_ids=next_tokens)
+        theirs_mtp = mtp_model._project_to_logits(theirs_h)
+    mtp_diff = (ours_mtp - theirs_mtp).abs().max().item()
+    print(f"MtpModel logits: max abs diff {mtp_diff:.3e}")
+    assert mtp_diff <= TOL
+
+    # the tokenizer: same ids as sentencepiece on real source text
+    tok = AutoTokenizer.from_pretrained(out)
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    text = (STDLIB / "textwrap.py").read_text() + '\n\tx = "héllo wörld, 日本語 🙂"\r\n  \n\n   <s></s> end  '
+    for sample in (text, " leading space", "\ttab\n\n    indented", "Ünïcödé ∑ 🙂", ""):
+        assert tok.encode(sample) == sp.encode(sample)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 0)
+    assert tok.decode(sp.encode(text)) == text
+
+
+@pytest.mark.parametrize("q_lora_rank", [32, None], ids=["q_lora", "direct_q"])
+def test_round_trip_ours_hf_ours_is_bit_exact(tmp_path, sp_model, q_lora_rank):
+    cfg = tiny_config(q_lora_rank, yarn=q_lora_rank is None, mtp_depth=2)
+    model = random_model(cfg)
+    save_checkpoint(model, cfg, tmp_path / "ckpt", sp_model)
+    hf_dir = export(tmp_path / "ckpt", tmp_path / "hf", dtype="fp32")
+    back = import_hf(hf_dir, tmp_path / "back", overrides=["parallel.tp=2", "train.lr=1e-4"])
+    assert_same_tensors(load_file(str(back / "model.safetensors")), model.state_dict())
+    cfg_back = load_config(back / "config.yaml")
+    assert cfg_back.model == cfg.model and cfg_back.parallel.tp == 2 and cfg_back.train.lr == 1e-4
+    assert (back / "tokenizer.model").read_bytes() == sp_model.read_bytes()
+    manifest = json.loads((back / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.safetensors", "config.yaml", "tokenizer.model"}
+
+
+def test_round_trip_hf_ours_hf_preserves_every_tensor(tmp_path):
+    # A checkpoint written by transformers itself (bf16, per-expert names, rope_parameters style, no MTP) ...
+    cfg = tiny_config(q_lora_rank=32, yarn=True, mtp_depth=0)
+    hf_config = DeepseekV3Config(**{**to_hf_config(cfg.model), "num_nextn_predict_layers": 0})
+    torch.manual_seed(0)
+    native = DeepseekV3ForCausalLM(hf_config).to(torch.bfloat16)
+    for layer in native.model.layers[cfg.model.first_k_dense_replace:]:  # float32 router bias, as released
+        layer.mlp.gate.e_score_correction_bias.data = torch.randn(cfg.model.n_routed_experts) * 0.05
+    native.save_pretrained(tmp_path / "native")
+    back = export(import_hf(tmp_path / "native", tmp_path / "ours"), tmp_path / "again", dtype="bf16")
+    assert_same_tensors(read_dir(back), read_dir(tmp_path / "native"))
+
+    # ... and one with MTP layers (depth 2), written by our exporter in bf16.
+    cfg = tiny_config(q_lora_rank=None, yarn=True, mtp_depth=2)
+    first = export(save_checkpoint(random_model(cfg), cfg, tmp_path / "ckpt"), tmp_path / "hf", dtype="bf16")
+    again = export(import_hf(first, tmp_path / "ours2"), tmp_path / "hf2", dtype="bf16")
+    assert_same_tensors(read_dir(again), read_dir(first))
+    assert json.loads((again / "config.json").read_text()) == json.loads((first / "config.json").read_text())
+
+
+def released_layer_61() -> dict[str, tuple[int, ...]]:
+    """The MTP layer of the released DeepSeek-V3 checkpoint (model.safetensors.index.json of
+    deepseek-ai/DeepSeek-V3, bf16 names; the fp8 release adds weight_scale_inv next to the projections)."""
+    h, vocab, experts, moe_i = 7168, 129280, 256, 2048
+    p = "model.layers.61."
+    layout = {
+        "embed_tokens.weight": (vocab, h), "enorm.weight": (h,), "hnorm.weight": (h,), "eh_proj.weight": (h, 2 * h),
+        "shared_head.norm.weight": (h,), "shared_head.head.weight": (vocab, h),
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_a_proj.weight": (1536, h), "self_attn.q_a_layernorm.weight": (1536,),
+        "self_attn.q_b_proj.weight": (128 * 192, 1536), "self_attn.kv_a_proj_with_mqa.weight": (576, h),
+        "self_attn.kv_a_layernorm.weight": (512,), "self_attn.kv_b_proj.weight": (128 * 256, 512),
+        "self_attn.o_proj.weight": (h, 128 * 128),
+        "mlp.gate.weight": (experts, h), "mlp.gate.e_score_correction_bias": (experts,),
+        "mlp.shared_experts.gate_proj.weight": (moe_i, h), "mlp.shared_experts.up_proj.weight": (moe_i, h),
+        "mlp.shared_experts.down_proj.weight": (h, moe_i),
+    }
+    for e in range(experts):
+        layout.update({f"mlp.experts.{e}.gate_proj.weight": (moe_i, h), f"mlp.experts.{e}.up_proj.weight": (moe_i, h),
+                       f"mlp.experts.{e}.down_proj.weight": (h, moe_i)})
+    return {p + k: v for k, v in layout.items()}
+
+
+def test_671b_mtp_tensor_names_and_shapes_match_the_release():
+    cfg = load_config("configs/deepseek_v3_671b.yaml").model
+    shapes = names.hf_shapes(cfg)  # from the config alone: nothing is allocated
+    assert {k: v for k, v in shapes.items() if k.startswith("model.layers.61.")} == released_layer_61()
+    assert not any(k.startswith("model.layers.62.") for k in shapes)
+    # per layer: 7 attention tensors + 2 norms; dense MLP 3; MoE 256 x 3 experts + gate, bias, 3 shared
+    assert len(shapes) == 61 * 9 + 3 * 3 + 58 * (256 * 3 + 5) + 3 + len(released_layer_61())
+
+
+def test_exporter_reads_through_a_tensor_source(tmp_path):
+    """The seam a sharded (TP/PP/EP/ZeRO) checkpoint reader plugs into: any TensorSource giving full tensors in
+    our names exports to exactly the same files."""
+    cfg = tiny_config(mtp_depth=1)
+    model = random_model(cfg)
+    ckpt = save_checkpoint(model, cfg, tmp_path / "ckpt")
+    state = model.state_dict()
+
+    class InMemory:
+        def shapes(self):
+            return {k: tuple(v.shape) for k, v in state.items()}
+
+        def read(self, name, row=None):
+            return state[name] if row is None else state[name][row]
+
+    a = export(ckpt, tmp_path / "a", dtype="bf16")
+    b = export(ckpt, tmp_path / "b", dtype="bf16", source=InMemory())
+    for shard in sorted(a.glob("*.safetensors")):
+        assert shard.read_bytes() == (b / shard.name).read_bytes()
+
+
+def test_clear_errors(tmp_path):
+    cfg = tiny_config(mtp_depth=1)
+    model = random_model(cfg)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+
+    # a checkpoint missing a tensor
+    ckpt = save_checkpoint(model, cfg, tmp_path / "ckpt")
+    del state["layers.2.ffn.experts.w2"]
+    save_file(state, str(ckpt / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing tensors: layers\.2\.ffn\.experts\.w2"):
+        export(ckpt, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+    # an HF checkpoint declaring an MTP layer it does not have (transformers' default num_nextn_predict_layers=1)
+    native = DeepseekV3ForCausalLM(DeepseekV3Config(**{**to_hf_config(cfg.model), "num_nextn_predict_layers": 1}))
+    native.save_pretrained(tmp_path / "native")
+    with pytest.raises(ValueError, match=r"missing tensors: model\.layers\.3\.embed_tokens\.weight, .*model\.layers\.3\.enorm\.weight"):
+        import_hf(tmp_path / "native", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    # MTP copies of the embedding that differ from the embedding
+    good = export(save_checkpoint(model, cfg, tmp_path / "ckpt2"), tmp_path / "hf2", dtype="fp32")
+    index = json.loads((good / "model.safetensors.index.json").read_text())
+    shard = good / index["weight_map"]["model.layers.3.embed_tokens.weight"]
+    tensors = load_file(str(shard))
+    tensors["model.layers.3.embed_tokens.weight"] = tensors["model.layers.3.embed_tokens.weight"] + 1
+    save_file(tensors, str(shard))
+    with pytest.raises(ValueError, match=r"model\.layers\.3\.embed_tokens\.weight differs from model\.embed_tokens"):
+        import_hf(good, tmp_path / "out")
+
+    # fields the model cannot represent, each named
+    base = to_hf_config(cfg.model)
+    for field, value, pattern in [
+        ("scoring_func", "softmax", "scoring_func"),
+        ("quantization_config", {"quant_method": "bitsandbytes"}, "quantization_config"),
+        ("rope_scaling", {"type": "llama3", "factor": 8.0}, "rope_scaling.rope_type"),
+        ("tie_word_embeddings", True, "tie_word_embeddings"),
+        ("model_type", "deepseek_v2", "model_type"),
+    ]:
+        with pytest.raises(UnsupportedHFConfig, match=pattern):
+            from_hf_config({**base, field: value})
+    # the architecture comes from config.json, not from --set
+    with pytest.raises(ConfigError, match="model.num_layers"):
+        import_hf(good, tmp_path / "out", overrides=["model.num_layers=2"])
+
+
+def test_cli_commands(tmp_path, capsys):
+    from dsmtp.cli import main
+
+    cfg = tiny_config(mtp_depth=1)
+    ckpt = save_checkpoint(random_model(cfg), cfg, tmp_path / "ckpt")
+    assert main(["export-hf", str(ckpt), str(tmp_path / "hf"), "--dtype", "fp32", "--max-shard-size", "1MB"]) == 0
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "back"), "--set", "parallel.tp=2"]) == 0
+    assert_same_tensors(load_file(str(tmp_path / "back" / "model.safetensors")),
+                        load_file(str(ckpt / "model.safetensors")))
+    assert yaml.safe_load((tmp_path / "back" / "config.yaml").read_text())["parallel"]["tp"] == 2
