@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, 
 from transformers.modeling_layers import MtpModel
 
 from dsmtp.config import ConfigError, load_config
-from dsmtp.convert import names
+from dsmtp.convert import fp8, names
 from dsmtp.convert.checkpoint_io import SafetensorsSource
 from dsmtp.convert.export_hf import export
 from dsmtp.convert.hf_config import UnsupportedHFConfig, from_hf_config, to_hf_config
@@ -295,3 +295,39 @@ def test_cli_commands(tmp_path, capsys):
     assert_same_tensors(load_file(str(tmp_path / "back" / "model.safetensors")),
                         load_file(str(ckpt / "model.safetensors")))
     assert yaml.safe_load((tmp_path / "back" / "config.yaml").read_text())["parallel"]["tp"] == 2
+
+
+def test_fp8_export_in_the_released_layout_dequantizes_within_bound(tmp_path):
+    cfg = tiny_config(q_lora_rank=32, mtp_depth=1)
+    model = random_model(cfg)
+    out = export(save_checkpoint(model, cfg, tmp_path / "ckpt"), tmp_path / "hf", quantize_fp8=True)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                             "weight_block_size": [128, 128]}
+    tensors = read_dir(out)
+    m = cfg.model
+    for hf_name, shape in names.hf_shapes(m).items():
+        where = names.from_hf(hf_name, m)
+        original = model.state_dict()[where.name]
+        original = original if where.expert is None else original[where.expert]
+        if fp8.is_quantized(hf_name):
+            q, scale = tensors[hf_name], tensors[hf_name + "_scale_inv"]
+            assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+            assert scale.shape == tuple(-(-d // 128) for d in shape)
+            # e4m3 keeps 3 mantissa bits: relative error <= 2^-4, plus half a subnormal step near zero
+            step = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:shape[0], :shape[1]]
+            error = (fp8.dequantize(q, scale) - original).abs()
+            assert (error <= original.abs() * 2**-4 + step * 2**-10).all(), hf_name
+        else:
+            expected = original.float() if hf_name.endswith("e_score_correction_bias") else original.bfloat16()
+            assert torch.equal(tensors[hf_name], expected), hf_name
+    assert {n for n in tensors if n.endswith("_scale_inv")} == {n + "_scale_inv" for n in names.hf_shapes(m)
+                                                                if fp8.is_quantized(n)}
+    assert not fp8.is_quantized("model.layers.3.eh_proj.weight") and fp8.is_quantized("model.layers.3.mlp.experts.0.up_proj.weight")
+
+    # import dequantizes: every weight comes back as the dequantized fp8 value
+    back = load_file(str(import_hf(out, tmp_path / "back") / "model.safetensors"))
+    name = "layers.2.ffn.experts.w1"
+    for e in range(m.n_routed_experts):
+        hf_name = f"model.layers.2.mlp.experts.{e}.gate_proj.weight"
+        assert torch.equal(back[name][e], fp8.dequantize(tensors[hf_name], tensors[hf_name + "_scale_inv"]))

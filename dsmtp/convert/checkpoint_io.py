@@ -16,13 +16,14 @@ from typing import Optional, Protocol
 
 import torch
 import yaml
-from safetensors import safe_open
 
 from dsmtp.config import Config, config_to_dict, load_config
+from dsmtp.convert.safetensors_stream import DTYPE_CODES
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.model"
+DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 class TensorSource(Protocol):
@@ -34,21 +35,45 @@ class TensorSource(Protocol):
 
 
 class SafetensorsSource:
-    """Tensors of one or more safetensors files, read lazily (memory-mapped, one tensor at a time)."""
+    """Tensors of one or more safetensors files, read one at a time with plain file reads.
+
+    Not memory-mapped on purpose: pages of a mapping stay in the process's resident set once touched,
+    so a streaming conversion would grow to the size of its input; reads keep it near one tensor.
+    """
 
     def __init__(self, files: list[Path]):
-        self._files = [safe_open(str(f), framework="pt", device="cpu") for f in files]
-        self._where: dict[str, int] = {}
-        for i, f in enumerate(self._files):
-            for name in f.keys():
-                self._where[name] = i
+        self._entries: dict[str, tuple[Path, dict, int]] = {}  # name -> (file, header entry, data start)
+        for path in files:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            for name, entry in header.items():
+                self._entries[name] = (Path(path), entry, 8 + size)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(self._files[i].get_slice(n).get_shape()) for n, i in self._where.items()}
+        return {name: tuple(entry["shape"]) for name, (_, entry, _) in self._entries.items()}
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self._entries[name][1]["dtype"]]
 
     def read(self, name: str, row: Optional[int] = None) -> torch.Tensor:
-        f = self._files[self._where[name]]
-        return f.get_tensor(name) if row is None else f.get_slice(name)[row]
+        path, entry, data_start = self._entries[name]
+        shape, dtype = entry["shape"], DTYPES[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        if row is not None:
+            if not 0 <= row < shape[0]:
+                raise IndexError(f"{name}: row {row} out of range for shape {shape}")
+            row_bytes = (end - begin) // shape[0]
+            begin, end, shape = begin + row * row_bytes, begin + (row + 1) * row_bytes, shape[1:]
+        buffer = bytearray(end - begin)
+        with open(path, "rb") as f:
+            f.seek(data_start + begin)
+            if f.readinto(buffer) != len(buffer):
+                raise ValueError(f"{path}: truncated data for tensor {name}")
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).view(shape)
 
 
 def resolve_checkpoint_dir(path: Path) -> Path:

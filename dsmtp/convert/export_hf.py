@@ -1,6 +1,6 @@
 """`dsmtp export-hf CKPT OUT`: write a HuggingFace DeepSeek-V3 checkpoint from a dsmtp checkpoint.
 
-    dsmtp export-hf runs/tiny OUT [--dtype bf16|fp32] [--max-shard-size 5GB]
+    dsmtp export-hf runs/tiny OUT [--dtype bf16|fp32] [--max-shard-size 5GB] [--fp8]
 
 OUT gets config.json, generation_config.json, model-XXXXX-of-YYYYY.safetensors shards with
 model.safetensors.index.json, and the tokenizer (tokenizer.json, tokenizer_config.json, tokenizer.model).
@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from dsmtp.config import ModelConfig
-from dsmtp.convert import names
+from dsmtp.convert import fp8, names
 from dsmtp.convert.checkpoint_io import TOKENIZER_FILE, TensorSource, open_checkpoint
 from dsmtp.convert.hf_config import generation_config, to_hf_config
 from dsmtp.convert.hf_tokenizer import write_hf_tokenizer
@@ -42,6 +42,7 @@ class PlannedTensor:
     row: Optional[int]  # expert index into a stacked tensor
     dtype: torch.dtype
     shape: tuple[int, ...]
+    kind: str = "plain"  # plain | fp8 (quantized weight) | scale (its weight_scale_inv, right after it)
 
     @property
     def nbytes(self) -> int:
@@ -77,14 +78,20 @@ def check_source(source: TensorSource, cfg: ModelConfig, where: str) -> None:
         raise ValueError(f"{where} does not match its config: " + "; ".join(problems))
 
 
-def plan(cfg: ModelConfig, dtype: torch.dtype) -> list[PlannedTensor]:
-    """Every HF tensor in write order; the router bias stays float32, as released."""
+def plan(cfg: ModelConfig, dtype: torch.dtype, quantize_fp8: bool = False) -> list[PlannedTensor]:
+    """Every HF tensor in write order; the router bias stays float32, as released. With `quantize_fp8`, the
+    projections the release stores in fp8 are followed by their block scales."""
     out = []
     for name, shape in names.our_shapes(cfg).items():
         for t in names.hf_targets(name, cfg):
+            hf_shape = shape if t.expert is None else shape[1:]
+            if quantize_fp8 and fp8.is_quantized(t.hf_name):
+                out.append(PlannedTensor(t.hf_name, name, t.expert, fp8.FP8, hf_shape, "fp8"))
+                out.append(PlannedTensor(t.hf_name + fp8.SCALE_SUFFIX, name, t.expert, torch.float32,
+                                         fp8.scale_shape(hf_shape), "scale"))
+                continue
             out.append(PlannedTensor(t.hf_name, name, t.expert,
-                                     torch.float32 if names.is_float32_in_hf(t.hf_name) else dtype,
-                                     shape if t.expert is None else shape[1:]))
+                                     torch.float32 if names.is_float32_in_hf(t.hf_name) else dtype, hf_shape))
     return out
 
 
@@ -100,16 +107,24 @@ def shard(tensors: list[PlannedTensor], max_bytes: int) -> list[list[PlannedTens
     return shards
 
 
-def write_hf_weights(source: TensorSource, cfg: ModelConfig, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> None:
-    shards = shard(plan(cfg, dtype), max_shard_bytes)
+def write_hf_weights(source: TensorSource, cfg: ModelConfig, out: Path, dtype: torch.dtype, max_shard_bytes: int,
+                     quantize_fp8: bool = False) -> None:
+    shards = shard(plan(cfg, dtype, quantize_fp8), max_shard_bytes)
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map, total = {}, 0
     progress = tqdm(total=sum(len(s) for s in shards), desc="export-hf", unit="tensor", file=sys.stderr)
+    scale = None  # block scales of the fp8 weight just written; its scale tensor comes next (maybe in the next shard)
     for file, tensors in zip(files, shards):
         writer = SafetensorsWriter(out / file, {t.hf_name: (t.dtype, t.shape) for t in tensors}, {"format": "pt"})
         try:
             for t in tensors:
-                writer.write(t.hf_name, source.read(t.source, t.row).to(t.dtype))
+                if t.kind == "scale":
+                    tensor = scale
+                elif t.kind == "fp8":
+                    tensor, scale = fp8.quantize(source.read(t.source, t.row))
+                else:
+                    tensor = source.read(t.source, t.row).to(t.dtype)
+                writer.write(t.hf_name, tensor)
                 weight_map[t.hf_name] = file
                 total += t.nbytes
                 progress.update()
@@ -123,8 +138,9 @@ def write_hf_weights(source: TensorSource, cfg: ModelConfig, out: Path, dtype: t
 
 
 def export(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int = 5 * 10**9,
-           source: Optional[TensorSource] = None) -> Path:
-    """Export the checkpoint at `ckpt` (a step dir or a run dir) to the HF directory `out`."""
+           source: Optional[TensorSource] = None, quantize_fp8: bool = False) -> Path:
+    """Export the checkpoint at `ckpt` (a step dir or a run dir) to the HF directory `out`. With
+    `quantize_fp8`, projections are stored in block-wise fp8 as released (the rest in `dtype`)."""
     cfg, ckpt_source, ckpt_dir = open_checkpoint(ckpt)
     source = source or ckpt_source
     check_source(source, cfg.model, str(ckpt_dir))
@@ -135,8 +151,11 @@ def export(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int = 5 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write_hf_weights(source, cfg.model, tmp, DTYPES[dtype], max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg.model, dtype), indent=2) + "\n")
+        write_hf_weights(source, cfg.model, tmp, DTYPES[dtype], max_shard_bytes, quantize_fp8)
+        config = to_hf_config(cfg.model, dtype)
+        if quantize_fp8:
+            config["quantization_config"] = dict(fp8.QUANTIZATION_CONFIG)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(), indent=2) + "\n")
         tokenizer = ckpt_dir / TOKENIZER_FILE
         if tokenizer.is_file():
@@ -159,7 +178,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("out", type=Path, help="new HF model directory")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
+    parser.add_argument("--fp8", action="store_true",
+                        help="store projections as e4m3 with 128x128 block weight_scale_inv, as released")
     args = parser.parse_args(argv)
-    out = export(args.ckpt, args.out, args.dtype, args.max_shard_size)
+    out = export(args.ckpt, args.out, args.dtype, args.max_shard_size, quantize_fp8=args.fp8)
     print(f"wrote {out}")
     return 0

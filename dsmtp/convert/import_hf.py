@@ -5,7 +5,8 @@
 OUT gets the consolidated checkpoint layout training resumes from (model.safetensors in our names,
 float32; config.yaml; tokenizer.model when HF_DIR has one; manifest.json). The model section of the
 config comes from config.json; `--config` and `--set` choose everything else (parallel layout, training,
-data). MTP layers (model.layers.{L..L+D-1}) come in when config.json declares them. Unsupported
+data). MTP layers (model.layers.{L..L+D-1}) come in when config.json declares them; block-fp8 checkpoints
+(the released layout) are dequantized. Unsupported
 config fields and missing or unknown tensors fail before anything is written, naming them.
 """
 
@@ -25,9 +26,9 @@ import yaml
 from tqdm import tqdm
 
 from dsmtp.config import Config, ConfigError, ModelConfig, TrainConfig, _merge, config_from_dict, config_to_dict, parse_overrides
-from dsmtp.convert import names
+from dsmtp.convert import fp8, names
 from dsmtp.convert.checkpoint_io import MODEL_FILE, TOKENIZER_FILE, SafetensorsSource, write_checkpoint_metadata
-from dsmtp.convert.hf_config import UnsupportedHFConfig, from_hf_config
+from dsmtp.convert.hf_config import from_hf_config
 from dsmtp.convert.safetensors_stream import SafetensorsWriter
 
 # Model fields a user may change on import: they do not change what the weights compute.
@@ -53,10 +54,7 @@ def import_config(hf_dir: Path, base_config: Optional[Path], overrides: list[str
     config_json = hf_dir / "config.json"
     if not config_json.is_file():
         raise FileNotFoundError(f"{hf_dir}: no config.json")
-    model, quant = from_hf_config(json.loads(config_json.read_text()))
-    if quant is not None:
-        raise UnsupportedHFConfig(f"{config_json}: quantization_config {quant}: fp8 checkpoints cannot be imported "
-                                  "yet; dequantize to bf16 first")
+    model, _ = from_hf_config(json.loads(config_json.read_text()))
     base = yaml.safe_load(base_config.read_text()) if base_config else {}
     data = _merge(_merge(base or {}, {"model": dataclasses.asdict(model)}), parse_overrides(overrides))
     # Unless chosen, train on sequences the model's positions cover.
@@ -70,8 +68,21 @@ def import_config(hf_dir: Path, base_config: Optional[Path], overrides: list[str
     return cfg
 
 
-def check_hf_tensors(found: dict[str, tuple[int, ...]], m: ModelConfig, hf_dir: Path) -> None:
-    expected = names.hf_shapes(m)
+def expected_hf_shapes(m: ModelConfig, quantized: bool) -> dict[str, tuple[int, ...]]:
+    """The HF tensors of this config; a block-fp8 checkpoint adds the scales of its fp8 projections."""
+    shapes = names.hf_shapes(m)
+    if not quantized:
+        return shapes
+    out = {}
+    for name, shape in shapes.items():
+        out[name] = shape
+        if fp8.is_quantized(name):
+            out[name + fp8.SCALE_SUFFIX] = fp8.scale_shape(shape)
+    return out
+
+
+def check_hf_tensors(found: dict[str, tuple[int, ...]], m: ModelConfig, hf_dir: Path, quantized: bool) -> None:
+    expected = expected_hf_shapes(m, quantized)
     missing = [n for n in expected if n not in found]
     unknown = [n for n in found if n not in expected]
     wrong = [f"{n} {found[n]} (expected {expected[n]})" for n in expected if n in found and found[n] != expected[n]]
@@ -84,14 +95,16 @@ def check_hf_tensors(found: dict[str, tuple[int, ...]], m: ModelConfig, hf_dir: 
         raise ValueError(f"{hf_dir} does not match its config.json: " + "; ".join(problems))
 
 
-def write_our_weights(source: SafetensorsSource, m: ModelConfig, path: Path) -> None:
+def write_our_weights(source: SafetensorsSource, m: ModelConfig, path: Path, quantized: bool) -> None:
     """Stream every HF tensor into our (float32, stacked-expert) layout; MTP copies of the shared embedding
-    and head must equal the originals, since our model holds them once."""
+    and head must equal the originals, since our model holds them once. fp8 projections are dequantized."""
     writer = SafetensorsWriter(path, {n: (torch.float32, s) for n, s in names.our_shapes(m).items()})
     try:
         for hf_name in tqdm(names.hf_shapes(m), desc="import-hf", unit="tensor", file=sys.stderr):
             where = names.from_hf(hf_name, m)
             tensor = source.read(hf_name)
+            if quantized and fp8.is_quantized(hf_name):
+                tensor = fp8.dequantize(tensor, source.read(hf_name + fp8.SCALE_SUFFIX))
             if where.shared_copy:
                 main = names.hf_targets(where.name, m)[0].hf_name
                 if not torch.equal(tensor, source.read(main)):
@@ -108,8 +121,9 @@ def write_our_weights(source: SafetensorsSource, m: ModelConfig, path: Path) -> 
 def import_hf(hf_dir: Path, out: Path, base_config: Optional[Path] = None, overrides: Optional[list[str]] = None) -> Path:
     hf_dir, out = Path(hf_dir), Path(out)
     cfg = import_config(hf_dir, base_config, overrides or [])
+    quantized = "quantization_config" in json.loads((hf_dir / "config.json").read_text())
     source = SafetensorsSource(hf_weight_files(hf_dir))
-    check_hf_tensors(source.shapes(), cfg.model, hf_dir)
+    check_hf_tensors(source.shapes(), cfg.model, hf_dir, quantized)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: choose a new output directory")
     tokenizer = hf_dir / TOKENIZER_FILE
@@ -121,7 +135,7 @@ def import_hf(hf_dir: Path, out: Path, base_config: Optional[Path] = None, overr
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write_our_weights(source, cfg.model, tmp / MODEL_FILE)
+        write_our_weights(source, cfg.model, tmp / MODEL_FILE, quantized)
         write_checkpoint_metadata(tmp, cfg, tokenizer)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
