@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,6 @@ from transformers.modeling_layers import MtpModel
 
 from dsmtp.config import ConfigError, load_config
 from dsmtp.convert import fp8, names
-from dsmtp.convert.checkpoint_io import SafetensorsSource
 from dsmtp.convert.export_hf import export
 from dsmtp.convert.hf_config import UnsupportedHFConfig, from_hf_config, to_hf_config
 from dsmtp.convert.import_hf import import_hf
@@ -331,3 +330,41 @@ def test_fp8_export_in_the_released_layout_dequantizes_within_bound(tmp_path):
     for e in range(m.n_routed_experts):
         hf_name = f"model.layers.2.mlp.experts.{e}.gate_proj.weight"
         assert torch.equal(back[name][e], fp8.dequantize(tensors[hf_name], tensors[hf_name + "_scale_inv"]))
+
+
+@pytest.mark.parametrize("path", ["configs/tiny.yaml", "configs/small.yaml", "configs/deepseek_v3_671b.yaml"])
+def test_config_json_round_trip_and_released_style(path):
+    m = load_config(path).model
+    config = to_hf_config(m)
+    assert from_hf_config(json.loads(json.dumps(config)))[0] == m
+    # transformers reads the same architecture from it
+    hf = DeepseekV3Config(**config)
+    assert (hf.num_hidden_layers, hf.num_nextn_predict_layers, hf.q_lora_rank, hf.rope_interleave) == \
+        (m.num_layers, m.mtp_depth, m.q_lora_rank, True)
+    assert hf.rope_parameters["rope_type"] == ("default" if m.rope_scaling is None else "yarn")
+
+
+def test_released_config_json_is_read():
+    """The fields of deepseek-ai/DeepSeek-V3's config.json (legacy rope_scaling with "type", fp8 quantization)."""
+    released = {
+        "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+        "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+        "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+        "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
+        "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8,
+        "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "q_lora_rank": 1536,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                "weight_block_size": [128, 128]},
+        "rms_norm_eps": 1e-06, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                                                "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                                                "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+        "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+        "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
+    }
+    m, quant = from_hf_config(released)
+    ours = load_config("configs/deepseek_v3_671b.yaml").model
+    assert quant["quant_method"] == "fp8"
+    assert dataclasses.replace(m, aux_loss_alpha=ours.aux_loss_alpha, init_std=ours.init_std) == ours

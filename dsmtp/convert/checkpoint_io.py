@@ -23,7 +23,7 @@ from dsmtp.convert.safetensors_stream import DTYPE_CODES
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.model"
-DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+DTYPE_FROM_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 class TensorSource(Protocol):
@@ -55,11 +55,11 @@ class SafetensorsSource:
         return {name: tuple(entry["shape"]) for name, (_, entry, _) in self._entries.items()}
 
     def dtype(self, name: str) -> torch.dtype:
-        return DTYPES[self._entries[name][1]["dtype"]]
+        return DTYPE_FROM_CODE[self._entries[name][1]["dtype"]]
 
     def read(self, name: str, row: Optional[int] = None) -> torch.Tensor:
         path, entry, data_start = self._entries[name]
-        shape, dtype = entry["shape"], DTYPES[entry["dtype"]]
+        shape, dtype = entry["shape"], DTYPE_FROM_CODE[entry["dtype"]]
         begin, end = entry["data_offsets"]
         if row is not None:
             if not 0 <= row < shape[0]:

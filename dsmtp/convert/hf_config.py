@@ -106,13 +106,13 @@ def _yarn(d: dict) -> Optional[YarnConfig]:
              "an explicit attention factor is not supported (dsmtp derives it from mscale / mscale_all_dim)")
     _require(scaling.get("truncate", True), f"{field}.truncate", "only truncated correction ranges are supported")
     _require(scaling.get("factor") is not None, f"{field}.factor", "YaRN needs a factor")
-    defaults = YarnConfig()
+    # Absent mscale / mscale_all_dim mean 0 to transformers (plain YaRN attention factor, no softmax scaling);
+    # dsmtp's rope reads 0 the same way.
     return YarnConfig(
         factor=float(scaling["factor"]),
         original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
         beta_fast=float(scaling.get("beta_fast") or 32), beta_slow=float(scaling.get("beta_slow") or 1),
-        mscale=float(scaling.get("mscale", defaults.mscale) or 0),
-        mscale_all_dim=float(scaling.get("mscale_all_dim", defaults.mscale_all_dim) or 0),
+        mscale=float(scaling.get("mscale") or 0), mscale_all_dim=float(scaling.get("mscale_all_dim") or 0),
     )
 
 
