@@ -279,6 +279,9 @@ def test_clear_errors(tmp_path):
     ]:
         with pytest.raises(UnsupportedHFConfig, match=pattern):
             from_hf_config({**base, field: value})
+    # not a checkpoint at all
+    with pytest.raises(FileNotFoundError, match="not a dsmtp checkpoint"):
+        export(tmp_path / "nowhere", tmp_path / "hf3")
     # the architecture comes from config.json, not from --set
     with pytest.raises(ConfigError, match="model.num_layers"):
         import_hf(good, tmp_path / "out", overrides=["model.num_layers=2"])

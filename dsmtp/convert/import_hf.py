@@ -25,9 +25,11 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from dsmtp.config import Config, ConfigError, ModelConfig, TrainConfig, _merge, config_from_dict, parse_overrides
+from dsmtp.config import (Config, ConfigError, ModelConfig, TrainConfig, _merge, config_from_dict,
+                          parse_overrides)
 from dsmtp.convert import fp8, names
-from dsmtp.convert.checkpoint_io import MODEL_FILE, TOKENIZER_FILE, SafetensorsSource, write_checkpoint_metadata
+from dsmtp.convert.checkpoint_io import (MODEL_FILE, TOKENIZER_FILE, SafetensorsSource,
+                                        write_checkpoint_metadata)
 from dsmtp.convert.hf_config import from_hf_config
 from dsmtp.convert.safetensors_stream import SafetensorsWriter
 
