@@ -139,6 +139,9 @@ def test_export_loads_in_transformers_with_same_logits_generation_and_mtp(tmp_pa
     mtp_diff = (ours_mtp - theirs_mtp).abs().max().item()
     print(f"MtpModel logits: max abs diff {mtp_diff:.3e}")
     assert mtp_diff <= TOL
+    # transformers' MTP speculative decoding (batch 1) on the exported MTP layer gives our greedy output
+    speculative = hf.generate(prompt[:1], max_new_tokens=32, do_sample=False, use_mtp=True)
+    assert torch.equal(speculative, greedy(model, prompt[:1], 32))
 
     # the tokenizer: same ids as sentencepiece on real source text
     tok = AutoTokenizer.from_pretrained(out)
