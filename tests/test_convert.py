@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 import torch
 import yaml
-from _hf_helpers import random_model, random_tokens, save_checkpoint, tiny_config
+from tests._hf_helpers import random_model, random_tokens, save_checkpoint, tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, DeepseekV3ForCausalLM

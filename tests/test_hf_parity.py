@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _hf_helpers import random_model, random_tokens, save_checkpoint, tiny_config
+from tests._hf_helpers import random_model, random_tokens, save_checkpoint, tiny_config
 from safetensors.torch import load_file
 from transformers import DeepseekV3ForCausalLM
 from transformers.modeling_layers import MtpLayer
