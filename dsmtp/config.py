@@ -167,7 +167,7 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected true or false, got {value!r}")
         return value
     if hint in (int, float) and isinstance(value, str):
-        value = _parse_number(value, path)  # PyYAML reads 1e12 (no dot, no sign) as a string
+        value = _parse_number(value)  # PyYAML reads 1e12 (no dot, no sign) as a string
     if hint is int:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -185,11 +185,11 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     return value
 
 
-def _parse_number(text: str, path: str) -> float:
+def _parse_number(text: str) -> float | str:
     try:
         return float(text)
     except ValueError:
-        raise ConfigError(f"{path}: expected a number, got {text!r}") from None
+        return text  # not a number: the type check below names the field
 
 
 def _from_dict(cls: type, data: dict, path: str) -> Any:
@@ -295,9 +295,9 @@ def validate_model(m: ModelConfig) -> None:
              f"model.n_routed_experts={m.n_routed_experts} is not divisible by model.n_group={m.n_group}: "
              f"choose n_group from {_divisors(m.n_routed_experts)}")
     per_group = m.n_routed_experts // m.n_group
-    _require(per_group >= 2 or m.n_group == 1,
+    _require(per_group >= 2,
              f"model.n_group={m.n_group} leaves {per_group} expert per group; groups are ranked by their top-2 "
-             "scores, so use fewer groups")
+             "scores, so use fewer groups (or at least 2 routed experts)")
     _require(1 <= m.topk_group <= m.n_group,
              f"model.topk_group={m.topk_group} must be in [1, model.n_group={m.n_group}]")
     available = m.topk_group * per_group

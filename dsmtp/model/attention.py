@@ -36,6 +36,7 @@ class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_local_heads = cfg.num_heads // tp_size()
+        self.q_lora_rank = cfg.q_lora_rank
         self.qk_nope_head_dim = cfg.qk_nope_head_dim
         self.qk_rope_head_dim = cfg.qk_rope_head_dim
         self.qk_head_dim = cfg.qk_head_dim
@@ -58,7 +59,7 @@ class MLA(nn.Module):
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head (q_nope, q_rope) for x [B, S, H]; q_rope already rotated."""
         b, s, _ = x.shape
-        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(b, s, self.n_local_heads, self.qk_head_dim)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, apply_rotary(q_rope, cos, sin)

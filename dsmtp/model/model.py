@@ -66,47 +66,50 @@ class DeepSeekV3(nn.Module):
         """Full-vocabulary logits from a hidden state (trunk or MTP depth): the shared output head."""
         return vocab.gather_vocab(self.head(h))
 
+    def hidden_states(self, tokens: torch.Tensor, seq_len: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """tokens [B, S + D] = t_0 .. t_{S+D-1} -> [h_0, h_1, .., h_D] (each [B, S, H]) and the aux loss.
+
+        h_0 is the trunk's post-norm output at positions 0 .. S-1; depth k at position i combines
+        h_{k-1, i} with the embedding of t_{i+k}. The tokens are embedded once for all depths.
+        """
+        cos, sin = self.rope(torch.arange(seq_len, device=tokens.device))
+        emb = self.embed(tokens)
+        h, aux = self.trunk(emb[:, :seq_len], cos, sin)
+        hidden = [h]
+        for k, module in enumerate(self.mtp, start=1):
+            h, module_aux = module(h, emb[:, k:k + seq_len], cos, sin)
+            hidden.append(h)
+            aux = aux + module_aux
+        return hidden, aux
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 mtp_weight: float = 0.3) -> torch.Tensor | ModelOutput:
         """Without labels: the main logits [B, S, vocab]. With labels [B, S..S+D]: a ModelOutput."""
         s = input_ids.shape[1]
-        cos, sin = self.rope(torch.arange(s, device=input_ids.device))
         if labels is None:
+            cos, sin = self.rope(torch.arange(s, device=input_ids.device))
             h, _ = self.trunk(self.embed(input_ids), cos, sin)
             return self.logits(h)
 
         depth = len(self.mtp)
         labels = F.pad(labels, (0, s + depth - labels.shape[1]), value=IGNORE_INDEX)
-        # Embed t_0 .. t_{S+D-1} once; depth k reads positions k .. k+S-1 (token t_{i+k} at position i).
-        tokens = torch.cat([input_ids, labels[:, s - 1:s + depth - 1]], dim=1)
-        emb = self.embed(tokens.clamp(min=0))
-        h, aux = self.trunk(emb[:, :s], cos, sin)
-        main_loss, main_acc, main_n = self._lm_loss(h, labels[:, :s])
-
-        mtp_losses, mtp_accs, mtp_ns = [], [], []
-        for k, module in enumerate(self.mtp, start=1):
-            h, module_aux = module(h, emb[:, k:k + s], cos, sin)
-            aux = aux + module_aux
-            targets = labels[:, k:k + s].masked_fill(tokens[:, k:k + s] == IGNORE_INDEX, IGNORE_INDEX)
-            loss_k, acc_k, n_k = self._lm_loss(h, targets)
-            mtp_losses.append(loss_k)
-            mtp_accs.append(acc_k)
-            mtp_ns.append(n_k)
-
+        tokens = torch.cat([input_ids, labels[:, s - 1:s + depth - 1]], dim=1)  # t_0 .. t_{S+D-1}
+        hidden, aux = self.hidden_states(tokens.clamp(min=0), s)
+        main_loss, main_acc, main_n = self._lm_loss(hidden[0], labels[:, :s])
         loss = main_loss + aux
-        mtp_losses_t = torch.stack(mtp_losses) if depth else main_loss.new_zeros(0)
+        per_depth = []
+        for k in range(1, depth + 1):
+            # Depth k at position i predicts t_{i+k+1}; no target where its input token t_{i+k} is missing.
+            targets = labels[:, k:k + s].masked_fill(tokens[:, k:k + s] == IGNORE_INDEX, IGNORE_INDEX)
+            per_depth.append(self._lm_loss(hidden[k], targets))
         if depth:
-            loss = loss + mtp_weight / depth * mtp_losses_t.sum()
-        return ModelOutput(
-            loss=loss,
-            main_loss=main_loss.detach(),
-            main_accuracy=main_acc,
-            mtp_losses=mtp_losses_t.detach(),
-            mtp_accuracies=torch.stack(mtp_accs) if depth else main_acc.new_zeros(0),
-            aux_loss=aux.detach(),
-            main_tokens=main_n,
-            mtp_tokens=torch.stack(mtp_ns) if depth else main_n.new_zeros(0),
-        )
+            mtp_losses, mtp_accs, mtp_ns = (torch.stack(t) for t in zip(*per_depth))
+            loss = loss + mtp_weight / depth * mtp_losses.sum()
+        else:
+            mtp_losses, mtp_accs, mtp_ns = main_loss.new_zeros(0), main_acc.new_zeros(0), main_n.new_zeros(0)
+        return ModelOutput(loss=loss, main_loss=main_loss.detach(), main_accuracy=main_acc,
+                           mtp_losses=mtp_losses.detach(), mtp_accuracies=mtp_accs, aux_loss=aux.detach(),
+                           main_tokens=main_n, mtp_tokens=mtp_ns)
 
     def _lm_loss(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean cross-entropy and top-1 accuracy over the positions that have a target, and their count."""

@@ -37,7 +37,7 @@ class Router(nn.Module):
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
         biased = (scores + self.expert_bias).view(-1, self.n_group, self.n_experts // self.n_group)
         # Rank groups by the sum of their two best biased scores; drop all but topk_group of them.
-        group_scores = biased.topk(2, dim=-1).values.sum(dim=-1) if biased.shape[-1] > 1 else biased[..., 0]
+        group_scores = biased.topk(2, dim=-1).values.sum(dim=-1)
         kept_groups = group_scores.topk(self.topk_group, dim=-1).indices
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)
         biased = biased.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).flatten(1)

@@ -1,0 +1,1 @@
+"""Conversion between dsmtp checkpoints and the HuggingFace DeepSeek-V3 format."""

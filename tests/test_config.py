@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+
+from dsmtp.config import Config, ConfigError, config_from_dict, load_config, piecewise
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "small.yaml", "deepseek_v3_671b.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert isinstance(cfg, Config)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["model.mtp_depth=3", "train.lr=1e-3", "model.q_lora_rank=null",
+                                              "train.mtp_weight_schedule=[[0, 0.3], [1e6, 0.1]]"])
+    assert cfg.model.mtp_depth == 3
+    assert cfg.train.lr == 1e-3
+    assert cfg.model.q_lora_rank is None
+    assert cfg.train.mtp_weight_schedule == [[0.0, 0.3], [1e6, 0.1]]
+
+
+def test_671b_schedule_reads_exponent_numbers():
+    cfg = load_config(CONFIGS / "deepseek_v3_671b.yaml")
+    assert piecewise(cfg.train.mtp_weight_schedule, 9.9e12) == 0.3
+    assert piecewise(cfg.train.mtp_weight_schedule, 10e12) == 0.1
+    assert piecewise(cfg.train.bias_update_schedule, 14.3e12) == 0.0
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"model": {"num_heads": 6}, "parallel": {"tp": 4}}, "model.num_heads=6 is not divisible by parallel.tp=4"),
+    ({"model": {"n_routed_experts": 12, "n_group": 5}}, "not divisible by model.n_group=5"),
+    ({"model": {"n_routed_experts": 32}, "parallel": {"ep": 3}}, "not divisible by parallel.ep=3"),
+    ({"model": {"topk_group": 5, "n_group": 4}}, "model.topk_group=5"),
+    ({"model": {"num_experts_per_tok": 17, "n_routed_experts": 32, "n_group": 4, "topk_group": 2}},
+     "model.num_experts_per_tok=17 exceeds the 16 experts"),
+    ({"model": {"mtp_depth": -1}}, "model.mtp_depth=-1"),
+    ({"model": {"mtp_dept": 1}}, "unknown config key model.mtp_dept"),
+    ({"modle": {}}, "unknown config key modle"),
+    ({"model": {"hidden_size": "big"}}, "model.hidden_size: expected an integer"),
+    ({"parallel": {"pp": 2, "zero_stage": 2}}, "parallel.zero_stage=2 cannot be used with parallel.pp=2"),
+    ({"parallel": {"pp": 13}}, "parallel.pp=13 is larger than model.num_layers=12"),
+    ({"train": {"mtp_weight_schedule": [[5, 0.3]]}}, "train.mtp_weight_schedule must start at 0"),
+    ({"train": {"seq_len": 8192}}, "train.seq_len=8192 exceeds model.max_position_embeddings=4096"),
+])
+def test_bad_values_name_the_field(data, field):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    assert field in str(err.value)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(CONFIGS / "tiny.yaml", ["model.mtp_depth"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(CONFIGS / "nope.yaml")

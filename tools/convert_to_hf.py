@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""Write a HuggingFace DeepSeek-V3 checkpoint from a dsmtp checkpoint (same as `dsmtp export-hf`).
+
+    python tools/convert_to_hf.py runs/tiny hf/tiny --dtype bf16 --max-shard-size 5GB
+"""
+
+import sys
+
+from dsmtp.convert.export_hf import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
