@@ -9,10 +9,10 @@ from pathlib import Path
 
 import sentencepiece
 import torch
-import yaml
 from safetensors.torch import save_file
 
-from dsmtp.config import Config, ModelConfig, config_to_dict, validate
+from dsmtp.config import Config, ModelConfig, validate
+from dsmtp.convert.checkpoint_io import MODEL_FILE, write_checkpoint_metadata
 from dsmtp.model import DeepSeekV3
 from dsmtp.parallel.topology import ensure_initialized
 
@@ -50,7 +50,7 @@ def train_tokenizer(vocab_size: int) -> bytes:
 def train_checkpoint(out: Path, steps: int = 150, mtp_depth: int = 2, num_layers: int = 2, hidden_size: int = 64,
                      seed: int = 0) -> Path:
     """Train a tiny model on the rotated sentences (documents separated by <eos>) and write a checkpoint
-    step directory: model.safetensors, config.yaml, tokenizer.model."""
+    step directory: model.safetensors, config.yaml, tokenizer.model, manifest.json."""
     ensure_initialized()
     torch.manual_seed(seed)
     proto = train_tokenizer(vocab_size=64)
@@ -74,7 +74,8 @@ def train_checkpoint(out: Path, steps: int = 150, mtp_depth: int = 2, num_layers
     tmp = out / "model.safetensors.tmp"
     # megatron's layers add empty `_extra_state` entries: not part of the checkpoint layout.
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}, str(tmp))
-    os.replace(tmp, out / "model.safetensors")
-    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
-    (out / "tokenizer.model").write_bytes(proto)
+    os.replace(tmp, out / MODEL_FILE)
+    tokenizer = out.parent / f"{out.name}.tokenizer.model"
+    tokenizer.write_bytes(proto)
+    write_checkpoint_metadata(out, cfg, tokenizer)  # config.yaml, tokenizer.model, manifest.json
     return out

@@ -17,11 +17,12 @@ import urllib.request
 import pytest
 import torch
 
+from dsmtp.convert.export_hf import export
 from dsmtp.serve import speculative
 from dsmtp.serve.cache import ModelCache
 from dsmtp.serve.engine import DecodeStats, Engine, Request
 from dsmtp.serve.generate import main as generate_main
-from dsmtp.serve.loading import CheckpointError, completion_text, encode_prompt, load
+from dsmtp.serve.loading import completion_text, encode_prompt, load
 from dsmtp.serve.sampling import BatchSampler, SamplingParams, draw
 from dsmtp.serve.server import CompletionServer
 from tests.serve_models import random_model, tiny_config, train_checkpoint
@@ -320,8 +321,18 @@ def test_generate_cli(trained_ckpt, capsys):
     (out_dir / "checkpoints" / "latest").write_text(f"../../{trained_ckpt.name}\n")
     model, cfg, _ = load(out_dir)
     assert cfg.model.mtp_depth == 2 and torch.equal(model.head.weight, load(trained_ckpt)[0].head.weight)
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load(trained_ckpt.parent)
+
+
+def test_generate_from_hf_export(trained_ckpt, trained, tmp_path):
+    """An HF export (float32) loads through dsmtp.convert.import_hf and decodes the same tokens."""
+    hf_dir = export(trained_ckpt, tmp_path / "hf", dtype="fp32")
+    model, _, tokenizer = load(hf_dir, dtype=torch.float64)
+    prompt = encode_prompt(tokenizer, "over")
+    assert tokenizer.encode("over") == trained[1].encode("over")
+    ours = Engine(trained[0], 2).generate([Request(prompt, 12)])[0][0].tokens
+    assert Engine(model, 2).generate([Request(prompt, 12)])[0][0].tokens == ours
 
 
 # -- HTTP server --------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
                     for p in args.prompt]
         for r in requests:
             engine.check(r)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"dsmtp generate: error: {e}", file=sys.stderr)
         return 2
     start = time.perf_counter()

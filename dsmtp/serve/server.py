@@ -27,7 +27,8 @@ import torch
 
 from dsmtp.config import ServeConfig
 from dsmtp.serve.engine import Batch, DecodeStats, Engine, Request, Result
-from dsmtp.serve.loading import TextTokenizer, completion_text, encode_prompt, load
+from dsmtp.data.tokenizer import Tokenizer
+from dsmtp.serve.loading import completion_text, encode_prompt, load
 from dsmtp.serve.sampling import SamplingParams
 
 FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "stream", "seed")
@@ -60,7 +61,7 @@ def _field(body: dict, name: str, kinds: tuple, default: Any, what: str) -> Any:
     return value
 
 
-def parse_completion(raw: bytes, tokenizer: TextTokenizer, engine: Engine, limits: ServeConfig,
+def parse_completion(raw: bytes, tokenizer: Tokenizer, engine: Engine, limits: ServeConfig,
                      model_name: str) -> Completion:
     """Validate a /v1/completions body; raise RequestError naming the offending field."""
     try:
@@ -113,7 +114,7 @@ def parse_completion(raw: bytes, tokenizer: TextTokenizer, engine: Engine, limit
 class Job:
     """One completion on its way through the engine: tokens in, text deltas and the end out."""
 
-    def __init__(self, completion: Completion, tokenizer: TextTokenizer):
+    def __init__(self, completion: Completion, tokenizer: Tokenizer):
         self.completion, self.tokenizer = completion, tokenizer
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.tokens: list[int] = []
@@ -240,7 +241,7 @@ class CompletionServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # listen backlog: many clients may connect at once
 
-    def __init__(self, engine: Engine, tokenizer: TextTokenizer, limits: ServeConfig, model_name: str,
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: ServeConfig, model_name: str,
                  host: str, port: int):
         self.engine, self.tokenizer, self.limits, self.model_name = engine, tokenizer, limits, model_name
         self.worker = EngineWorker(engine, limits.max_batch_size)
@@ -372,7 +373,7 @@ def main(argv: list[str]) -> int:
     try:
         model, cfg, tokenizer = load(args.ckpt, args.device, overrides=args.set)
         engine = Engine(model, args.speculative)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"dsmtp serve: error: {e}", file=sys.stderr)
         return 2
     server = CompletionServer(engine, tokenizer, cfg.serve, str(args.ckpt), cfg.serve.host, cfg.serve.port)
