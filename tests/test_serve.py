@@ -139,14 +139,10 @@ def test_mtp_drafts_match_full_forward():
     drafts, q = engine._draft(batch, 2, torch.rand(3, 2, dtype=torch.float64))
     for row in range(3):
         n = int(batch.n[row])
-        t = torch.cat([batch.seq[row, :n + 1], drafts[row, :1]])[None]  # t_0 .. t_n, d_1
-        emb = model.embed(t)
-        cos, sin = model.rope(torch.arange(n))
-        h0 = model.trunk(emb[:, :n], cos, sin)[0]
-        h1 = model.mtp[0](h0, emb[:, 1:n + 1], cos, sin)[0]
-        h2 = model.mtp[1](h1, emb[:, 2:n + 2], cos, sin)[0]
-        for depth, h in ((1, h1), (2, h2)):
-            expected = torch.softmax(model.logits(h[0, -1]), dim=-1)
+        tokens = torch.cat([batch.seq[row, :n + 1], drafts[row, :1]])[None]  # t_0 .. t_n, d_1
+        hidden, _ = model.hidden_states(tokens, n)  # every depth at positions 0 .. n-1, as in training
+        for depth in (1, 2):
+            expected = torch.softmax(model.logits(hidden[depth][0, -1]), dim=-1)
             assert torch.allclose(q[row, depth - 1], expected, atol=1e-10), (row, depth)
     assert stats.steps == 6
 
