@@ -73,6 +73,19 @@ def test_cache_bytes_per_token():
         assert cache.nbytes == 3 * 10 * per_token  # nothing else is stored per token
 
 
+@torch.no_grad()
+def test_absorbed_attention_equals_expanded():
+    """MLA.attend_absorbed (over latents, per-sequence positions) equals MLA.attend (per-head K/V, causal)."""
+    model = random_model(tiny_config(mtp_depth=0))
+    mla, x = model.layers[0].attn, torch.randn(2, 9, 32, dtype=torch.float64)
+    cos, sin = model.rope(torch.arange(9))
+    q_nope, q_rope = mla.query(x, cos, sin)
+    kv, k_rope = mla.latent(x, cos, sin)
+    expanded = mla.attend(q_nope, q_rope, kv, k_rope)
+    absorbed = mla.attend_absorbed(q_nope, q_rope, kv, k_rope, torch.arange(9).expand(2, 9))
+    assert torch.allclose(absorbed, expanded, atol=1e-12)
+
+
 def _cached_logits(model, cache, tokens: torch.Tensor) -> torch.Tensor:
     stack = cache.trunk
     cos, sin = model.rope(stack.begin(tokens.shape[1]))
