@@ -37,18 +37,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: as stored")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     args = parser.parse_args(argv)
 
     try:  # bad arguments or checkpoint: one clear message before any work
-        sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+        # One random stream per prompt, so a batch of prompts does not share its draws.
+        sampling = [SamplingParams(args.temperature, args.top_k, args.top_p, args.seed + i) for i in range(len(args.prompt))]
         model, _, tokenizer = load(args.ckpt, args.device, getattr(torch, args.dtype) if args.dtype else None, args.set)
         engine = Engine(model, args.speculative)
-        requests = [Request(encode_prompt(tokenizer, p), args.max_new_tokens, sampling, (tokenizer.eos_id,))
-                    for p in args.prompt]
+        requests = [Request(encode_prompt(tokenizer, p), args.max_new_tokens, s, (tokenizer.eos_id,))
+                    for p, s in zip(args.prompt, sampling)]
         for r in requests:
             engine.check(r)
     except (ValueError, OSError) as e:
