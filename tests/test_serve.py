@@ -210,7 +210,8 @@ def test_acceptance_rule_hand_computed():
     # p = q: always accepted; bonus token from p at the last position.
     p = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]], dtype=torch.float64)
     q = torch.tensor([[[0.0, 1.0, 0.0]]], dtype=torch.float64)
-    assert [t.tolist() for t in speculative.accept(torch.tensor([[1]]), q, p, torch.tensor([[0.99, 0.5]]))] == [[1], [2]]
+    accepted, token = speculative.accept(torch.tensor([[1]]), q, p, torch.tensor([[0.99, 0.5]]))
+    assert (accepted.tolist(), token.tolist()) == ([1], [2])
     # p(d)/q(d) = 0.25: accepted iff u < 0.25; on rejection the residual max(0, p - q) = [0.6, 0, 0] -> token 0.
     p = torch.tensor([[[0.6, 0.1, 0.3], [1.0, 0.0, 0.0]]], dtype=torch.float64)
     q = torch.tensor([[[0.0, 0.4, 0.6]]], dtype=torch.float64)
@@ -293,7 +294,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch(random_mtp_model):
 
 def test_engine_rejects_bad_requests():
     engine = Engine(random_model(tiny_config(mtp_depth=1)), speculative_k=2)
-    for request, field in ((Request([], 4), "prompt"), (Request([1, 64], 4), "prompt"), (Request([1], 0), "max_new_tokens"),
+    for request, field in ((Request([], 4), "prompt"), (Request([1, 64], 4), "prompt"),
+                           (Request([1], 0), "max_new_tokens"),
                            (Request([1] * 120, 9), "context")):
         with pytest.raises(ValueError, match=field):
             engine.generate([request])
@@ -400,7 +402,8 @@ def test_server_concurrent_clients(server):
            (b'{"prompt": "a", "max_tokens": 201}', "max_tokens"), (b'{"prompt": "a", "n": 2}', "n"),
            (b'{"prompt": "a", "max_tokens": ', None), (json.dumps({"prompt": "x" * 5000}).encode(), None),
            (json.dumps({"prompt": "the " * 300, "max_tokens": 4}).encode(), "prompt"),
-           (b'{"prompt": "a", "temperature": -1}', "temperature"), (b'{"prompt": "a", "max_tokens": true}', "max_tokens")]
+           (b'{"prompt": "a", "temperature": -1}', "temperature"),
+           (b'{"prompt": "a", "max_tokens": true}', "max_tokens")]
     answers: dict[int, tuple] = {}
 
     def client(i: int) -> None:

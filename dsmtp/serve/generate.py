@@ -45,7 +45,8 @@ def main(argv: list[str]) -> int:
 
     try:  # bad arguments or checkpoint: one clear message before any work
         # One random stream per prompt, so a batch of prompts does not share its draws.
-        sampling = [SamplingParams(args.temperature, args.top_k, args.top_p, args.seed + i) for i in range(len(args.prompt))]
+        sampling = [SamplingParams(args.temperature, args.top_k, args.top_p, args.seed + i)
+                    for i in range(len(args.prompt))]
         model, _, tokenizer = load(args.ckpt, args.device, getattr(torch, args.dtype) if args.dtype else None, args.set)
         engine = Engine(model, args.speculative)
         requests = [Request(encode_prompt(tokenizer, p), args.max_new_tokens, s, (tokenizer.eos_id,))

@@ -15,7 +15,8 @@ import torch
 from dsmtp.serve.sampling import draw
 
 
-def accept(drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def accept(drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
+           u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """drafts [B, K] drawn from q [B, K, V]; p [B, K+1, V] the target's distributions at the K+1
     verified positions; u [B, K+1] uniforms in [0, 1).
 
