@@ -3,8 +3,9 @@
     python tools/bench_decode.py --ckpt runs/tiny [--device cuda] [--max-new-tokens 128]
 
 Every configuration decodes the same prompts for exactly --max-new-tokens tokens (stop tokens are
-ignored, so all do the same work), greedy, after one warm-up; the best of --repeats runs is kept.
-tokens/s counts generated tokens over the whole generate call (prefill included).
+ignored, so all do the same work), greedy, after one warm-up; the best of --repeats runs is kept, the
+configurations taking turns. tokens/s counts generated tokens over the whole generate call (prefill
+included).
 """
 
 from __future__ import annotations
@@ -38,17 +39,22 @@ def machine(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
 
 
-def timed(engine: Engine, requests: list[Request], repeats: int, device: torch.device):
-    best, stats = float("inf"), None
+def best_rates(engines: dict[int, Engine], requests: list[Request], repeats: int, device: torch.device):
+    """Best tokens/s, stats and generated tokens of every engine; repeats interleave the engines, so
+    load that comes and goes on a shared machine hits them alike."""
+    best: dict[int, float] = {k: 0.0 for k in engines}
+    stats, tokens = {}, {}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        results, stats = engine.generate(requests)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return sum(len(r.tokens) for r in results) / best, stats
+        for k, engine in engines.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            results, stats[k] = engine.generate(requests)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best[k] = max(best[k], sum(len(r.tokens) for r in results) / (time.perf_counter() - start))
+            tokens[k] = [r.tokens for r in results]
+    return best, stats, tokens
 
 
 def main(argv: list[str]) -> int:
@@ -70,21 +76,23 @@ def main(argv: list[str]) -> int:
     print(f"# {args.ckpt}: {cfg.model.num_layers} layers + {cfg.model.mtp_depth} MTP, hidden {cfg.model.hidden_size}, "
           f"dtype {next(model.parameters()).dtype}")
     print(f"# machine: {machine(device)}")
-    print(f"# greedy, {args.max_new_tokens} new tokens per sequence, best of {args.repeats}")
-    header = f"{'batch':>5} {'mode':>6} {'tokens/s':>10} {'speedup':>8} {'tok/fwd':>8}  acceptance per draft position"
+    print(f"# greedy, {args.max_new_tokens} new tokens per sequence, best of {args.repeats}; tok/fwd: tokens per "
+          "trunk forward; same: tokens identical to plain decoding")
+    header = (f"{'batch':>5} {'mode':>6} {'tokens/s':>10} {'speedup':>8} {'tok/fwd':>8} {'same':>5}  "
+              "acceptance per draft position")
     print(header + "\n" + "-" * len(header))
+    engines = {k: Engine(model, k) for k in ks}
     for batch_size in args.batch_sizes:
         requests = [Request(prompts[i % len(prompts)], args.max_new_tokens) for i in range(batch_size)]
-        plain = None
-        for k in ks:
-            engine = Engine(model, k)
+        for engine in engines.values():
             engine.generate(requests)  # warm-up
-            rate, stats = timed(engine, requests, args.repeats, device)
-            plain = plain or rate
-            acceptance = " ".join(f"{a:.3f}" for a in stats.acceptance)
+        rates, stats, tokens = best_rates(engines, requests, args.repeats, device)
+        for k in ks:
+            acceptance = " ".join(f"{a:.3f}" for a in stats[k].acceptance)
             mode = f"K={k}" if k else "plain"
-            print(f"{batch_size:>5} {mode:>6} {rate:>10.1f} {rate / plain:>7.2f}x {stats.tokens_per_forward:>8.3f}  "
-                  f"{acceptance}", flush=True)
+            same = "yes" if tokens[k] == tokens[0] else "NO"
+            print(f"{batch_size:>5} {mode:>6} {rates[k]:>10.1f} {rates[k] / rates[0]:>7.2f}x "
+                  f"{stats[k].tokens_per_forward:>8.3f} {same:>5}  {acceptance}", flush=True)
     return 0
 
 
