@@ -27,6 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # PYTHONPATH may name another dsmtp first
 
@@ -236,7 +237,6 @@ def main(argv: list[str]) -> int:
             parser.error(f"--disable {name}: not a fast path in dsmtp.model.kernels.backends")
         setattr(backends, name, False)
     if args.compile:
-        import torch._dynamo
         torch._dynamo.config.cache_size_limit = 64
     ensure_initialized()
     depths = [cfg.model.mtp_depth] + ([0] if cfg.model.mtp_depth > 0 and not args.no_d0 else [])

@@ -34,7 +34,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, H] -> expert_ids [T, k], gates [T, k] (float32), scores [T, E] (float32)."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        with torch.autocast(x.device.type, enabled=False):  # scores in fp32 also under bf16 autocast
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()
         biased = (scores + self.expert_bias).view(-1, self.n_group, self.n_experts // self.n_group)
         # Rank groups by the sum of their two best biased scores; drop all but topk_group of them.
         group_scores = biased.topk(2, dim=-1).values.sum(dim=-1) if biased.shape[-1] > 1 else biased[..., 0]

