@@ -92,6 +92,8 @@ def time_shares(prof) -> tuple[dict[str, float], float]:
                 seq_label.setdefault(evt.sequence_nr, label)
     totals = defaultdict(float)
     for evt in events:
+        if evt.name.startswith("cat::"):  # the GPU-side copy of a range spans kernels counted below
+            continue
         t = getattr(evt, "self_device_time_total", None)
         if t is None:
             t = evt.self_cuda_time_total

@@ -128,6 +128,23 @@ class _FP8GroupedMM(torch.autograd.Function):
         return dx, dw.to(weight.dtype), None
 
 
+GROUP_ALIGN = 16  # rows per expert group padded to this, as torch's FP8 grouped GEMM expects
+
+
+def pad_groups(x: torch.Tensor, tokens_per_expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows sorted by expert -> (rows with each group zero-padded to GROUP_ALIGN, the padded groups'
+    end offsets (int32), and where each original row went). Static shapes, no host sync: the padded
+    tensor has room for the worst case, N + E * (GROUP_ALIGN - 1) rows."""
+    n, e = x.shape[0], tokens_per_expert.numel()
+    padded = (tokens_per_expert + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
+    padded_starts = padded.cumsum(0) - padded
+    starts = tokens_per_expert.cumsum(0) - tokens_per_expert
+    group = torch.repeat_interleave(torch.arange(e, device=x.device), tokens_per_expert, output_size=n)
+    dest = padded_starts[group] + torch.arange(n, device=x.device) - starts[group]
+    out = x.new_zeros(n + e * (GROUP_ALIGN - 1), x.shape[1]).index_copy(0, dest, x)
+    return out, padded.cumsum(0).to(torch.int32), dest
+
+
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """FP8 grouped x w[e]^T for the rows of each expert group; weight [E, N, K], offsets int32 ends."""
     return _FP8GroupedMM.apply(x, weight, offsets)

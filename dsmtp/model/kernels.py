@@ -78,9 +78,13 @@ def _grouped_swiglu_cuda(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: t
                          w3: torch.Tensor, use_fp8: bool) -> torch.Tensor:
     # One grouped GEMM per projection for all experts; group boundaries stay on the device, so the
     # host never waits for the router. Gate and up projections share one GEMM (twice the width).
-    mm = fp8.grouped_mm if use_fp8 else _bf16_grouped_mm
-    offsets = tokens_per_expert.cumsum(0).to(torch.int32)
+    if use_fp8:
+        x, offsets, rows = fp8.pad_groups(x.to(torch.bfloat16), tokens_per_expert)
+        mm = fp8.grouped_mm
+    else:
+        offsets, rows, mm = tokens_per_expert.cumsum(0).to(torch.int32), None, _bf16_grouped_mm
     inter = w1.shape[1]
     gate_up = mm(x, torch.cat([w1, w3], dim=1), offsets)
     h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-    return mm(h, w2, offsets)
+    out = mm(h, w2, offsets)
+    return out if rows is None else out.index_select(0, rows)

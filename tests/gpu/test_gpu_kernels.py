@@ -23,7 +23,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def clone(module: torch.nn.Module, build) -> torch.nn.Module:
     """A second copy with the same weights (megatron's layers hold process groups: no deepcopy)."""
     other = build()
-    other.load_state_dict(module.state_dict())
+    # torch 2.11 lists megatron's (empty) _extra_state entries on one side only: skip those.
+    missing, unexpected = other.load_state_dict(module.state_dict(), strict=False)
+    assert not [key for key in missing + unexpected if not key.endswith("_extra_state")]
     return other
 
 
