@@ -35,9 +35,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def small_config(**overrides) -> ModelConfig:
-    """Every linear a whole number of 128-blocks, so the FP8 recipe covers all of them but wkv_a."""
-    cfg = dict(vocab_size=4096, hidden_size=256, num_layers=3, num_heads=4, first_k_dense_replace=1,
-               intermediate_size=512, moe_intermediate_size=128, n_routed_experts=8, n_shared_experts=1,
+    """q projection, wo, dense FFN and eh_proj have both sizes multiples of 512: FP8-eligible."""
+    cfg = dict(vocab_size=4096, hidden_size=512, num_layers=3, num_heads=16, first_k_dense_replace=1,
+               intermediate_size=1024, moe_intermediate_size=256, n_routed_experts=8, n_shared_experts=1,
                num_experts_per_tok=2, n_group=4, topk_group=2, kv_lora_rank=128, qk_nope_head_dim=64,
                qk_rope_head_dim=32, v_head_dim=64, max_position_embeddings=512, mtp_depth=1)
     cfg.update(overrides)
@@ -110,7 +110,7 @@ def test_compiled_layer_matches_eager():
     compiled.compile()
     from dsmtp.model.rope import RotaryEmbedding
     cos, sin = RotaryEmbedding(small_config()).cuda()(torch.arange(128, device="cuda"))
-    x = torch.randn(2, 128, 256, device="cuda")
+    x = torch.randn(2, 128, 512, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         ref, _ = layer(x, cos, sin)
         out, _ = compiled(x, cos, sin)
@@ -124,7 +124,7 @@ def _emulated(a_q, a_scale_rows, b_q, b_scale_rows):
     return a @ b.t()
 
 
-@pytest.mark.parametrize("m,n,k", [(256, 384, 512), (1024, 1024, 256)])
+@pytest.mark.parametrize("m,n,k", [(512, 1536, 1024), (1024, 1024, 512)])
 def test_fp8_blockwise_linear_forward_and_grads(m, n, k):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16).pow(3)  # heavy tails: tiles matter
     w = (torch.randn(n, k, device="cuda") * 0.02).requires_grad_()
@@ -170,7 +170,7 @@ def test_training_steps_bf16_and_fp8_agree():
     ensure_initialized()
     torch.manual_seed(0)
     base = DeepSeekV3(small_config()).cuda().train()
-    ids = torch.randint(0, 4096, (4, 257 + 1), device="cuda")
+    ids = torch.randint(0, 4096, (4, 256 + 2), device="cuda")  # S + D + 1 tokens
     final = {}
     for precision in ("bf16", "fp8"):
         model = clone(base, lambda: DeepSeekV3(small_config())).cuda().train()
