@@ -17,7 +17,6 @@ step() {
     fast) timeout 150 $B --label fast-eager ;;
     fast1) timeout 100 $B --label fast-eager --no-d0 ;;
     nogmm) timeout 120 $B --label fast-no-grouped_mm --disable grouped_mm --no-d0 ;;
-    nocudnn) timeout 120 $B --label fast-no-cudnn --disable cudnn_attention --no-d0 ;;
     compile) timeout 300 $B --label fast-compile --compile --warmup 8 ;;
     fp8) timeout 150 $B --label fp8-eager --precision fp8 --no-d0 ;;
     fp8c) timeout 300 $B --label fp8-compile --precision fp8 --compile --warmup 8 --no-d0 ;;
@@ -26,6 +25,6 @@ step() {
   esac
 }
 {
-for s in ${SUITE:-probe tests base fast nogmm nocudnn compile fp8 fp8c loss}; do echo "==== step $s $(date +%T)"; step "$s"; done
+for s in ${SUITE:-probe tests base fast nogmm compile fp8 fp8c loss}; do echo "==== step $s $(date +%T)"; step "$s"; done
 echo "==== all rows"; [ -f "$R" ] && python3 tools/bench_train.py --table "$R"
 } 2>&1 | tee "$OUT/log.txt"

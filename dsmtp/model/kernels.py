@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dsmtp.model import fp8
 
@@ -19,30 +18,22 @@ from dsmtp.model import fp8
 @dataclass
 class Backends:
     grouped_mm: bool = True  # routed experts through torch._grouped_mm (CUDA, bf16), no host sync
-    cudnn_attention: bool = True  # SDPA's cuDNN backend first on CUDA (runs MLA's q/k != v head dims)
 
 
 backends = Backends()
-
-# cuDNN first: on Hopper it is the fast backend that accepts q/k and v of different head dims
-# (flash refuses them); the others stay as fallbacks for shapes cuDNN declines.
-_CUDA_ATTENTION_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                         SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention. q [B, Sq, h, d_qk], k [B, Skv, h, d_qk], v [B, Skv, h, d_v] -> [B, Sq, h, d_v].
 
     When Sq < Skv (decoding after a cached prefix) the queries are the last Sq positions.
+    On an H100 with torch 2.11, SDPA already picks its cuDNN backend for MLA's shapes (q/k head dim
+    != v head dim, which the flash backend refuses): forcing that order measured no gain.
     """
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     sq, skv = q.shape[2], k.shape[2]
     if sq == skv:
-        if q.is_cuda and backends.cudnn_attention:
-            with sdpa_kernel(_CUDA_ATTENTION_ORDER, set_priority=True):
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     else:
         visible = torch.arange(skv, device=q.device)[None, :] <= torch.arange(sq, device=q.device)[:, None] + (skv - sq)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
