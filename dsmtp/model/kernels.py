@@ -1,13 +1,26 @@
 """Compute kernels behind small functions: each has a reference path that runs anywhere.
 
-GPU speed paths (grouped GEMM, FP8, fused kernels) plug in here and are tested against the
-reference path on the device.
+GPU speed paths plug in here, chosen by the tensors' device and what is installed, and are tested
+against the reference path on the device (tests/gpu). `backends` switches a fast path off, for
+benchmarks that measure what each one buys (tools/bench_train.py --disable NAME) and for tests.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from dsmtp.model import fp8
+
+
+@dataclass
+class Backends:
+    grouped_mm: bool = True  # routed experts through torch._grouped_mm (CUDA, bf16), no host sync
+
+
+backends = Backends()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -18,6 +31,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     `q_positions` [B, Sq] (a KV cache holding sequences of different lengths) key j is visible to a
     query at position p iff j <= p: keys past a sequence's own position (padding, stale entries)
     are masked per sequence.
+    On an H100 with torch 2.11, SDPA already picks its cuDNN backend for MLA's shapes (q/k head dim
+    != v head dim, which the flash backend refuses): forcing that order measured no gain.
     """
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     sq, skv = q.shape[2], k.shape[2]
@@ -38,10 +53,36 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
 
 
 def grouped_swiglu(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                   w3: torch.Tensor) -> torch.Tensor:
+                   w3: torch.Tensor, use_fp8: bool = False) -> torch.Tensor:
     """SwiGLU per expert over tokens sorted by expert.
 
     x [N, H] holds tokens_per_expert[e] rows for expert e, in expert order; w1/w3 [E, I, H], w2 [E, H, I].
+    `use_fp8` runs the CUDA grouped GEMMs in FP8 (dsmtp.model.fp8).
     """
+    if x.is_cuda and (backends.grouped_mm or use_fp8):
+        return _grouped_swiglu_cuda(x, tokens_per_expert, w1, w2, w3, use_fp8)
+    # Reference path: one GEMM per expert; the split sizes need the counts on the host.
     chunks = x.split(tokens_per_expert.tolist())
     return torch.cat([swiglu(chunk, w1[e], w2[e], w3[e]) for e, chunk in enumerate(chunks)])
+
+
+def _bf16_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [M, K] times weight[e]^T ([E, N, K]) for the rows of each group; _grouped_mm takes bf16 only
+    (the cast is what autocast would do for a plain linear)."""
+    return torch._grouped_mm(x.to(torch.bfloat16), weight.to(torch.bfloat16).transpose(1, 2), offs=offsets)
+
+
+def _grouped_swiglu_cuda(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                         w3: torch.Tensor, use_fp8: bool) -> torch.Tensor:
+    # One grouped GEMM per projection for all experts; group boundaries stay on the device, so the
+    # host never waits for the router. Gate and up projections share one GEMM (twice the width).
+    if use_fp8:
+        x, offsets, rows = fp8.pad_groups(x.to(torch.bfloat16), tokens_per_expert)
+        mm = fp8.grouped_mm
+    else:
+        offsets, rows, mm = tokens_per_expert.cumsum(0).to(torch.int32), None, _bf16_grouped_mm
+    inter = w1.shape[1]
+    gate_up = mm(x, torch.cat([w1, w3], dim=1), offsets)
+    h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    out = mm(h, w2, offsets)
+    return out if rows is None else out.index_select(0, rows)

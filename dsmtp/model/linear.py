@@ -9,10 +9,12 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
+from dsmtp.model import fp8
 from dsmtp.parallel.topology import tp_group
 
 _MEGATRON_CONFIG = ModelParallelConfig(use_cpu_initialization=True, params_dtype=torch.float32)
@@ -28,26 +30,49 @@ class _NoExtraState:
     set_extra_state = nn.Module.set_extra_state
 
 
-class ColumnParallelLinear(_NoExtraState, tensor_parallel.ColumnParallelLinear):
+class FastLinear:
+    """The GEMM of a linear layer that is not split over tensor-parallel ranks: FP8 on CUDA once
+    dsmtp.model.fp8.enable marks the layer, else a plain F.linear (megatron's autograd function adds
+    nothing on one rank and hides the layer from torch.compile). Split layers keep megatron's forward,
+    in bf16: FP8 with tensor parallelism is not built."""
+
+    fp8: str | None = None  # None | "torch" | "te"
+
+    def local_linear(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The output, or None when megatron's own (tensor-parallel) forward must run."""
+        if not self.unsplit:
+            return None
+        if self.fp8 == "torch" and x.is_cuda:
+            return fp8.linear(x, self.weight)
+        if self.fp8 == "te" and x.is_cuda:
+            return fp8.te_linear(self, x)
+        return F.linear(x, self.weight)
+
+
+class ColumnParallelLinear(FastLinear, _NoExtraState, tensor_parallel.ColumnParallelLinear):
     """y = x W^T with W's output rows split across tensor-parallel ranks (output stays split)."""
 
     def __init__(self, in_features: int, out_features: int, init_std: float):
         super().__init__(in_features, out_features, config=_MEGATRON_CONFIG, init_method=normal_init(init_std),
                          bias=False, gather_output=False, tp_group=tp_group())
+        self.unsplit = tp_group().size() == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x)[0]
+        out = self.local_linear(x)
+        return super().forward(x)[0] if out is None else out
 
 
-class RowParallelLinear(_NoExtraState, tensor_parallel.RowParallelLinear):
+class RowParallelLinear(FastLinear, _NoExtraState, tensor_parallel.RowParallelLinear):
     """y = x W^T with W's input columns split across ranks; partial outputs are summed."""
 
     def __init__(self, in_features: int, out_features: int, init_std: float):
         super().__init__(in_features, out_features, config=_MEGATRON_CONFIG, init_method=normal_init(init_std),
                          bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
+        self.unsplit = tp_group().size() == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x)[0]
+        out = self.local_linear(x)
+        return super().forward(x)[0] if out is None else out
 
 
 class VocabParallelEmbedding(tensor_parallel.VocabParallelEmbedding):
@@ -58,8 +83,17 @@ class VocabParallelEmbedding(tensor_parallel.VocabParallelEmbedding):
                          tp_group=tp_group())
 
 
+class ReplicatedLinear(FastLinear, nn.Linear):
+    """A linear layer every tensor-parallel rank holds whole (small latent projections)."""
+
+    unsplit = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.local_linear(x)
+
+
 def replicated_linear(in_features: int, out_features: int, init_std: float) -> nn.Linear:
     """A linear layer every tensor-parallel rank holds whole (small latent projections)."""
-    layer = nn.Linear(in_features, out_features, bias=False)
+    layer = ReplicatedLinear(in_features, out_features, bias=False)
     nn.init.normal_(layer.weight, std=init_std)
     return layer

@@ -52,6 +52,17 @@ class DeepSeekV3(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.mtp_depth))
         self.rope = RotaryEmbedding(cfg)
 
+    def compile_layers(self) -> None:
+        """torch.compile each transformer layer (trunk and MTP) and the loss, in place (train.compile).
+
+        Fuses what eager mode runs as separate memory-bound kernels: RMSNorm, RoPE, SwiGLU, the
+        router's scoring, the casts, and the output head's cast + cross-entropy. Layer by layer, so
+        that compile time is that of two layers (dense, MoE) and not of the whole model.
+        """
+        for layer in [*self.layers, *(m.layer for m in self.mtp)]:
+            layer.compile()
+        self._lm_loss = torch.compile(self._lm_loss)
+
     def trunk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               caches: Optional[list[LatentCache]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedded tokens [B, S, H] -> final (post-norm) hidden state h_0 and the summed aux loss.

@@ -34,7 +34,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, H] -> expert_ids [T, k], gates [T, k] (float32), scores [T, E] (float32)."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        with torch.autocast(x.device.type, enabled=False):  # scores in fp32 also under bf16 autocast
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()
         biased = (scores + self.expert_bias).view(-1, self.n_group, self.n_experts // self.n_group)
         # Rank groups by the sum of their two best biased scores; drop all but topk_group of them.
         group_scores = biased.topk(2, dim=-1).values.sum(dim=-1)
@@ -62,23 +63,37 @@ class RoutedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(e, i, h))  # up
         for w in (self.w1, self.w2, self.w3):
             nn.init.normal_(w, std=cfg.init_std)
+        self.fp8 = False  # set by dsmtp.model.fp8.enable
 
     @property
     def num_experts(self) -> int:
         return self.w1.shape[0]
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        return kernels.grouped_swiglu(x, tokens_per_expert, self.w1, self.w2, self.w3)
+        return kernels.grouped_swiglu(x, tokens_per_expert, self.w1, self.w2, self.w3, use_fp8=self.fp8)
+
+
+def count_tokens(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert. Unlike torch.bincount on CUDA, this never waits for the device."""
+    flat = expert_ids.flatten()
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def dispatch_local(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, experts: RoutedExperts) -> torch.Tensor:
-    """Send each token to its k experts on this rank, and sum the gated outputs back per token."""
-    flat_ids = expert_ids.flatten()
-    order = flat_ids.argsort(stable=True)
-    token_index = order // expert_ids.shape[1]
-    tokens_per_expert = torch.bincount(flat_ids, minlength=experts.num_experts)
-    y = experts(x[token_index], tokens_per_expert) * gates.flatten()[order].unsqueeze(-1)
-    return torch.zeros_like(x).index_add_(0, token_index, y.to(x.dtype))
+    """Send each token to its k experts on this rank, and sum the gated outputs back per token.
+
+    Every step keeps static shapes on the device (no host synchronisation): sort the T*k
+    (token, expert) pairs by expert, run the experts, put the rows back in pair order, and take the
+    gate-weighted sum over each token's k outputs.
+    """
+    t, k = expert_ids.shape
+    order = expert_ids.flatten().argsort(stable=True)
+    # Under autocast the experts compute in bf16 anyway: copy k rows per token at half the bytes.
+    rows = x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
+    y = experts(rows.index_select(0, order // k), count_tokens(expert_ids, experts.num_experts))
+    y = torch.empty_like(y).index_copy_(0, order, y).view(t, k, -1)
+    # Elementwise, not bmm: a [1, k] x [k, H] product per token is k FLOPs per output, memory-bound.
+    return (y * gates.to(y.dtype).unsqueeze(-1)).sum(dim=1).to(x.dtype)
 
 
 def sequence_balance_loss(scores: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
@@ -115,7 +130,7 @@ class MoE(nn.Module):
         expert_ids, gates, scores = self.router(flat)
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(expert_ids.flatten(), minlength=self.tokens_per_expert.numel())
+                self.tokens_per_expert += count_tokens(expert_ids, self.tokens_per_expert.numel())
         out = self.dispatch(flat, expert_ids, gates, self.experts).view(b, s, h)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

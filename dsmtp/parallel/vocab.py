@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as _megatron_vocab_ce
@@ -11,6 +12,10 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as _megat
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy in float32; `logits` hold this rank's vocabulary slice."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        # Whole vocabulary here: PyTorch's fused kernels make two passes over the logits where
+        # megatron's vocab-parallel version makes about ten.
+        return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
     return _megatron_vocab_ce(logits.float(), targets)
 
 

@@ -1,0 +1,53 @@
+"""CPU checks of what the GPU speed paths rely on: the sync-free expert dispatch, the FP8
+quantizers' scale layout and error, and the benchmark's FLOP formula (../shared/DESIGN.md)."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from dsmtp.config import ModelConfig, load_config
+from dsmtp.model import fp8
+from dsmtp.model.moe import RoutedExperts, count_tokens, dispatch_local
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench_train  # noqa: E402
+
+
+def test_dispatch_local_matches_per_token_loop():
+    cfg = ModelConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=3)
+    experts = RoutedExperts(cfg).double()
+    x = torch.randn(20, 32, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(8)[:3] for _ in range(20)])
+    gates = torch.rand(20, 3, dtype=torch.float64)
+    out = dispatch_local(x, ids, gates, experts)
+    ref = torch.zeros_like(x)
+    for t in range(20):
+        for j in range(3):
+            e = ids[t, j]
+            h = torch.nn.functional.silu(x[t] @ experts.w1[e].T) * (x[t] @ experts.w3[e].T)
+            ref[t] += gates[t, j] * (h @ experts.w2[e].T)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(count_tokens(ids, 8), torch.bincount(ids.flatten(), minlength=8))
+
+
+def test_fp8_quantizers_layout_and_error():
+    x = torch.randn(256, 384) * torch.logspace(-3, 3, 384)  # tiles of very different ranges
+    q, scale = fp8.quantize_tiles(x)
+    assert q.dtype == fp8.E4M3 and scale.shape == (256, 3) and scale.stride() == (1, 256)
+    step = scale.repeat_interleave(128, dim=1)
+    back = q.float() * step
+    # e4m3 rounds to 3 mantissa bits (half a unit: 2^-4 relative); below its smallest normal the
+    # spacing is 2^-9 in scaled units. Every tile uses its own range: no tile's error follows another's.
+    assert ((back - x).abs() <= x.abs() * 2 ** -4 + step * 2 ** -10).all()
+    w = torch.randn(256, 384)
+    q, scale = fp8.quantize_blocks(w)
+    assert scale.shape == (2, 3)
+    back = q.float() * scale.repeat_interleave(128, dim=0).repeat_interleave(128, dim=1)
+    assert (back - w).norm() / w.norm() < 4e-2
+
+
+def test_flops_per_token_matches_design():
+    for depth, gflop in ((0, 1.63), (1, 1.95)):
+        m = load_config("configs/small.yaml", [f"model.mtp_depth={depth}"]).model
+        assert abs(bench_train.flops_per_token(m, 4096) / 1e9 - gflop) < 0.01

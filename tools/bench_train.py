@@ -1,0 +1,259 @@
+"""Training-step benchmark on one GPU: tokens/s, step time, model TFLOP/s and MFU, peak memory, and
+where the GPU time goes (PyTorch profiler), at the configured MTP depth and at D=0.
+
+    python tools/bench_train.py --config configs/small.yaml [--set k=v ...] [--steps 20] [--warmup 5]
+        [--precision bf16|fp8] [--compile] [--disable grouped_mm] [--label NAME] [--results FILE]
+    python tools/bench_train.py --table FILE      # print the table of every row FILE holds
+
+The step is what a trainer does: forward under bf16 autocast (fp32 parameters, bf16 GEMMs), backward,
+gradient clipping, fused AdamW on the fp32 parameters, router-bias update. Inputs are random tokens
+(uniform, so routing is close to balanced: real text routes less evenly).
+
+MFU uses ../shared/DESIGN.md's formula: FLOPs/token = 6 x (activated params - input embedding +
+D x output head) + 6 x (layers + D) x heads x (qk_head_dim + v_head_dim) x seq_len / 2, over the
+dense bf16 peak of 989 TFLOP/s (H100 and H200 SXM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch._dynamo
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # PYTHONPATH may name another dsmtp first
+
+from dsmtp.config import load_config  # noqa: E402
+from dsmtp.model import DeepSeekV3, kernels, moe_layers, update_expert_bias  # noqa: E402
+from dsmtp.model.params import count_parameters  # noqa: E402
+from dsmtp.parallel.topology import ensure_initialized  # noqa: E402
+
+PEAK_BF16_TFLOPS = 989.0
+CATEGORIES = ("attention", "experts+FFN", "router+dispatch", "rest")
+
+
+def flops_per_token(m, seq_len: int) -> float:
+    c = count_parameters(m)
+    d = m.mtp_depth
+    dense = 6 * (c.activated - c.embedding + d * c.output_head)
+    attention = 6 * (m.num_layers + d) * m.num_heads * (m.qk_head_dim + m.v_head_dim) * seq_len / 2
+    return dense + attention
+
+
+def _labelled(fn, label: str):
+    def run(*args, **kwargs):
+        with torch.profiler.record_function("cat::" + label):
+            return fn(*args, **kwargs)
+    return run
+
+
+def label_modules(model: torch.nn.Module) -> None:
+    """Name the profiler ranges the time shares are read from (innermost label wins)."""
+    from dsmtp.model.attention import MLA
+    from dsmtp.model.mlp import MLP
+    from dsmtp.model.moe import RoutedExperts, Router
+
+    for module in model.modules():
+        label = {MLA: "attention", MLP: "experts+FFN", RoutedExperts: "experts+FFN",
+                 Router: "router+dispatch"}.get(type(module))
+        if label:
+            module.forward = _labelled(module.forward, label)
+    for moe in moe_layers(model):
+        moe.dispatch = _labelled(moe.dispatch, "router+dispatch")
+
+
+def time_shares(prof) -> tuple[dict[str, float], float]:
+    """GPU kernel time per category, as fractions, and the total kernel time in ms.
+
+    Forward kernels take the label of their enclosing range; backward kernels that of the forward op
+    whose autograd node launched them (matched by sequence number)."""
+    events = prof.events()
+
+    def label_of(evt):
+        while evt is not None:
+            if evt.name.startswith("cat::"):
+                return evt.name[5:]
+            evt = evt.cpu_parent
+        return None
+
+    seq_label = {}
+    for evt in events:
+        if getattr(evt, "sequence_nr", -1) >= 0 and not evt.is_async:
+            label = label_of(evt)
+            if label is not None and "Backward" not in evt.name:
+                seq_label.setdefault(evt.sequence_nr, label)
+    totals = defaultdict(float)
+    for evt in events:
+        # Each kernel counts once, on the CPU-side op that launched it: the profiler also lists the
+        # kernel itself, and each labelled range again on the GPU side, as device events.
+        if evt.device_type != torch.autograd.DeviceType.CPU or evt.name.startswith("cat::"):
+            continue
+        t = getattr(evt, "self_device_time_total", None)
+        if t is None:
+            t = evt.self_cuda_time_total
+        if t <= 0:
+            continue
+        label, a = label_of(evt), evt
+        while label is None and a is not None:
+            if getattr(a, "sequence_nr", -1) >= 0 and a.sequence_nr in seq_label and "Backward" in a.name:
+                label = seq_label[a.sequence_nr]
+            a = a.cpu_parent
+        totals[label or "rest"] += t
+    total = sum(totals.values())
+    return {c: totals[c] / total for c in CATEGORIES}, total / 1e3
+
+
+def run_one(cfg, args, mtp_depth: int) -> dict:
+    cfg.model.mtp_depth = mtp_depth
+    torch.manual_seed(cfg.train.seed)
+    model = DeepSeekV3(cfg.model).cuda()
+    fp8_context = lambda: contextlib.nullcontext()  # noqa: E731
+    if args.precision == "fp8":
+        from dsmtp.model import fp8
+        switched = fp8.enable(model)
+        fp8_context = lambda: fp8.autocast(True)  # noqa: E731
+        print(f"  fp8: {len(switched)} modules switched", flush=True)
+    if args.compile:
+        model.compile_layers()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
+                            weight_decay=cfg.train.weight_decay, fused=True)
+    b, s, d = cfg.train.micro_batch_size, cfg.train.seq_len, mtp_depth
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    batches = [torch.randint(0, cfg.model.vocab_size, (b, s + d + 1), device="cuda", generator=gen) for _ in range(4)]
+
+    def step(i: int) -> torch.Tensor:
+        sample = batches[i % len(batches)]
+        with torch.autocast("cuda", dtype=torch.bfloat16), fp8_context():
+            out = model(sample[:, :s], sample[:, 1:], mtp_weight=0.3)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_expert_bias(model, 1e-3)
+        return out.loss.detach()
+
+    t0 = time.time()
+    for i in range(args.warmup):
+        loss = step(i)
+    torch.cuda.synchronize()
+    warm_s = time.time() - t0
+    torch.cuda.reset_peak_memory_stats()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps)]
+    for i in range(args.steps):
+        starts[i].record()
+        loss = step(i)
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = [a.elapsed_time(e) for a, e in zip(starts, ends)]
+    step_ms = statistics.median(times)
+    tokens = b * s
+    fpt = flops_per_token(cfg.model, s)
+    row = dict(label=args.label or "", precision=args.precision, compile=args.compile, mtp_depth=d,
+               disabled=",".join(args.disable), device=torch.cuda.get_device_name(),
+               step_ms=step_ms, step_ms_min=min(times), step_ms_max=max(times), tokens_per_s=tokens / step_ms * 1e3,
+               gflop_per_token=fpt / 1e9, tflops=fpt * tokens / step_ms / 1e9,
+               mfu=fpt * tokens / step_ms / 1e9 / PEAK_BF16_TFLOPS,
+               peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss), warmup_s=warm_s)
+    if args.profile_steps:
+        if not args.compile:  # compiled kernels fuse across the labelled ranges: shares would mislead
+            label_modules(model)
+        torch.cuda.synchronize()
+        t1 = time.time()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for i in range(args.profile_steps):
+                step(i)
+            torch.cuda.synchronize()
+        wall_ms = (time.time() - t1) * 1e3 / args.profile_steps
+        shares, kernel_ms = time_shares(prof)
+        row["profiled_wall_ms"], row["profiled_kernel_ms"] = wall_ms, kernel_ms / args.profile_steps
+        if not args.compile:
+            row.update({f"share_{c}": v for c, v in shares.items()})
+        top = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+        with open(Path(args.results).with_suffix(".prof.txt"), "a") as f:
+            f.write(f"==== {args.label} D={d} precision={args.precision} compile={args.compile}\n{top}\n")
+    del model, opt
+    torch.cuda.empty_cache()
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    devices = sorted({r["device"] for r in rows})
+    print(f"device: {', '.join(devices)}; peak {PEAK_BF16_TFLOPS:.0f} TFLOP/s dense bf16; "
+          f"step = fwd+bwd+clip+fused AdamW, bf16 autocast over fp32 params")
+    head = (f"{'run':<22}{'prec':<5}{'D':>2}{'tok/s':>9}{'step ms':>9}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>8}"
+            f"{'attn':>6}{'exp':>6}{'rout':>6}{'rest':>6}{'loss':>8}")
+    print(head)
+    for r in rows:
+        shares = "".join(f"{r[f'share_{c}'] * 100:>5.0f}%" if f"share_{c}" in r else f"{'-':>6}" for c in CATEGORIES)
+        print(f"{r['label'][:21]:<22}{r['precision']:<5}{r['mtp_depth']:>2}{r['tokens_per_s']:>9.0f}{r['step_ms']:>9.1f}"
+              f"{r['tflops']:>9.1f}{r['mfu'] * 100:>6.1f}%{r['peak_mem_gib']:>8.1f}{shares}{r['loss']:>8.3f}")
+    by_label = defaultdict(dict)
+    for r in rows:
+        by_label[r["label"]][r["mtp_depth"]] = r
+    for label, depths in by_label.items():
+        if 0 in depths and len(depths) > 1:
+            d = max(depths)
+            print(f"MTP overhead ({label}): D={d} step time is {(depths[d]['step_ms'] / depths[0]['step_ms'] - 1) * 100:+.1f}% over D=0")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--profile-steps", type=int, default=2)
+    parser.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--disable", action="append", default=[], help="a kernels.backends fast path to switch off")
+    parser.add_argument("--no-d0", action="store_true", help="skip the MTP D=0 comparison run")
+    parser.add_argument("--label")
+    parser.add_argument("--results", default="bench_results.jsonl")
+    parser.add_argument("--table", help="print the table of a results file and exit")
+    args = parser.parse_args(argv)
+    if args.table:
+        print_table([json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()])
+        return 0
+    if not args.config:
+        parser.error("--config is required")
+    if args.steps < 20:
+        parser.error(f"--steps={args.steps}: time at least 20 steps for a stable median")
+    if not torch.cuda.is_available():
+        print("bench_train needs a CUDA device", file=sys.stderr)
+        return 2
+    cfg = load_config(args.config, args.set)
+    backends = getattr(kernels, "backends", None)
+    for name in args.disable:
+        if backends is None or not hasattr(backends, name):
+            parser.error(f"--disable {name}: not a fast path in dsmtp.model.kernels.backends")
+        setattr(backends, name, False)
+    if args.compile:
+        torch._dynamo.config.cache_size_limit = 64
+    ensure_initialized()
+    depths = [cfg.model.mtp_depth] + ([0] if cfg.model.mtp_depth > 0 and not args.no_d0 else [])
+    rows = []
+    for d in depths:
+        print(f"[{args.label}] D={d} ...", flush=True)
+        row = run_one(cfg, args, d)
+        rows.append(row)
+        with open(args.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    sys.exit(main(sys.argv[1:]))
