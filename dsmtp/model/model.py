@@ -52,11 +52,17 @@ class DeepSeekV3(nn.Module):
 
     def trunk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedded tokens [B, S, H] -> final (post-norm) hidden state h_0 and the summed aux loss."""
+        x, aux = self.run_layers(self.layers, x, cos, sin)
+        return self.norm(x), aux
+
+    @staticmethod
+    def run_layers(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run a run of transformer layers (all of them, or a pipeline stage's); returns (x, summed aux loss)."""
         aux = x.new_zeros((), dtype=torch.float32)
-        for layer in self.layers:
+        for layer in layers:
             x, layer_aux = layer(x, cos, sin)
             aux = aux + layer_aux
-        return self.norm(x), aux
+        return x, aux
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits from a hidden state (trunk or MTP depth): the shared output head."""
@@ -71,12 +77,23 @@ class DeepSeekV3(nn.Module):
             h, _ = self.trunk(self.embed(input_ids), cos, sin)
             return self.logits(h)
 
-        depth = len(self.mtp)
-        labels = F.pad(labels, (0, s + depth - labels.shape[1]), value=IGNORE_INDEX)
-        # Embed t_0 .. t_{S+D-1} once; depth k reads positions k .. k+S-1 (token t_{i+k} at position i).
-        tokens = torch.cat([input_ids, labels[:, s - 1:s + depth - 1]], dim=1)
+        tokens, labels = self.mtp_tokens(input_ids, labels)
         emb = self.embed(tokens.clamp(min=0))
         h, aux = self.trunk(emb[:, :s], cos, sin)
+        return self.output(h, emb, tokens, labels, aux, cos, sin, mtp_weight)
+
+    def mtp_tokens(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t_0 .. t_{S+D-1} to embed, labels padded to S + D). Depth k reads embedding positions
+        k .. k+S-1 (token t_{i+k} at position i); missing labels become IGNORE_INDEX."""
+        s, depth = input_ids.shape[1], len(self.mtp)
+        labels = F.pad(labels, (0, s + depth - labels.shape[1]), value=IGNORE_INDEX)
+        return torch.cat([input_ids, labels[:, s - 1:s + depth - 1]], dim=1), labels
+
+    def output(self, h: torch.Tensor, emb: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
+               aux: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mtp_weight: float) -> ModelOutput:
+        """Main and MTP losses from the trunk's final (post-norm) hidden state h [B, S, H], the embedded
+        `tokens` and the trunk's aux loss (a pipeline's last stage calls this directly)."""
+        s, depth = h.shape[1], len(self.mtp)
         main_loss, main_acc, main_n = self._lm_loss(h, labels[:, :s])
 
         mtp_losses, mtp_accs, mtp_ns = [], [], []
