@@ -10,12 +10,19 @@ import torch
 from dsmtp.model import ModelOutput, moe_layers
 from dsmtp.train.metrics import LossSums
 from dsmtp.train.trainer import Trainer, TrainingStopped
-from tests.train_helpers import tiny_config, tiny_data
+from tests.train_helpers import prepare_tiny_corpus, tiny_config
 
 
-def make_trainer(tmp_path, run="run", **train):
-    cfg = tiny_config(tmp_path / run, **train)
-    return Trainer(cfg, data=tiny_data(cfg, tmp_path / "tokenizer.model"))
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_tiny_corpus(tmp_path_factory.mktemp("corpus") / "data")
+
+
+@pytest.fixture
+def make_trainer(tmp_path, data_dir):
+    def make(run="run", **train):
+        return Trainer(tiny_config(tmp_path / run, data_dir, **train))
+    return make
 
 
 def train_records(trainer):
@@ -26,17 +33,18 @@ def router_biases(model):
     return torch.cat([m.router.expert_bias for m in moe_layers(model)])
 
 
-def test_resume_is_bitwise_identical(tmp_path):
-    full = make_trainer(tmp_path, "full")
+def test_resume_is_bitwise_identical(make_trainer):
+    full = make_trainer("full")
     full.run()
 
-    part = make_trainer(tmp_path, "part")
+    part = make_trainer("part")
     part.run(stop_after=3)
     assert part.step == 3
-    resumed = make_trainer(tmp_path, "part")  # a new process would do the same: auto-resume
+    resumed = make_trainer("part")  # a new process would do the same: auto-resume
     assert resumed.resumed_from is not None and resumed.step == 3
-    assert resumed.data.train.state_dict() == {"position": 3 * 2 * 2}  # next unseen sample
+    assert resumed.data.train.state_dict()["position"] == 3 * 2 * 2  # the next unseen sample
     resumed.run()
+    assert resumed.data.train.state_dict() == full.data.train.state_dict()
 
     keys = ("step", "tokens", "lr", "loss", "mtp_loss", "mtp_accuracy", "grad_norm", "aux_loss",
             "expert_imbalance_mean", "mtp_weight", "bias_rate")
@@ -51,9 +59,9 @@ def test_resume_is_bitwise_identical(tmp_path):
     assert evals(full) == evals(resumed)
 
 
-def test_logged_averages_cover_every_micro_batch(tmp_path, monkeypatch):
+def test_logged_averages_cover_every_micro_batch(make_trainer, monkeypatch):
     """grad_accum=2, log_interval=2: each record averages 4 micro-batches, weighted by tokens."""
-    trainer = make_trainer(tmp_path, steps=4, log_interval=2, eval_interval=100, save_interval=100)
+    trainer = make_trainer(steps=4, log_interval=2, eval_interval=100, save_interval=100)
     seen: list[ModelOutput] = []
     forward_backward = trainer.forward_backward
 
@@ -112,8 +120,8 @@ def poison(trainer, monkeypatch, bad_steps):
     monkeypatch.setattr(trainer, "forward_backward", maybe_nan)
 
 
-def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
-    trainer = make_trainer(tmp_path, steps=4, save_interval=100, eval_interval=100)
+def test_non_finite_step_is_skipped(make_trainer, monkeypatch):
+    trainer = make_trainer(steps=4, save_interval=100, eval_interval=100)
     trainer.run(stop_after=2)
     biases = router_biases(trainer.model).clone()
     poison(trainer, monkeypatch, {3})
@@ -126,8 +134,8 @@ def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
     assert not torch.equal(router_biases(trainer.model), biases)  # step 4 did update
 
 
-def test_non_finite_weights_are_untouched_by_a_skipped_step(tmp_path, monkeypatch):
-    trainer = make_trainer(tmp_path, steps=3, save_interval=100, eval_interval=100)
+def test_non_finite_weights_are_untouched_by_a_skipped_step(make_trainer, monkeypatch):
+    trainer = make_trainer(steps=3, save_interval=100, eval_interval=100)
     trainer.run(stop_after=2)
     trainer.model.head.weight.data[0, 0] = 0.0
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -140,8 +148,8 @@ def test_non_finite_weights_are_untouched_by_a_skipped_step(tmp_path, monkeypatc
     assert all(m.tokens_per_expert.sum() == 0 for m in moe_layers(trainer.model))
 
 
-def test_consecutive_non_finite_steps_stop_the_run(tmp_path, monkeypatch):
-    trainer = make_trainer(tmp_path, steps=10, save_interval=2, eval_interval=100, max_skipped_steps=3)
+def test_consecutive_non_finite_steps_stop_the_run(make_trainer, monkeypatch):
+    trainer = make_trainer(steps=10, save_interval=2, eval_interval=100, max_skipped_steps=3)
     poison(trainer, monkeypatch, {5, 6, 7, 8, 9, 10})
     with pytest.raises(TrainingStopped, match=r"3 consecutive steps had a non-finite.*step_00000004"):
         trainer.run()
@@ -150,17 +158,17 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path, monkeypatch):
     assert [r["skipped_steps"] for r in records] == [0, 0, 0, 0, 1, 1, 1] and trainer.total_skips == 3
     assert records[-1]["loss"] is None and records[-1]["grad_norm"] is None  # no finite step to average
     # the skipped steps wrote no checkpoint: the last good one (step 4) is `latest` and loadable
-    latest = (tmp_path / "run/checkpoints/latest").read_text().strip()
+    latest = (trainer.out_dir / "checkpoints/latest").read_text().strip()
     assert latest == "step_00000004"
-    resumed = make_trainer(tmp_path, steps=10, max_skipped_steps=3)
+    resumed = make_trainer(steps=10, max_skipped_steps=3)
     assert resumed.step == 4 and resumed.consecutive_skips == 0
 
 
-def test_end_of_run_outputs(tmp_path):
-    trainer = make_trainer(tmp_path, steps=3, log_interval=2)
+def test_end_of_run_outputs(make_trainer):
+    trainer = make_trainer(steps=3, log_interval=2)
     trainer.run()
     text = trainer.finish()
-    out = tmp_path / "run"
+    out = trainer.out_dir
     assert (out / "metrics.png").stat().st_size > 10_000
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 3 and summary["first_eval"]["step"] == 0 and summary["last_eval"]["step"] == 3

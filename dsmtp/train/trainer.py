@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from dsmtp.config import Config, ConfigError, load_config
+from dsmtp.data.errors import DataError
 from dsmtp.model import DeepSeekV3, ModelOutput, moe_layers, update_expert_bias
 from dsmtp.parallel import collectives, topology
 from dsmtp.train import checkpoint, report, schedules
@@ -44,25 +45,23 @@ class BatchStream(Protocol):
 class Data:
     train: BatchStream  # micro-batches [micro_batch_size, seq_len + mtp_depth + 1]
     val: list[torch.Tensor]
+    val_tokens: torch.Tensor  # the whole val split, for its unigram entropy
     tokenizer_path: Path
 
 
 def open_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Data:
-    """The prepared corpus of `data.data_dir`, checked against the model config."""
+    """The prepared corpus of `data.data_dir`, checked against the model config (DataError if unusable)."""
     from dsmtp.data.loader import TrainBatches, val_batches
+    from dsmtp.data.shards import TokenSplit
     from dsmtp.data.tokenizer import Tokenizer
 
     data_dir = Path(cfg.data.data_dir)
-    if not (data_dir / "manifest.json").is_file():
-        raise ConfigError(f"data.data_dir={data_dir} holds no prepared corpus: run "
-                          "`dsmtp prepare --config <the same config>` first")
-    tokenizer = Tokenizer.load(data_dir)
-    if tokenizer.vocab_size != cfg.model.vocab_size:
-        raise ConfigError(f"the tokenizer in {data_dir} has {tokenizer.vocab_size} tokens but model.vocab_size="
-                          f"{cfg.model.vocab_size}: set model.vocab_size={tokenizer.vocab_size} or re-run prepare")
+    tokenizer = Tokenizer.load(data_dir, expected_vocab_size=cfg.model.vocab_size)
     t, extra = cfg.train, cfg.model.mtp_depth
+    val_split = TokenSplit(data_dir, "val")
     return Data(train=TrainBatches(data_dir, t.seq_len, extra, t.micro_batch_size, t.seed, dp_rank, dp_size),
                 val=val_batches(data_dir, t.seq_len, extra, t.micro_batch_size, t.eval_batches),
+                val_tokens=torch.from_numpy(val_split.read(0, val_split.num_tokens).astype("int64")),
                 tokenizer_path=tokenizer.model_path)
 
 
@@ -303,7 +302,7 @@ class Trainer:
         records = self.log.records()
         plot = self.out_dir / "metrics.png"
         report.plot_metrics(records, plot)
-        entropy = report.unigram_entropy(self.data.val, self.cfg.train.seq_len)
+        entropy = report.unigram_entropy(self.data.val_tokens)
         tokens_per_second = self.trained_tokens / self.train_seconds if self.train_seconds else float("nan")
         wall = time.perf_counter() - self.started
         ckpt = checkpoint.latest_checkpoint(self.out_dir)
@@ -335,7 +334,7 @@ def main(argv: list[str]) -> int:
             print(f"resuming from {trainer.resumed_from} (step {trainer.step}, {trainer.tokens:,} tokens)")
         trainer.out_dir.mkdir(parents=True, exist_ok=True)
         trainer.run()
-    except (ConfigError, checkpoint.CheckpointError, TrainingStopped) as e:
+    except (ConfigError, DataError, checkpoint.CheckpointError, TrainingStopped) as e:
         print(f"dsmtp train: {e}", file=sys.stderr)
         return 1
     if trainer.is_writer:
