@@ -23,7 +23,7 @@ and its pipeline engine cannot carry the MTP inputs and per-stage aux losses (se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import torch
@@ -93,6 +93,7 @@ class Engine:
     def __init__(self, model: DeepSeekV3, layers: range, cfg: Config, layout: Layout,
                  make_optimizer: OptimizerFactory):
         self.model, self.cfg, self.layout = model, cfg, layout
+        self.device = next(model.parameters()).device
         self.zero_stage = cfg.parallel.zero_stage
         self.schedule = PipelineSchedule(model, layout, layers, cfg.model.hidden_size) if layout.pp > 1 else None
         named = sorted((n, p) for n, p in model.named_parameters())
@@ -109,30 +110,92 @@ class Engine:
         self.optimizer = make_optimizer(mine)
 
     # ------------------------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[torch.Tensor], mtp_weight: float, grad_clip: float) -> StepStats:
-        """Forward and backward over this rank's micro-batches (each [b, S + D + 1] tokens), then one
-        optimizer step. Losses returned are averaged over micro-batches and the whole DP batch."""
+    # One optimizer step, in the pieces the trainer calls (train_step strings them together).
+
+    def forward_backward(self, micro_batches: list[torch.Tensor], mtp_weight: float) -> list[ModelOutput]:
+        """Forward and backward over this rank's micro-batches (each [b, S + D + 1] tokens), gradients
+        accumulated as the mean over micro-batches. Returns each micro-batch's ModelOutput on the last
+        pipeline stage (with every stage's aux loss in `aux_loss`), nothing on the other stages."""
         self.model.train()
-        depth = self.cfg.model.mtp_depth
-        seq_len = micro_batches[0].shape[1] - depth - 1
-        split = [MicroBatch(mb[:, :seq_len], mb[:, 1:]) for mb in micro_batches]
-        outputs: list[ModelOutput] = []
-        stage_aux: list[torch.Tensor] = []
+        split = self._split_batches(micro_batches)
         if self.schedule is None:
+            outputs = []
             for mb in split:
                 out = self.model(mb.input_ids, mb.labels, mtp_weight=mtp_weight)
                 (out.loss / len(split)).backward()
                 outputs.append(out)
-        else:
-            self.schedule.run(split, mtp_weight, outputs.append, stage_aux.append)
-        stats = self._loss_stats(outputs, stage_aux, len(split), depth)
+            return outputs
+        outputs, stage_aux = [], []
+        self.schedule.run(split, mtp_weight, outputs.append, stage_aux.append)
+        return self._with_all_stages_aux(outputs, stage_aux, len(split))
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list[torch.Tensor], mtp_weight: float) -> list[ModelOutput]:
+        """Forward only, in eval mode; outputs on the last stage as in `forward_backward`."""
+        self.model.eval()
+        split = self._split_batches(micro_batches)
+        try:
+            if self.schedule is None:
+                return [self.model(mb.input_ids, mb.labels, mtp_weight=mtp_weight) for mb in split]
+            outputs, stage_aux = [], []
+            for mb in split:
+                self.schedule.forward_only(mb, mtp_weight, outputs.append, stage_aux.append)
+            return self._with_all_stages_aux(outputs, stage_aux, len(split))
+        finally:
+            self.model.train()
+
+    def reduce_and_clip(self, max_norm: float) -> float:
+        """Reduce the accumulated gradients over their groups and clip them to the global norm
+        (max_norm <= 0: no clipping). Returns the norm before clipping, the same on every rank."""
         self._reduce_gradients()
-        norm = self._clip(grad_clip)
+        return self._clip(max_norm)
+
+    def step(self, lr: float | None = None) -> None:
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         self.optimizer.step()
         self._share_updated_params()
+
+    def zero_grad(self) -> None:
         self.model.zero_grad(set_to_none=True)
-        stats.grad_norm = norm
+
+    def train_step(self, micro_batches: list[torch.Tensor], mtp_weight: float, grad_clip: float) -> StepStats:
+        """forward_backward, reduce_and_clip, step: losses averaged over micro-batches and the DP batch."""
+        outputs = self.forward_backward(micro_batches, mtp_weight)
+        stats = self._loss_stats(outputs, len(micro_batches))
+        stats.grad_norm = self.reduce_and_clip(grad_clip)
+        self.step()
+        self.zero_grad()
         return stats
+
+    def _split_batches(self, micro_batches: list[torch.Tensor]) -> list[MicroBatch]:
+        seq_len = micro_batches[0].shape[1] - self.cfg.model.mtp_depth - 1
+        return [MicroBatch(mb[:, :seq_len], mb[:, 1:]) for mb in micro_batches]
+
+    def _with_all_stages_aux(self, outputs: list[ModelOutput], stage_aux: list[torch.Tensor],
+                             n: int) -> list[ModelOutput]:
+        """Add the earlier stages' aux losses (for logging) to the last stage's outputs."""
+        aux = torch.stack(stage_aux).double() if stage_aux else torch.zeros(n, dtype=torch.float64, device=self.device)
+        dist.all_reduce(aux, group=self.layout.pp_group)
+        return [replace(out, aux_loss=out.aux_loss + a.to(out.aux_loss.dtype)) for out, a in zip(outputs, aux)]
+
+    def share_from_last_stage(self, tensors: list[torch.Tensor]) -> None:
+        """Statistics only the last stage computed (zeros elsewhere) -> every stage of the pipeline."""
+        if self.layout.pp > 1:
+            for t in tensors:
+                _all_reduce_via(t, self.device, self.layout.pp_group)
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any rank (e.g. a non-finite loss: all skip the step)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        if self.layout.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def barrier(self) -> None:
+        if self.layout.world_size > 1:
+            dist.barrier()
 
     @torch.no_grad()
     def update_expert_bias(self, gamma: float) -> None:
@@ -204,16 +267,14 @@ class Engine:
         return full if parts == 1 else full.chunk(parts, dim=dim)[index]
 
     # ------------------------------------------------------------------------------------------
-    def _loss_stats(self, outputs: list[ModelOutput], stage_aux: list[torch.Tensor], n: int, depth: int) -> StepStats:
-        """[main, mtp_1..D, aux] summed on the last stage (plus the other stages' aux), averaged over
-        micro-batches and DP ranks, known to every rank."""
-        vec = torch.zeros(2 + depth, dtype=torch.float64)
+    def _loss_stats(self, outputs: list[ModelOutput], n: int) -> StepStats:
+        """[main, mtp_1..D, aux] from the last stage, averaged over micro-batches and DP ranks, on every rank."""
+        depth = self.cfg.model.mtp_depth
+        vec = torch.zeros(2 + depth, dtype=torch.float64, device=self.device)
         for out in outputs:
             vec[0] += out.main_loss.double()
             vec[1:1 + depth] += out.mtp_losses.double()
             vec[1 + depth] += out.aux_loss.double()
-        for aux in stage_aux:
-            vec[1 + depth] += aux.double()
         vec /= n * self.layout.dp
         if self.layout.pp > 1:
             dist.all_reduce(vec, group=self.layout.pp_group)
@@ -261,7 +322,7 @@ class Engine:
     @torch.no_grad()
     def _clip(self, max_norm: float) -> float:
         """Clip to the global gradient norm, as torch.nn.utils.clip_grad_norm_ does on one process."""
-        squares = torch.zeros((), dtype=torch.float64)
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
         for grad in self._counted_grads():
             squares += grad.double().pow(2).sum()
         if self.layout.world_size > 1:
@@ -314,3 +375,10 @@ def _broadcast_flat(tensors: list[torch.Tensor], src: int, group) -> None:
     dist.broadcast(flat, src=src, group=group)
     for t, value in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
         t.copy_(value)
+
+
+def _all_reduce_via(t: torch.Tensor, device: torch.device, group) -> None:
+    """All-reduce a host tensor through the communication device (NCCL reduces CUDA tensors only)."""
+    on_device = t.to(device)
+    dist.all_reduce(on_device, group=group)
+    t.copy_(on_device.to(t.device))

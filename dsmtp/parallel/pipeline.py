@@ -29,6 +29,10 @@ from torch import nn
 from dsmtp.model import DeepSeekV3, ModelOutput
 from dsmtp.parallel.topology import Layout
 
+# Activations and their gradients travel between stages in float32 whatever the autocast dtype (the
+# residual stream is float32: parameters are float32 and autocast keeps additions in float32).
+WIRE_DTYPE = torch.float32
+
 
 def stage_layers(num_layers: int, pp: int, stage: int) -> range:
     """Contiguous layers of a stage; earlier stages take the remainder (the last one also runs the
@@ -104,6 +108,14 @@ class PipelineSchedule:
         for work in self._pending:
             work.wait()
 
+    def forward_only(self, mb: MicroBatch, mtp_weight: float, on_output: Callable[[ModelOutput], None],
+                     on_aux: Callable[[torch.Tensor], None]) -> None:
+        """One micro-batch through the stages without backward (evaluation; call under no_grad)."""
+        self._pending = []
+        self._forward(mb, mtp_weight, 1, on_output, on_aux)
+        for work in self._pending:
+            work.wait()
+
     def _forward(self, mb: MicroBatch, mtp_weight: float, n: int, on_output, on_aux):
         model = self.model
         b, s = mb.input_ids.shape
@@ -112,14 +124,14 @@ class PipelineSchedule:
             x_in = None
             x = model.embed(mb.input_ids)
         else:
-            x_in = torch.empty(b, s, self.hidden_size, dtype=self._dtype(), device=mb.input_ids.device)
+            x_in = torch.empty(b, s, self.hidden_size, dtype=WIRE_DTYPE, device=mb.input_ids.device)
             dist.recv(x_in, src=self.prev)
-            x_in.requires_grad_(True)
+            x_in.requires_grad_(torch.is_grad_enabled())
             x = x_in
         x, aux = model.run_layers([model.layers[i] for i in self.layers], x, cos, sin)
         if self.next is not None:
             on_aux(aux.detach())
-            self._pending.append(dist.isend(x.detach().contiguous(), dst=self.next))
+            self._pending.append(dist.isend(x.detach().to(WIRE_DTYPE).contiguous(), dst=self.next))
             return x_in, [x] + ([aux / n] if aux.requires_grad else []), True
         tokens, labels = model.mtp_tokens(mb.input_ids, mb.labels)
         emb = model.embed(tokens.clamp(min=0))
@@ -130,12 +142,9 @@ class PipelineSchedule:
     def _backward(self, x_in, outputs: list[torch.Tensor], needs_grad_from_next: bool) -> None:
         grads = [None] * len(outputs)
         if needs_grad_from_next:
-            grad = torch.empty_like(outputs[0])
+            grad = torch.empty_like(outputs[0], dtype=WIRE_DTYPE)
             dist.recv(grad, src=self.next)
             grads[0] = grad
         torch.autograd.backward(outputs, grads)
         if x_in is not None:
             self._pending.append(dist.isend(x_in.grad.contiguous(), dst=self.prev))
-
-    def _dtype(self) -> torch.dtype:
-        return next(p for p in self.model.parameters()).dtype

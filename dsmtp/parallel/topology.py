@@ -58,6 +58,11 @@ def validate_layout(cfg: Config, world_size: int) -> int:
             f"parallel.ep={p.ep} does not divide the data-parallel size {dp} (= world {world_size} / (tp x pp)): "
             "expert parallelism is carved out of the data-parallel ranks; choose ep from the divisors of "
             f"{dp}")
+    if cfg.train.micro_batch_size % dp != 0:
+        raise ConfigError(
+            f"train.micro_batch_size={cfg.train.micro_batch_size} is not divisible by the data-parallel size {dp}: "
+            "it is the micro-batch of all DP ranks together (each reads micro_batch_size / dp samples), so the "
+            "global batch is the same in every layout; choose a multiple of the DP size")
     if p.zero_stage not in (0, 1, 2):
         raise ConfigError(
             f"parallel.zero_stage={p.zero_stage}: dsmtp's engine shards optimizer state (1) and gradients (2); "

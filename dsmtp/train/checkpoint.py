@@ -97,11 +97,13 @@ def set_rng_state(state: dict) -> None:
 # Saving
 
 
-def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: t.detach().float().contiguous().cpu() for name, t in model.state_dict().items()}
+def _model_tensors(model: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model's tensors, or an already consolidated {name: full tensor} (distributed runs)."""
+    tensors = model if isinstance(model, dict) else model.state_dict()
+    return {name: t.detach().float().contiguous().cpu() for name, t in tensors.items()}
 
 
-def save_checkpoint(out_dir: Path, step: int, tokens: int, model: torch.nn.Module, cfg: Config,
+def save_checkpoint(out_dir: Path, step: int, tokens: int, model: torch.nn.Module | dict[str, torch.Tensor], cfg: Config,
                     tokenizer_path: Path, optimizer_state: dict, trainer_state: dict, keep_last: int) -> Path:
     """Write `<out_dir>/checkpoints/step_<step>` atomically, point `latest` at it, prune old ones."""
     root = Path(out_dir) / CHECKPOINTS

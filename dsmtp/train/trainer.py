@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -99,11 +100,9 @@ class Trainer:
         self.device = topology.device()
         self.autocast = autocast_for(t.precision, self.device)
         self.out_dir = Path(t.out_dir)
-        self.is_writer = collectives.dp_rank() == 0
-        torch.manual_seed(t.seed)
-        self.model = DeepSeekV3(cfg.model).to(self.device).train()
-        self.optimizer = build_optimizer(self.model, t)
-        self.data = data if data is not None else open_data(cfg, collectives.dp_rank(), collectives.dp_size())
+        self.is_writer = torch.distributed.get_rank() == 0
+        self.build_model()
+        self.data = data if data is not None else self.open_data()
         self.log = MetricsLog(self.out_dir / "metrics.jsonl")
         self.step = 0
         self.tokens = 0
@@ -124,6 +123,15 @@ class Trainer:
             self.load(ckpt)
         if self.is_writer:
             self.log.truncate_after(self.step if ckpt is not None else -1)
+
+    def build_model(self) -> None:
+        """self.model and self.optimizer (a distributed trainer builds this rank's part instead)."""
+        torch.manual_seed(self.cfg.train.seed)
+        self.model = DeepSeekV3(self.cfg.model).to(self.device).train()
+        self.optimizer = build_optimizer(self.model, self.cfg.train)
+
+    def open_data(self) -> Data:
+        return open_data(self.cfg, collectives.dp_rank(), collectives.dp_size())
 
     @property
     def tokens_per_step(self) -> int:
@@ -166,16 +174,22 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, imbalance, skipped
 
+    def accumulate_gradients(self, mtp_weight: float) -> tuple[LossSums, bool]:
+        """Forward and backward of grad_accum micro-batches: (their loss sums, all losses finite)."""
+        t = self.cfg.train
+        sums = LossSums(self.cfg.model.mtp_depth)
+        finite = True
+        for _ in range(t.grad_accum):
+            out = self.forward_backward(next(self.data.train), mtp_weight, 1.0 / t.grad_accum)
+            sums.add(out)
+            finite = finite and bool(torch.isfinite(out.loss.detach()))
+        return sums, finite
+
     def train_step(self) -> StepResult:
         t = self.cfg.train
         begin = time.perf_counter()
         lam = schedules.mtp_weight(t, self.tokens)
-        sums = LossSums(self.cfg.model.mtp_depth)
-        finite = True
-        for _ in range(t.grad_accum):
-            out = self.forward_backward(next(self.data.train), lam, 1.0 / t.grad_accum)
-            sums.add(out)
-            finite = finite and bool(torch.isfinite(out.loss.detach()))
+        sums, finite = self.accumulate_gradients(lam)
         grad_norm, imbalance, skipped = self.optimizer_step(
             schedules.learning_rate(t, self.step), schedules.bias_update_rate(t, self.tokens), finite)
         self.step += 1
@@ -212,12 +226,17 @@ class Trainer:
                                        self.trainer_state(), self.cfg.train.keep_last)
         self.saved_step = self.step
 
-    def load(self, ckpt: Path) -> None:
-        manifest = checkpoint.verify(ckpt)
-        checkpoint.check_compatible(ckpt, manifest, self.cfg, checkpoint.sha256_file(self.data.tokenizer_path))
+    def load_model_and_optimizer(self, ckpt: Path) -> dict:
+        """Weights and optimizer state from a verified checkpoint; returns the trainer state."""
         checkpoint.load_weights(self.model, ckpt)
         optimizer_state, state = checkpoint.load_training_state(ckpt)
         self.optimizer.load_state_dict(optimizer_state)
+        return state
+
+    def load(self, ckpt: Path) -> None:
+        manifest = checkpoint.verify(ckpt)
+        checkpoint.check_compatible(ckpt, manifest, self.cfg, checkpoint.sha256_file(self.data.tokenizer_path))
+        state = self.load_model_and_optimizer(ckpt)
         self.data.train.load_state_dict(state["loader"])
         checkpoint.set_rng_state(state["rng"])
         self.step, self.tokens = state["step"], state["tokens"]
@@ -329,7 +348,13 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        trainer = Trainer(cfg, resume="require" if args.resume else "auto")
+        trainer_class = Trainer
+        if "WORLD_SIZE" in os.environ:  # started by torchrun: this rank's part of the model, every layout
+            from dsmtp.train.distributed import DistributedTrainer
+
+            topology.init_distributed(cfg)
+            trainer_class = DistributedTrainer
+        trainer = trainer_class(cfg, resume="require" if args.resume else "auto")
         if trainer.resumed_from is not None:
             print(f"resuming from {trainer.resumed_from} (step {trainer.step}, {trainer.tokens:,} tokens)")
         trainer.out_dir.mkdir(parents=True, exist_ok=True)
