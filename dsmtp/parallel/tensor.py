@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+
+class _SumGradOverTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # A fresh contiguous tensor: megatron's own copy_to_tensor_model_parallel_region all-reduces
+        # `grad.contiguous()` and returns `grad`, which silently skips the reduction whenever the
+        # incoming gradient is not contiguous (here: one local head, the expand's gradient is strided).
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=parallel_state.get_tensor_model_parallel_group())
+        return grad
 
 
 def shared_by_local_heads(x: torch.Tensor) -> torch.Tensor:
@@ -16,4 +31,4 @@ def shared_by_local_heads(x: torch.Tensor) -> torch.Tensor:
     """
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return x
-    return copy_to_tensor_model_parallel_region(x)
+    return _SumGradOverTP.apply(x)

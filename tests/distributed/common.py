@@ -21,7 +21,7 @@ GRAD_CLIP = 0.05  # small enough to clip: the test checks it is active
 
 def tiny_config(tp: int = 1, pp: int = 1, ep: int = 1, zero: int = 1) -> Config:
     overrides = {
-        "model.vocab_size": 256, "model.hidden_size": 64, "model.num_layers": 3, "model.num_heads": 4,
+        "model.vocab_size": 256, "model.hidden_size": 64, "model.num_layers": 3, "model.num_heads": 2,
         "model.first_k_dense_replace": 1, "model.intermediate_size": 96, "model.moe_intermediate_size": 32,
         "model.n_routed_experts": 8, "model.n_shared_experts": 1, "model.num_experts_per_tok": 2,
         "model.n_group": 4, "model.topk_group": 2, "model.q_lora_rank": 32, "model.kv_lora_rank": 32,
