@@ -91,7 +91,8 @@ def init_distributed(cfg: Config, timeout_minutes: int = 30) -> "Layout":
             use_cuda = torch.cuda.is_available()
             if use_cuda:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes),
+                                    **_restart_safe_store(timeout_minutes))
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     p = cfg.parallel
@@ -105,6 +106,22 @@ def init_distributed(cfg: Config, timeout_minutes: int = 30) -> "Layout":
     if (found.tp, found.pp, found.ep) != (p.tp, p.pp, p.ep):
         raise RuntimeError(f"megatron built tp/pp/ep={found.tp}/{found.pp}/{found.ep}, asked {p.tp}/{p.pp}/{p.ep}")
     return found
+
+
+def _restart_safe_store(timeout_minutes: int) -> dict:
+    """Under torchrun, a store namespace of our own for each restart of the worker group.
+
+    torchrun's restarted workers reuse the agent's store, where the dead attempt's gloo/NCCL
+    rendezvous keys are still present: the new workers would read the dead peers' addresses and wait
+    for them forever. Prefixing every key with the restart count gives each attempt a clean slate.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(minutes=timeout_minutes))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"dsmtp/attempt_{attempt}", store),
+            "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
 
 
 def shutdown() -> None:
