@@ -355,7 +355,7 @@ def main(argv: list[str]) -> int:
             topology.init_distributed(cfg)
             trainer_class = DistributedTrainer
         trainer = trainer_class(cfg, resume="require" if args.resume else "auto")
-        if trainer.resumed_from is not None:
+        if trainer.resumed_from is not None and trainer.is_writer:
             print(f"resuming from {trainer.resumed_from} (step {trainer.step}, {trainer.tokens:,} tokens)")
         trainer.out_dir.mkdir(parents=True, exist_ok=True)
         trainer.run()
