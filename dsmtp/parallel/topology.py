@@ -103,9 +103,29 @@ def init_distributed(cfg: Config, timeout_minutes: int = 30) -> "Layout":
         expert_tensor_parallel_size=p.tp,
         distributed_timeout_minutes=timeout_minutes, create_gloo_process_groups=False)
     found = layout()
-    if (found.tp, found.pp, found.ep) != (p.tp, p.pp, p.ep):
-        raise RuntimeError(f"megatron built tp/pp/ep={found.tp}/{found.pp}/{found.ep}, asked {p.tp}/{p.pp}/{p.ep}")
+    check_layout(found, cfg)
     return found
+
+
+def check_layout(lay: "Layout", cfg: Config) -> None:
+    """Start-up check that the groups megatron built are the layout every other part assumes: the
+    sizes asked for, expert groups inside the data-parallel group, and the embedding group pairing
+    the first and last stage of this rank's pipeline. Raises RuntimeError on any mismatch."""
+    p = cfg.parallel
+    ranks = dist.get_process_group_ranks
+    problems = []
+    if (lay.tp, lay.pp, lay.ep, lay.dp * lay.tp * lay.pp) != (p.tp, p.pp, p.ep, lay.world_size):
+        problems.append(f"sizes tp/pp/ep/dp = {lay.tp}/{lay.pp}/{lay.ep}/{lay.dp} for world {lay.world_size}")
+    dp_ranks = set(ranks(lay.dp_group))
+    if not set(ranks(lay.ep_group)) <= dp_ranks or not set(ranks(lay.edp_group)) <= dp_ranks:
+        problems.append("expert groups are not inside the data-parallel group")
+    if len(ranks(lay.ep_group)) * len(ranks(lay.edp_group)) != lay.dp:
+        problems.append("ep x expert-dp != dp")
+    if lay.embedding_group is not None and lay.rank in (lay.pp_ranks[0], lay.pp_ranks[-1]) \
+            and ranks(lay.embedding_group) != [lay.pp_ranks[0], lay.pp_ranks[-1]]:
+        problems.append("embedding group is not (first stage, last stage)")
+    if problems:
+        raise RuntimeError(f"process groups do not match the layout ({lay.describe()}): " + "; ".join(problems))
 
 
 def _restart_safe_store(timeout_minutes: int) -> dict:
