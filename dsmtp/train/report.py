@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -22,7 +23,7 @@ def _nan_for_null(record: dict) -> dict:
     return {k: [fix(x) for x in v] if isinstance(v, list) else fix(v) for k, v in record.items()}
 
 
-def plot_metrics(records: list[dict], path: Path) -> None:
+def plot_metrics(records: list[dict], path: Path, unigram_entropy: Optional[float] = None) -> None:
     """Train/val loss and per-depth MTP accuracy against tokens seen, as a PNG."""
     import matplotlib
 
@@ -36,7 +37,10 @@ def plot_metrics(records: list[dict], path: Path) -> None:
     tok = lambda rs: [r["tokens"] / 1e6 for r in rs]  # noqa: E731
     ax_loss.plot(tok(train), [r["loss"] for r in train], label="train main", color="C0", alpha=0.7)
     ax_loss.plot(tok(val), [r["loss"] for r in val], "o-", label="val main", color="C0")
-    ax_acc.plot(tok(val), [r["accuracy"] for r in val], "o-", label="val main (next token)", color="C0")
+    if unigram_entropy is not None:
+        ax_loss.axhline(unigram_entropy, color="gray", linestyle=":", label="unigram entropy (val)")
+    ax_acc.plot(tok(train), [r["accuracy"] for r in train], label="train main (next token)", color="C0", alpha=0.7)
+    ax_acc.plot(tok(val), [r["accuracy"] for r in val], "o-", label="val main", color="C0")
     for k in range(depth):
         color = f"C{k + 1}"
         ax_loss.plot(tok(train), [r["mtp_loss"][k] for r in train], label=f"train MTP depth {k + 1}",
@@ -72,5 +76,5 @@ def summary_table(records: list[dict], entropy: float, tokens_per_second: float,
     lines.append(f"{'unigram entropy (val)':<24}  {entropy:>10.4f}  (a context-free model's loss)")
     lines.append(f"throughput {tokens_per_second:,.0f} tokens/s, wall time {wall_seconds / 60:.1f} min"
                  + ("" if math.isfinite(tokens_per_second) else " (no steps run)"))
-    lines += [f"{name:<9} {path}" for name, path in files.items()]
+    lines += [f"{name + ':':<11} {path}" for name, path in files.items()]
     return "\n".join(lines)

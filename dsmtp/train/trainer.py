@@ -320,8 +320,8 @@ class Trainer:
         """Plot and summary table of the whole run (all records, across resumes)."""
         records = self.log.records()
         plot = self.out_dir / "metrics.png"
-        report.plot_metrics(records, plot)
         entropy = report.unigram_entropy(self.data.val_tokens)
+        report.plot_metrics(records, plot, entropy)
         tokens_per_second = self.trained_tokens / self.train_seconds if self.train_seconds else float("nan")
         wall = time.perf_counter() - self.started
         ckpt = checkpoint.latest_checkpoint(self.out_dir)
