@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -88,6 +89,12 @@ def test_torchrun_script_trains_like_one_process(corpus, single_process, tmp_pat
         assert int(got["state"][i]["step"]) == int(s["step"])
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _wait_for_checkpoint(out_dir: Path, proc: subprocess.Popen, at_least: int, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -108,7 +115,7 @@ def test_slurm_batch_script_requeues_and_resumes(corpus, single_process, tmp_pat
     env = dict(worker_env(), PATH=f"{FAKE_SLURM}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
                SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="localhost,localhost", SLURM_SUBMIT_DIR=str(ROOT),
                DSMTP_NPROC_PER_NODE="2", DSMTP_OUT_DIR=str(out), FAKE_SLURM_LOG=str(tmp_path / "slurm.log"),
-               DSMTP_RDZV_PORT=str(29700 + os.getpid() % 200))
+               DSMTP_RDZV_PORT=str(_free_port()))
     cmd = ["bash", "launch/slurm/train.sbatch", "--config", str(cfg), "--set", "parallel.tp=2",
            "--set", "parallel.pp=2"]
     job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
