@@ -186,6 +186,16 @@ class Engine:
             for t in tensors:
                 _all_reduce_via(t, self.device, self.layout.pp_group)
 
+    def over_stages(self, sums: list[float], maxima: list[float]) -> tuple[list[float], list[float]]:
+        """Per-stage statistics summed / maximised over the pipeline (identity without PP)."""
+        if self.layout.pp == 1:
+            return sums, maxima
+        s = torch.tensor(sums, dtype=torch.float64, device=self.device)
+        m = torch.tensor(maxima, dtype=torch.float64, device=self.device)
+        dist.all_reduce(s, group=self.layout.pp_group)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.layout.pp_group)
+        return s.tolist(), m.tolist()
+
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on any rank (e.g. a non-finite loss: all skip the step)."""
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)

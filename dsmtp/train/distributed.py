@@ -82,7 +82,7 @@ class DistributedTrainer(Trainer):
         grad_norm = self.engine.reduce_and_clip(self.cfg.train.grad_clip)
         skipped = self.engine.any_rank(not (finite_loss and math.isfinite(grad_norm)))
         collectives.reduce_expert_loads(self.model)
-        imbalance = expert_load_imbalance(self.model)  # this stage's MoE layers
+        imbalance = self._load_imbalance()
         if skipped:
             for moe in moe_layers(self.model):
                 moe.tokens_per_expert.zero_()
@@ -91,6 +91,14 @@ class DistributedTrainer(Trainer):
             update_expert_bias(self.model, gamma)
         self.engine.zero_grad()
         return grad_norm, imbalance, skipped
+
+    def _load_imbalance(self) -> tuple[float, float]:
+        """expert_load_imbalance over the MoE layers of every pipeline stage."""
+        mean, worst = expert_load_imbalance(self.model)
+        layers = sum(1 for m in moe_layers(self.model) if m.tokens_per_expert.sum() > 0)
+        (total, layers), (worst,) = self.engine.over_stages([mean * layers if layers else 0.0, layers],
+                                                            [worst if layers else 0.0])
+        return (total / layers, worst) if layers else (float("nan"), float("nan"))
 
     @torch.no_grad()
     def evaluate(self) -> dict:
