@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,30 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (torchrun puts each worker in a session of its own, so killing a
+    process group does not reach them)."""
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return tree
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant, as Slurm does to a job's cgroup."""
+    for p in process_tree(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def worker_env() -> dict:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from dsmtp.config import config_to_dict
 from dsmtp.train import checkpoint
 from dsmtp.train.trainer import Trainer
-from tests.distributed.launch import ROOT, relative_error, worker_env
+from tests.distributed.launch import ROOT, kill_tree, relative_error, worker_env
 from tests.train_helpers import prepare_tiny_corpus, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -118,8 +118,7 @@ def test_slurm_batch_script_requeues_and_resumes(corpus, single_process, tmp_pat
                DSMTP_RDZV_PORT=str(_free_port()))
     cmd = ["bash", "launch/slurm/train.sbatch", "--config", str(cfg), "--set", "parallel.tp=2",
            "--set", "parallel.pp=2"]
-    job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
+    job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_checkpoint(out, job, at_least=4)
         os.kill(job.pid, signal.SIGUSR1)
@@ -128,7 +127,7 @@ def test_slurm_batch_script_requeues_and_resumes(corpus, single_process, tmp_pat
             time.sleep(0.05)
         assert (tmp_path / "slurm.log").read_text().strip() == "requeue 4242"
     finally:
-        os.killpg(job.pid, signal.SIGKILL)  # what Slurm does to a requeued job
+        kill_tree(job.pid)  # what Slurm does to a requeued job: every process of it
         job.communicate(timeout=60)
     interrupted_at = int(checkpoint.latest_checkpoint(out).name[5:])
 
@@ -152,7 +151,7 @@ def test_killed_worker_restarts_group_and_resumes(corpus, single_process, tmp_pa
     cfg = write_config(tmp_path / "cfg.yaml", out, corpus)
     run = subprocess.Popen(["bash", "launch/torchrun.sh", "--nproc-per-node", "2", "--max-restarts", "1",
                             "--config", str(cfg), "--set", "parallel.zero_stage=2"], cwd=ROOT, env=worker_env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_checkpoint(out, run, at_least=4)
         workers = _worker_pids(run.pid)
@@ -161,7 +160,7 @@ def test_killed_worker_restarts_group_and_resumes(corpus, single_process, tmp_pa
         stdout, stderr = run.communicate(timeout=300)
     finally:
         if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)  # the agent and its workers
+            kill_tree(run.pid)  # the agent and its workers
             run.communicate()
     assert run.returncode == 0, stderr[-5000:]
     assert stdout.count("resuming from") == 1  # rank 0 reports the restart's resume
