@@ -4,9 +4,11 @@ into any layout.
 A shard holds the tensors this rank is the canonical writer of (see `Engine.shard_pieces`), each with
 where it sits in the full tensor (split dim, piece index, number of pieces). Consolidation
 concatenates the pieces: no rank needs to hold the whole model during training, and the result is
-the contract's `model.safetensors` (full tensors, our names, router biases included) plus
-`optimizer.pt` with the Adam state keyed by parameter name. Resuming, in the same or another layout,
-slices those full tensors again, so a TP=2 x PP=2 checkpoint resumes at EP=2 x DP=2.
+the contract's `model.safetensors` (full tensors, our names, router biases included) plus the
+optimizer state as full tensors keyed by parameter name (`consolidate` writes it as
+`optimizer_by_name.pt`; the trainer converts it to its own `optimizer.pt`, see
+dsmtp.train.distributed). Resuming, in the same or another layout, slices those full tensors again,
+so a TP=2 x PP=2 checkpoint resumes at EP=2 x DP=2.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 SHARD_DIR = "shards"
+OPTIMIZER_BY_NAME = "optimizer_by_name.pt"
 
 
 @dataclass
@@ -65,7 +68,8 @@ def merge_shards(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def consolidate(ckpt_dir: Path) -> None:
-    """Write model.safetensors (full float32 tensors) and optimizer.pt (Adam state by parameter name)."""
+    """Write model.safetensors (full float32 tensors) and optimizer_by_name.pt (Adam state by parameter
+    name), for runs driven by the engine directly rather than by the trainer."""
     ckpt_dir = Path(ckpt_dir)
     full = merge_shards(ckpt_dir)
     model = {k[len("model/"):]: v.float().contiguous() for k, v in full.items() if k.startswith("model/")}
@@ -77,9 +81,9 @@ def consolidate(ckpt_dir: Path) -> None:
     tmp = ckpt_dir / "model.safetensors.tmp"
     save_file(model, str(tmp))
     os.replace(tmp, ckpt_dir / "model.safetensors")
-    tmp = ckpt_dir / "optimizer.pt.tmp"
+    tmp = ckpt_dir / f"{OPTIMIZER_BY_NAME}.tmp"
     torch.save({"state": state}, tmp)
-    os.replace(tmp, ckpt_dir / "optimizer.pt")
+    os.replace(tmp, ckpt_dir / OPTIMIZER_BY_NAME)
 
 
 def load_consolidated(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
@@ -87,6 +91,6 @@ def load_consolidated(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str
 
     ckpt_dir = Path(ckpt_dir)
     model = load_file(str(ckpt_dir / "model.safetensors"))
-    optim_path = ckpt_dir / "optimizer.pt"
+    optim_path = ckpt_dir / OPTIMIZER_BY_NAME
     state = torch.load(optim_path, weights_only=True)["state"] if optim_path.exists() else {}
     return model, state
