@@ -57,6 +57,7 @@ LAYOUTS = {
     "dp2_zero2": (2, {"zero": 2}),
     "pp2_ep2": (4, {"pp": 2, "ep": 2}),
     "dp4_ep2_zero2": (4, {"ep": 2, "zero": 2}),  # experts' ZeRO-2 shards over the expert-DP group
+    "tp2_ep2": (4, {"tp": 2, "ep": 2}),  # experts replicated over TP, all-to-all within each TP rank's EP group
 }
 
 
