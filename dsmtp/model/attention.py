@@ -16,6 +16,7 @@ from dsmtp.model import kernels
 from dsmtp.model.linear import ColumnParallelLinear, RowParallelLinear, replicated_linear
 from dsmtp.model.norm import RMSNorm
 from dsmtp.model.rope import apply_rotary, softmax_scale
+from dsmtp.parallel.tensor import shared_by_local_heads
 from dsmtp.parallel.topology import tp_size
 
 # DeepSeek's reference code and HF transformers build the latent norms with the default eps,
@@ -77,6 +78,9 @@ class MLA(nn.Module):
         kv = self.wkv_b(kv).view(b, skv, self.n_local_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
+        # The RoPE key is shared by all heads, but each tensor-parallel rank uses it for its own heads
+        # only: its gradient must be summed over the TP ranks.
+        k_rope = shared_by_local_heads(k_rope)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_local_heads, -1)], dim=-1)
         out = kernels.attention(q, k, v, self.softmax_scale)
         return self.wo(out.flatten(2))

@@ -67,11 +67,30 @@ class DeepSeekV3(nn.Module):
               caches: Optional[list[LatentCache]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedded tokens [B, S, H] -> final (post-norm) hidden state h_0 and the summed aux loss.
         `caches`: one KV cache per layer when decoding (see MLA.forward)."""
+        x, aux = self.run_layers(self.layers, x, cos, sin, caches)
+        return self.norm(x), aux
+
+    @staticmethod
+    def run_layers(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   caches: Optional[list[LatentCache]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run a run of transformer layers (all of them, or a pipeline stage's); returns (x, summed aux loss)."""
         aux = x.new_zeros((), dtype=torch.float32)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(layers):
             x, layer_aux = layer(x, cos, sin, None if caches is None else caches[i])
             aux = aux + layer_aux
-        return self.norm(x), aux
+        return x, aux
+
+    def mtp_hidden_states(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """[h_1 .. h_D] from the trunk's h_0 [B, S, H] and the embedded tokens t_0 .. t_{S+D-1}: depth k
+        at position i combines h_{k-1, i} with the embedding of t_{i+k}. Also returns their aux loss."""
+        s = h.shape[1]
+        hidden, aux = [], h.new_zeros((), dtype=torch.float32)
+        for k, module in enumerate(self.mtp, start=1):
+            h, module_aux = module(h, emb[:, k:k + s], cos, sin)
+            hidden.append(h)
+            aux = aux + module_aux
+        return hidden, aux
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits from a hidden state (trunk or MTP depth): the shared output head."""
@@ -79,40 +98,47 @@ class DeepSeekV3(nn.Module):
 
     def hidden_states(self, tokens: torch.Tensor, seq_len: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         """tokens [B, S + D] = t_0 .. t_{S+D-1} -> [h_0, h_1, .., h_D] (each [B, S, H]) and the aux loss.
-
-        h_0 is the trunk's post-norm output at positions 0 .. S-1; depth k at position i combines
-        h_{k-1, i} with the embedding of t_{i+k}. The tokens are embedded once for all depths.
-        """
+        The tokens are embedded once for all depths."""
         cos, sin = self.rope(torch.arange(seq_len, device=tokens.device))
         emb = self.embed(tokens)
         h, aux = self.trunk(emb[:, :seq_len], cos, sin)
-        hidden = [h]
-        for k, module in enumerate(self.mtp, start=1):
-            h, module_aux = module(h, emb[:, k:k + seq_len], cos, sin)
-            hidden.append(h)
-            aux = aux + module_aux
-        return hidden, aux
+        mtp_hidden, mtp_aux = self.mtp_hidden_states(h, emb, cos, sin)
+        return [h, *mtp_hidden], aux + mtp_aux
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 mtp_weight: float = 0.3) -> torch.Tensor | ModelOutput:
         """Without labels: the main logits [B, S, vocab]. With labels [B, S..S+D]: a ModelOutput."""
         s = input_ids.shape[1]
+        cos, sin = self.rope(torch.arange(s, device=input_ids.device))
         if labels is None:
-            cos, sin = self.rope(torch.arange(s, device=input_ids.device))
             h, _ = self.trunk(self.embed(input_ids), cos, sin)
             return self.logits(h)
+        tokens, labels = self.mtp_tokens(input_ids, labels)
+        emb = self.embed(tokens.clamp(min=0))
+        h, aux = self.trunk(emb[:, :s], cos, sin)
+        return self.output(h, emb, tokens, labels, aux, cos, sin, mtp_weight)
 
-        depth = len(self.mtp)
+    def mtp_tokens(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t_0 .. t_{S+D-1} to embed, labels padded to S + D). Depth k reads embedding positions
+        k .. k+S-1 (token t_{i+k} at position i); missing labels become IGNORE_INDEX."""
+        s, depth = input_ids.shape[1], len(self.mtp)
         labels = F.pad(labels, (0, s + depth - labels.shape[1]), value=IGNORE_INDEX)
-        tokens = torch.cat([input_ids, labels[:, s - 1:s + depth - 1]], dim=1)  # t_0 .. t_{S+D-1}
-        hidden, aux = self.hidden_states(tokens.clamp(min=0), s)
-        main_loss, main_acc, main_n = self._lm_loss(hidden[0], labels[:, :s])
+        return torch.cat([input_ids, labels[:, s - 1:s + depth - 1]], dim=1), labels
+
+    def output(self, h: torch.Tensor, emb: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
+               aux: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mtp_weight: float) -> ModelOutput:
+        """Main and MTP losses from the trunk's final (post-norm) hidden state h [B, S, H], the embedded
+        `tokens` and the trunk's aux loss (a pipeline's last stage calls this directly)."""
+        s, depth = h.shape[1], len(self.mtp)
+        mtp_hidden, mtp_aux = self.mtp_hidden_states(h, emb, cos, sin)
+        aux = aux + mtp_aux
+        main_loss, main_acc, main_n = self._lm_loss(h, labels[:, :s])
         loss = main_loss + aux
         per_depth = []
-        for k in range(1, depth + 1):
+        for k, h_k in enumerate(mtp_hidden, start=1):
             # Depth k at position i predicts t_{i+k+1}; no target where its input token t_{i+k} is missing.
             targets = labels[:, k:k + s].masked_fill(tokens[:, k:k + s] == IGNORE_INDEX, IGNORE_INDEX)
-            per_depth.append(self._lm_loss(hidden[k], targets))
+            per_depth.append(self._lm_loss(h_k, targets))
         if depth:
             mtp_losses, mtp_accs, mtp_ns = (torch.stack(t) for t in zip(*per_depth))
             loss = loss + mtp_weight / depth * mtp_losses.sum()

@@ -1,0 +1,57 @@
+"""Collectives the training loop needs over the data-parallel group.
+
+Each is a no-op in a single process, so the trainer calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from dsmtp.model import moe_layers
+from dsmtp.parallel.topology import device
+
+
+def dp_group() -> Optional[dist.ProcessGroup]:
+    """The data-parallel group (ranks that see different samples of the same step)."""
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return None
+    return parallel_state.get_data_parallel_group()
+
+
+def dp_size() -> int:
+    group = dp_group()
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def dp_rank() -> int:
+    group = dp_group()
+    return 0 if group is None else dist.get_rank(group)
+
+
+def all_reduce_sum_(tensors: Iterable[torch.Tensor]) -> None:
+    """Sum each tensor in place over the data-parallel group, in one flat message."""
+    tensors = list(tensors)
+    group = dp_group()
+    if not tensors or group is None or dist.get_world_size(group) == 1:
+        return
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])  # float64: exact token counts
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(chunk.view_as(t))
+
+
+def reduce_expert_loads(model: torch.nn.Module) -> None:
+    """Sum every MoE layer's `tokens_per_expert` over the data-parallel group, so the router bias
+    update sees the load of the global batch rather than this rank's share."""
+    all_reduce_sum_(moe.tokens_per_expert for moe in moe_layers(model))
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is true on any data-parallel rank (e.g. a non-finite loss), so all ranks skip together."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device())  # NCCL reduces CUDA tensors only
+    all_reduce_sum_([t])
+    return bool(t.item() > 0)

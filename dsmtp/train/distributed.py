@@ -1,0 +1,151 @@
+"""The trainer under torchrun: the same loop, logging, evaluation and checkpoints as `Trainer`, with
+this rank's part of the model driven by `dsmtp.parallel.engine.Engine` (TP, PP, EP, DP with ZeRO-1/2).
+
+Batch semantics do not depend on the layout: `train.micro_batch_size` is the micro-batch of the whole
+data-parallel group, each DP rank reads its disjoint `micro_batch_size / dp` slice, and a step is
+`grad_accum` such micro-batches (the pipeline's micro-batches under PP). So any layout trains on the
+same global batches as one process, and a checkpoint resumes in any layout.
+
+Checkpoints are the single-process layout: every rank writes its shard (dsmtp.parallel.checkpoint),
+rank 0 concatenates them into full tensors and writes the usual step directory (model.safetensors,
+optimizer.pt in `torch.optim.AdamW.state_dict()` form of the single-process model, ...) with the
+same atomic rename and `latest` pointer; the shards are a temporary directory removed afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from dsmtp.data.loader import TrainBatches
+from dsmtp.model import DeepSeekV3, moe_layers, update_expert_bias
+from dsmtp.parallel import checkpoint as shards
+from dsmtp.parallel import collectives, topology
+from dsmtp.parallel.engine import Engine, build_model
+from dsmtp.train import checkpoint
+from dsmtp.train.metrics import LossSums, expert_load_imbalance
+from dsmtp.train.optim import build_optimizer, parameter_groups
+from dsmtp.train.trainer import Data, Trainer, open_data
+
+
+def single_process_parameter_order(cfg) -> list[list[str]]:
+    """Names of the single-process optimizer's parameter groups, in order (its state_dict indexes
+    parameters by position in these groups). Built on the meta device: no memory, no init."""
+    with torch.device("meta"):
+        model = DeepSeekV3(cfg.model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in parameter_groups(model, 0.0)]
+
+
+class DistributedTrainer(Trainer):
+    def build_model(self) -> None:
+        self.layout = topology.layout()
+        model, layers = build_model(self.cfg, self.layout, self.cfg.train.seed)
+        self.model = model.to(self.device).train()
+        self.engine = Engine(self.model, layers, self.cfg, self.layout,
+                             lambda named: build_optimizer([p for _, p in named], self.cfg.train))
+        self.optimizer = self.engine.optimizer
+
+    def open_data(self) -> Data:
+        t, lay = self.cfg.train, self.layout
+        data = open_data(self.cfg)  # tokenizer and validation batches as one process sees them
+        data.train = TrainBatches(self.cfg.data.data_dir, t.seq_len, self.cfg.model.mtp_depth,
+                                  t.micro_batch_size // lay.dp, t.seed, lay.dp_rank, lay.dp)
+        return data
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.seq_len * t.grad_accum
+
+    # ------------------------------------------------------------------------------------------
+    def _sums(self, outputs) -> LossSums:
+        """Loss sums of the last stage's outputs, known to every stage (DP reduction happens when logging)."""
+        sums = LossSums(self.cfg.model.mtp_depth)
+        for out in outputs:
+            sums.add(out)
+        self.engine.share_from_last_stage([sums.main, sums.mtp])
+        return sums
+
+    def accumulate_gradients(self, mtp_weight: float) -> tuple[LossSums, bool]:
+        batches = [next(self.data.train).to(self.device) for _ in range(self.cfg.train.grad_accum)]
+        with self.autocast():
+            outputs = self.engine.forward_backward(batches, mtp_weight)
+        sums = self._sums(outputs)
+        return sums, sums.is_finite()
+
+    def optimizer_step(self, lr: float, gamma: float, finite_loss: bool) -> tuple[float, tuple[float, float], bool]:
+        grad_norm = self.engine.reduce_and_clip(self.cfg.train.grad_clip)
+        skipped = self.engine.any_rank(not (finite_loss and math.isfinite(grad_norm)))
+        collectives.reduce_expert_loads(self.model)
+        imbalance = self._load_imbalance()
+        if skipped:
+            for moe in moe_layers(self.model):
+                moe.tokens_per_expert.zero_()
+        else:
+            self.engine.step(lr)
+            update_expert_bias(self.model, gamma)
+        self.engine.zero_grad()
+        return grad_norm, imbalance, skipped
+
+    def _load_imbalance(self) -> tuple[float, float]:
+        """expert_load_imbalance over the MoE layers of every pipeline stage."""
+        mean, worst = expert_load_imbalance(self.model)
+        layers = sum(1 for m in moe_layers(self.model) if m.tokens_per_expert.sum() > 0)
+        (total, layers), (worst,) = self.engine.over_stages([mean * layers if layers else 0.0, layers],
+                                                            [worst if layers else 0.0])
+        return (total / layers, worst) if layers else (float("nan"), float("nan"))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        lay = self.layout
+        per_rank = self.cfg.train.micro_batch_size // lay.dp
+        batches = [b[lay.dp_rank * per_rank:(lay.dp_rank + 1) * per_rank].to(self.device) for b in self.data.val]
+        with self.autocast():
+            sums = self._sums(self.engine.evaluate(batches, mtp_weight=0.0))
+        sums.all_reduce()
+        return {"kind": "eval", "step": self.step, "tokens": self.tokens, **sums.averages()}
+
+    # ------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        shard_dir = self.out_dir / checkpoint.CHECKPOINTS / f".tmp-shards-{self.step}"
+        shards.save_shard(shard_dir, self.layout.rank, self.engine.shard_pieces())
+        self.engine.barrier()
+        if self.is_writer:
+            full = shards.merge_shards(shard_dir)
+            tensors = {k[len("model/"):]: v for k, v in full.items() if k.startswith("model/")}
+            checkpoint.save_checkpoint(self.out_dir, self.step, self.tokens, tensors, self.cfg,
+                                       self.data.tokenizer_path, self._single_process_optimizer_state(full),
+                                       self.trainer_state(), self.cfg.train.keep_last)
+            shutil.rmtree(shard_dir)
+        self.engine.barrier()
+        self.saved_step = self.step
+
+    def _single_process_optimizer_state(self, full: dict[str, torch.Tensor]) -> dict:
+        by_name: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in full.items():
+            if key.startswith("optim/"):
+                name, field = key[len("optim/"):].rsplit("/", 1)
+                by_name.setdefault(name, {})[field] = value
+        state, groups, index = {}, [], 0
+        hyper = {g["name"]: {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups}
+        for group_names, group in zip(single_process_parameter_order(self.cfg), ("decay", "no_decay")):
+            groups.append({**hyper[group], "params": list(range(index, index + len(group_names)))})
+            for name in group_names:
+                if name in by_name:
+                    state[index] = by_name[name]
+                index += 1
+        return {"state": state, "param_groups": groups}
+
+    def load_model_and_optimizer(self, ckpt: Path) -> dict:
+        tensors = load_file(str(ckpt / "model.safetensors"))
+        optimizer_state, state = checkpoint.load_training_state(ckpt)
+        names = [n for group in single_process_parameter_order(self.cfg) for n in group]
+        by_name = {names[int(i)]: s for i, s in optimizer_state["state"].items()}
+        self.engine.load_full({k: v.to(self.device) for k, v in tensors.items()},
+                              {n: {k: v.to(self.device) for k, v in s.items()} for n, s in by_name.items()})
+        return state

@@ -1,0 +1,367 @@
+"""`dsmtp train --config CONFIG [--set key=value ...] [--resume]`: pretraining with MTP.
+
+The loop is split so a distributed engine can replace one piece at a time:
+  - `forward_backward`: one micro-batch, forward under autocast and backward of the scaled loss;
+  - `optimizer_step`: clip, skip if non-finite, step, then the router bias update over the
+    data-parallel batch (collectives in dsmtp.parallel);
+  - `train_step`: one optimizer step of `grad_accum` micro-batches, returning its statistics;
+  - `run`: logging, evaluation and checkpoint orchestration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol
+
+import torch
+from tqdm import tqdm
+
+from dsmtp.config import Config, ConfigError, load_config
+from dsmtp.data.errors import DataError
+from dsmtp.model import DeepSeekV3, ModelOutput, moe_layers, update_expert_bias
+from dsmtp.parallel import collectives, topology
+from dsmtp.train import checkpoint, report, schedules
+from dsmtp.train.flops import mfu
+from dsmtp.train.metrics import IntervalMeter, LossSums, MetricsLog, expert_load_imbalance
+from dsmtp.train.optim import build_optimizer
+
+
+class BatchStream(Protocol):
+    """What the trainer needs from a training data loader (dsmtp.data.loader.TrainBatches)."""
+
+    def __next__(self) -> torch.Tensor: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class Data:
+    train: BatchStream  # micro-batches [micro_batch_size, seq_len + mtp_depth + 1]
+    val: list[torch.Tensor]
+    val_tokens: torch.Tensor  # the whole val split, for its unigram entropy
+    tokenizer_path: Path
+
+
+def open_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Data:
+    """The prepared corpus of `data.data_dir`, checked against the model config (DataError if unusable)."""
+    from dsmtp.data.loader import TrainBatches, val_batches
+    from dsmtp.data.shards import TokenSplit
+    from dsmtp.data.tokenizer import Tokenizer
+
+    data_dir = Path(cfg.data.data_dir)
+    tokenizer = Tokenizer.load(data_dir, expected_vocab_size=cfg.model.vocab_size)
+    t, extra = cfg.train, cfg.model.mtp_depth
+    val_split = TokenSplit(data_dir, "val")
+    return Data(train=TrainBatches(data_dir, t.seq_len, extra, t.micro_batch_size, t.seed, dp_rank, dp_size),
+                val=val_batches(data_dir, t.seq_len, extra, t.micro_batch_size, t.eval_batches),
+                val_tokens=torch.from_numpy(val_split.read(0, val_split.num_tokens).astype("int64")),
+                tokenizer_path=tokenizer.model_path)
+
+
+def autocast_for(precision: str, device: torch.device):
+    """bf16 autocast on CUDA (or when asked for), full fp32 otherwise."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp8":
+        raise ConfigError("train.precision=fp8 is not supported by the training loop: use auto, bf16 or fp32")
+    if precision == "fp32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot continue (e.g. too many consecutive non-finite steps); the message says why."""
+
+
+@dataclass
+class StepResult:
+    sums: LossSums  # token-weighted losses of this step's micro-batches (this rank)
+    tokens: int  # tokens consumed by the step over all data-parallel ranks
+    seconds: float
+    grad_norm: float
+    imbalance: tuple[float, float]  # expert load max/mean: mean and max over MoE layers
+    skipped: bool
+
+
+class Trainer:
+    def __init__(self, cfg: Config, data: Optional[Data] = None, resume: str = "auto"):
+        """resume: "auto" continues from out_dir's latest checkpoint if there is one; "require" also
+        fails when there is none."""
+        topology.ensure_initialized()
+        self.cfg, t = cfg, cfg.train
+        self.device = topology.device()
+        self.autocast = autocast_for(t.precision, self.device)
+        self.out_dir = Path(t.out_dir)
+        self.is_writer = torch.distributed.get_rank() == 0
+        self.build_model()
+        self.data = data if data is not None else self.open_data()
+        self.log = MetricsLog(self.out_dir / "metrics.jsonl")
+        self.step = 0
+        self.tokens = 0
+        self.consecutive_skips = 0
+        self.total_skips = 0
+        self.saved_step: Optional[int] = None
+        self.resumed_from: Optional[Path] = None
+        self.started = time.perf_counter()
+        self.train_seconds = 0.0
+        self.trained_tokens = 0
+
+        if self.is_writer:
+            checkpoint.remove_stale_temporaries(self.out_dir)
+        ckpt = checkpoint.latest_checkpoint(self.out_dir)
+        if ckpt is None and resume == "require":
+            raise checkpoint.CheckpointError(f"--resume: {self.out_dir / checkpoint.CHECKPOINTS} has no checkpoint")
+        if ckpt is not None:
+            self.load(ckpt)
+        if self.is_writer:
+            self.log.truncate_after(self.step if ckpt is not None else -1)
+
+    def build_model(self) -> None:
+        """self.model and self.optimizer (a distributed trainer builds this rank's part instead)."""
+        torch.manual_seed(self.cfg.train.seed)
+        self.model = DeepSeekV3(self.cfg.model).to(self.device).train()
+        self.optimizer = build_optimizer(self.model, self.cfg.train)
+
+    def open_data(self) -> Data:
+        return open_data(self.cfg, collectives.dp_rank(), collectives.dp_size())
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.seq_len * t.grad_accum * collectives.dp_size()
+
+    # ------------------------------------------------------------------------------------------
+    # One micro-batch, one optimizer step
+
+    def split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sample of S + D + 1 tokens -> inputs [.., :S] and shifted labels [.., 1:]."""
+        batch = batch.to(self.device, non_blocking=True)
+        return batch[:, :self.cfg.train.seq_len], batch[:, 1:]
+
+    def forward_backward(self, batch: torch.Tensor, mtp_weight: float, loss_scale: float) -> ModelOutput:
+        input_ids, labels = self.split(batch)
+        with self.autocast():
+            out = self.model(input_ids, labels, mtp_weight=mtp_weight)
+        (out.loss * loss_scale).backward()
+        return out
+
+    def optimizer_step(self, lr: float, gamma: float, finite_loss: bool) -> tuple[float, tuple[float, float], bool]:
+        """Clip and apply the accumulated gradients, then update the router biases from the global
+        batch's expert loads. Non-finite loss or gradients: no update at all. Returns
+        (grad norm, load imbalance, skipped)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        skipped = collectives.any_rank(not (finite_loss and math.isfinite(grad_norm)))
+        collectives.reduce_expert_loads(self.model)
+        imbalance = expert_load_imbalance(self.model)
+        if skipped:
+            for moe in moe_layers(self.model):
+                moe.tokens_per_expert.zero_()
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            update_expert_bias(self.model, gamma)
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, imbalance, skipped
+
+    def accumulate_gradients(self, mtp_weight: float) -> tuple[LossSums, bool]:
+        """Forward and backward of grad_accum micro-batches: (their loss sums, all losses finite)."""
+        t = self.cfg.train
+        sums = LossSums(self.cfg.model.mtp_depth)
+        finite = True
+        for _ in range(t.grad_accum):
+            out = self.forward_backward(next(self.data.train), mtp_weight, 1.0 / t.grad_accum)
+            sums.add(out)
+            finite = finite and bool(torch.isfinite(out.loss.detach()))
+        return sums, finite
+
+    def train_step(self) -> StepResult:
+        t = self.cfg.train
+        begin = time.perf_counter()
+        lam = schedules.mtp_weight(t, self.tokens)
+        sums, finite = self.accumulate_gradients(lam)
+        grad_norm, imbalance, skipped = self.optimizer_step(
+            schedules.learning_rate(t, self.step), schedules.bias_update_rate(t, self.tokens), finite)
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        self.total_skips += int(skipped)
+        seconds = time.perf_counter() - begin
+        return StepResult(sums, self.tokens_per_step, seconds, grad_norm, imbalance, skipped)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        sums = LossSums(self.cfg.model.mtp_depth)
+        for batch in self.data.val:
+            input_ids, labels = self.split(batch)
+            with self.autocast():
+                sums.add(self.model(input_ids, labels))
+        self.model.train()
+        sums.all_reduce()
+        return {"kind": "eval", "step": self.step, "tokens": self.tokens, **sums.averages()}
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "loader": self.data.train.state_dict(),
+                "rng": checkpoint.rng_state(), "consecutive_skips": self.consecutive_skips,
+                "total_skips": self.total_skips}
+
+    def save(self) -> None:
+        if self.is_writer:
+            checkpoint.save_checkpoint(self.out_dir, self.step, self.tokens, self.model, self.cfg,
+                                       self.data.tokenizer_path, self.optimizer.state_dict(),
+                                       self.trainer_state(), self.cfg.train.keep_last)
+        self.saved_step = self.step
+
+    def load_model_and_optimizer(self, ckpt: Path) -> dict:
+        """Weights and optimizer state from a verified checkpoint; returns the trainer state."""
+        checkpoint.load_weights(self.model, ckpt)
+        optimizer_state, state = checkpoint.load_training_state(ckpt)
+        self.optimizer.load_state_dict(optimizer_state)
+        return state
+
+    def load(self, ckpt: Path) -> None:
+        manifest = checkpoint.verify(ckpt)
+        checkpoint.check_compatible(ckpt, manifest, self.cfg, checkpoint.sha256_file(self.data.tokenizer_path))
+        state = self.load_model_and_optimizer(ckpt)
+        self.data.train.load_state_dict(state["loader"])
+        checkpoint.set_rng_state(state["rng"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.consecutive_skips, self.total_skips = state["consecutive_skips"], state["total_skips"]
+        self.saved_step = self.step
+        self.resumed_from = ckpt
+
+    # ------------------------------------------------------------------------------------------
+    # Orchestration
+
+    def write(self, record: dict, line: str) -> None:
+        if self.is_writer:
+            self.log.append(record)
+            tqdm.write(line)
+
+    def log_interval(self, meter: IntervalMeter) -> None:
+        t = self.cfg.train
+        meter.sums.all_reduce()
+        rec = {"kind": "train", "step": self.step, "tokens": self.tokens, "lr": schedules.learning_rate(t, self.step - 1),
+               "mtp_weight": schedules.mtp_weight(t, self.tokens - self.tokens_per_step),
+               "bias_rate": schedules.bias_update_rate(t, self.tokens - self.tokens_per_step), **meter.record()}
+        if self.device.type == "cuda":
+            rec["mfu"] = mfu(rec["tokens_per_second"], self.cfg.model, t.seq_len, torch.distributed.get_world_size())
+            rec["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        mtp = " ".join(f"d{k + 1} {l:.3f}/{a:.3f}" for k, (l, a) in enumerate(zip(rec["mtp_loss"], rec["mtp_accuracy"])))
+        line = (f"step {self.step}/{t.steps} | tokens {self.tokens / 1e6:.2f}M | loss {rec['loss']:.4f} | "
+                f"mtp loss/acc {mtp or '-'} | aux {rec['aux_loss']:.3g} | lr {rec['lr']:.2e} | "
+                f"gnorm {rec['grad_norm']:.3f} | imbalance {rec['expert_imbalance_mean']:.2f}/"
+                f"{rec['expert_imbalance_max']:.2f} | {rec['tokens_per_second']:,.0f} tok/s | skipped {rec['skipped_steps']}")
+        if "mfu" in rec:
+            line += f" | MFU {rec['mfu']:.1%} | mem {rec['peak_memory_gib']:.1f} GiB"
+        self.write(rec, line)
+
+    def log_eval(self) -> dict:
+        rec = self.evaluate()
+        mtp = " ".join(f"d{k + 1} {l:.4f}/{a:.3f}" for k, (l, a) in enumerate(zip(rec["mtp_loss"], rec["mtp_accuracy"])))
+        self.write(rec, f"eval step {self.step} | val loss {rec['loss']:.4f} acc {rec['accuracy']:.3f} | "
+                        f"mtp loss/acc {mtp or '-'}")
+        return rec
+
+    def run(self, stop_after: Optional[int] = None) -> None:
+        """Train to train.steps (or stop after step `stop_after`, saving a checkpoint there)."""
+        t = self.cfg.train
+        end = t.steps if stop_after is None else min(stop_after, t.steps)
+        if self.step == 0:
+            self.log_eval()
+        meter = IntervalMeter(self.cfg.model.mtp_depth)
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", disable=not self.is_writer,
+                   dynamic_ncols=True, mininterval=1.0)
+        with bar:
+            while self.step < end:
+                result = self.train_step()
+                self.train_seconds += result.seconds
+                self.trained_tokens += result.tokens
+                meter.add_step(result.sums, result.tokens, result.seconds, result.grad_norm, result.imbalance,
+                               result.skipped)
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.sums.averages()['loss']:.3f}",
+                                tok_s=f"{result.tokens / result.seconds:,.0f}")
+                last = self.step == end
+                if self.step % t.log_interval == 0 or last or self.consecutive_skips >= t.max_skipped_steps:
+                    self.log_interval(meter)
+                    meter = IntervalMeter(self.cfg.model.mtp_depth)
+                if self.consecutive_skips >= t.max_skipped_steps:
+                    good = checkpoint.latest_checkpoint(self.out_dir)
+                    raise TrainingStopped(
+                        f"stopped at step {self.step}: {self.consecutive_skips} consecutive steps had a non-finite "
+                        f"loss or gradient (train.max_skipped_steps={t.max_skipped_steps}). The last good checkpoint "
+                        f"is {good or 'none (no checkpoint was written yet)'}; lower train.lr or raise "
+                        "train.warmup_steps and resume from it")
+                if self.step % t.eval_interval == 0 or self.step == t.steps:
+                    self.log_eval()
+                # Never checkpoint inside a run of skipped steps: the last good checkpoint stays `latest`.
+                if (self.step % t.save_interval == 0 or last) and self.consecutive_skips == 0:
+                    self.save()
+        if self.step >= t.steps and self.saved_step != self.step and self.consecutive_skips == 0:
+            self.save()  # e.g. a resumed run that was already complete but whose last save was lost
+
+    def finish(self) -> str:
+        """Plot and summary table of the whole run (all records, across resumes)."""
+        records = self.log.records()
+        plot = self.out_dir / "metrics.png"
+        entropy = report.unigram_entropy(self.data.val_tokens)
+        report.plot_metrics(records, plot, entropy)
+        tokens_per_second = self.trained_tokens / self.train_seconds if self.train_seconds else float("nan")
+        wall = time.perf_counter() - self.started
+        ckpt = checkpoint.latest_checkpoint(self.out_dir)
+        val = [r for r in records if r["kind"] == "eval"]
+        summary = {"step": self.step, "tokens": self.tokens, "unigram_entropy": entropy,
+                   "tokens_per_second": tokens_per_second, "wall_seconds": wall,
+                   "first_eval": val[0] if val else None, "last_eval": val[-1] if val else None,
+                   "checkpoint": str(ckpt), "skipped_steps": self.total_skips}
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return report.summary_table(records, entropy, tokens_per_second, wall,
+                                    {"metrics": self.log.path, "plot": plot, "checkpoint": ckpt,
+                                     "summary": self.out_dir / "summary.json"})
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dsmtp train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.steps=100 (repeatable)")
+    parser.add_argument("--resume", action="store_true",
+                        help="require a checkpoint in train.out_dir to continue from (without this flag a "
+                             "checkpoint there is still picked up)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        trainer_class = Trainer
+        if "WORLD_SIZE" in os.environ:  # started by torchrun: this rank's part of the model, every layout
+            from dsmtp.train.distributed import DistributedTrainer
+
+            topology.init_distributed(cfg)
+            trainer_class = DistributedTrainer
+        trainer = trainer_class(cfg, resume="require" if args.resume else "auto")
+        if trainer.resumed_from is not None and trainer.is_writer:
+            print(f"resuming from {trainer.resumed_from} (step {trainer.step}, {trainer.tokens:,} tokens)")
+        trainer.out_dir.mkdir(parents=True, exist_ok=True)
+        trainer.run()
+    except (ConfigError, DataError, checkpoint.CheckpointError, TrainingStopped) as e:
+        print(f"dsmtp train: {e}", file=sys.stderr)
+        return 1
+    if trainer.is_writer:
+        print(trainer.finish())
+    return 0

@@ -1,0 +1,80 @@
+"""Every parallel layout trains exactly as one process does (float32, gloo, CPU).
+
+Each test runs K=3 optimizer steps of a tiny MoE model (group-limited routing, aux loss on, MTP D=2,
+gradient accumulation 2, clipping active, router bias updates) under torchrun and compares the main
+and per-depth MTP losses, the gradient norm and the consolidated parameters (router biases included)
+with `common.reference_run`, a plain single-process PyTorch loop.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed import common
+from tests.distributed.launch import relative_error, run_layout
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    ref = common.reference_run(common.tiny_config(), steps=common.STEPS + 2)
+    assert all(h["grad_norm"] > common.GRAD_CLIP for h in ref["history"]), "clipping must be active"
+    return ref
+
+
+def assert_same_training(result: dict, reference: dict, first_step: int = 0) -> None:
+    steps = len(result["history"])
+    expected = reference["history"][first_step:first_step + steps]
+    for step, (got, want) in enumerate(zip(result["history"], expected), start=first_step):
+        assert got["main_loss"] == pytest.approx(want["main_loss"], rel=TOL), f"main loss, step {step}"
+        assert got["mtp_losses"] == pytest.approx(want["mtp_losses"], rel=TOL), f"MTP losses, step {step}"
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), f"grad norm, step {step}"
+
+
+def assert_same_parameters(state: dict, reference_state: dict) -> None:
+    assert set(state) == set(reference_state)
+    errors = {k: relative_error(state[k], v) for k, v in reference_state.items()}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < TOL, f"{worst}: relative error {errors[worst]:.2e}"
+    biases = [k for k in state if k.endswith("expert_bias")]
+    assert len(biases) == 4 and all(state[k].abs().sum() > 0 for k in biases)  # the biases moved, and match
+
+
+@pytest.fixture(scope="module")
+def reference_after_k(reference) -> dict:
+    """Parameters after exactly K steps (the fixture above runs K + 2 for the resume test)."""
+    return common.reference_run(common.tiny_config(), steps=common.STEPS)["state"]
+
+
+LAYOUTS = {
+    "tp2": (2, {"tp": 2}),
+    "ep2": (2, {"ep": 2}),
+    "pp2": (2, {"pp": 2}),
+    "dp2_zero1": (2, {"zero": 1}),
+    "dp2_zero2": (2, {"zero": 2}),
+    "pp2_ep2": (4, {"pp": 2, "ep": 2}),
+    "dp4_ep2_zero2": (4, {"ep": 2, "zero": 2}),  # experts' ZeRO-2 shards over the expert-DP group
+    "tp2_ep2": (4, {"tp": 2, "ep": 2}),  # experts replicated over TP, all-to-all within each TP rank's EP group
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(name, reference, reference_after_k, tmp_path):
+    nproc, layout = LAYOUTS[name]
+    result = run_layout(tmp_path, nproc, layout)
+    assert_same_training(result, reference)
+    assert_same_parameters(result["state"], reference_after_k)
+
+
+def test_resume_consolidated_checkpoint_in_another_layout(reference, reference_after_k, tmp_path):
+    """Save at TP=2 x PP=2 after K steps, consolidate, resume at EP=2 x DP=2 for 2 more steps."""
+    saved = run_layout(tmp_path / "tp2pp2", 4, {"tp": 2, "pp": 2})
+    assert_same_training(saved, reference)
+    assert_same_parameters(saved["state"], reference_after_k)
+    resumed = run_layout(tmp_path / "ep2dp2", 2, {"ep": 2}, extra=[
+        f"--resume={tmp_path / 'tp2pp2' / 'ckpt'}", f"--first-step={common.STEPS}", "--steps=2"])
+    assert_same_training(resumed, reference, first_step=common.STEPS)
+    assert_same_parameters(resumed["state"], reference["state"])

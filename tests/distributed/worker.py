@@ -1,0 +1,64 @@
+"""One rank of a distributed equivalence run (started by torchrun from the tests):
+K optimizer steps of `common.tiny_config` in the given layout, then a consolidated checkpoint.
+
+    torchrun --nproc-per-node 2 tests/distributed/worker.py --tp 2 --out DIR [--resume CKPT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from dsmtp.parallel import checkpoint  # noqa: E402
+from dsmtp.parallel.engine import Engine, build_model  # noqa: E402
+from dsmtp.parallel.topology import init_distributed, shutdown  # noqa: E402
+from tests.distributed import common  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    for name in ("tp", "pp", "ep"):
+        parser.add_argument(f"--{name}", type=int, default=1)
+    parser.add_argument("--zero", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=common.STEPS)
+    parser.add_argument("--first-step", type=int, default=0)
+    parser.add_argument("--resume", help="consolidated checkpoint dir to start from")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cfg = common.tiny_config(args.tp, args.pp, args.ep, args.zero)
+    layout = init_distributed(cfg)
+    model, layers = build_model(cfg, layout, common.SEED)
+    engine = Engine(model, layers, cfg, layout, lambda named: common.make_optimizer(named, cfg))
+    if args.resume:
+        engine.load_full(*checkpoint.load_consolidated(Path(args.resume)))
+    history, times = [], []
+    for step in range(args.first_step, args.first_step + args.steps):
+        start = time.perf_counter()
+        micro = common.dp_slice(common.global_batches(cfg, step), layout.dp_rank, layout.dp)
+        stats = engine.train_step(micro, mtp_weight=0.3, grad_clip=cfg.train.grad_clip)
+        engine.update_expert_bias(common.GAMMA)
+        times.append(time.perf_counter() - start)
+        history.append({"main_loss": stats.main_loss, "mtp_losses": stats.mtp_losses, "grad_norm": stats.grad_norm})
+    out = Path(args.out)
+    ckpt = out / "ckpt"
+    checkpoint.save_shard(ckpt, layout.rank, engine.shard_pieces())
+    dist.barrier()
+    if layout.rank == 0:
+        checkpoint.consolidate(ckpt)
+        (out / "result.json").write_text(json.dumps({"history": history, "step_seconds": times,
+                                                     "layout": layout.describe()}))
+    dist.barrier()
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

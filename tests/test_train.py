@@ -1,0 +1,180 @@
+"""The training loop: exact resume, averaged metrics, non-finite steps, end-of-run outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dsmtp.model import ModelOutput, moe_layers
+from dsmtp.train.metrics import LossSums
+from dsmtp.train.trainer import Trainer, TrainingStopped
+from tests.train_helpers import prepare_tiny_corpus, tiny_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_tiny_corpus(tmp_path_factory.mktemp("corpus") / "data")
+
+
+@pytest.fixture
+def make_trainer(tmp_path, data_dir):
+    def make(run="run", **train):
+        return Trainer(tiny_config(tmp_path / run, data_dir, **train))
+    return make
+
+
+def train_records(trainer):
+    return [r for r in trainer.log.records() if r["kind"] == "train"]
+
+
+def router_biases(model):
+    return torch.cat([m.router.expert_bias for m in moe_layers(model)])
+
+
+def test_resume_is_bitwise_identical(make_trainer):
+    full = make_trainer("full")
+    full.run()
+
+    part = make_trainer("part")
+    part.run(stop_after=3)
+    assert part.step == 3
+    resumed = make_trainer("part")  # a new process would do the same: auto-resume
+    assert resumed.resumed_from is not None and resumed.step == 3
+    assert resumed.data.train.state_dict()["position"] == 3 * 2 * 2  # the next unseen sample
+    resumed.run()
+    assert resumed.data.train.state_dict() == full.data.train.state_dict()
+
+    keys = ("step", "tokens", "lr", "loss", "mtp_loss", "mtp_accuracy", "grad_norm", "aux_loss",
+            "expert_imbalance_mean", "mtp_weight", "bias_rate")
+    a = [{k: r[k] for k in keys} for r in train_records(full)]
+    b = [{k: r[k] for k in keys} for r in train_records(resumed)]
+    assert len(a) == 6 and a == b  # floats compared exactly: JSON round-trips them bit for bit
+    assert torch.equal(router_biases(full.model), router_biases(resumed.model))
+    assert router_biases(full.model).abs().sum() > 0  # the biases did move
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+    evals = lambda t: [(r["step"], r["loss"]) for r in t.log.records() if r["kind"] == "eval"]  # noqa: E731
+    assert evals(full) == evals(resumed)
+
+
+def test_logged_averages_cover_every_micro_batch(make_trainer, monkeypatch):
+    """grad_accum=2, log_interval=2: each record averages 4 micro-batches, weighted by tokens."""
+    trainer = make_trainer(steps=4, log_interval=2, eval_interval=100, save_interval=100)
+    seen: list[ModelOutput] = []
+    forward_backward = trainer.forward_backward
+
+    def recording(*args, **kwargs):
+        out = forward_backward(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(trainer, "forward_backward", recording)
+    trainer.run()
+    records = train_records(trainer)
+    assert [r["step"] for r in records] == [2, 4]
+    for rec, outs in zip(records, (seen[:4], seen[4:])):
+        n = [o.main_tokens.item() for o in outs]
+        hand = sum(o.main_loss.item() * k for o, k in zip(outs, n)) / sum(n)
+        assert rec["loss"] == pytest.approx(hand, rel=1e-12)
+        assert rec["loss"] != pytest.approx(outs[-1].main_loss.item(), rel=1e-9)  # not the last micro-batch
+        for d in range(2):
+            nk = [o.mtp_tokens[d].item() for o in outs]
+            assert rec["mtp_loss"][d] == pytest.approx(
+                sum(o.mtp_losses[d].item() * k for o, k in zip(outs, nk)) / sum(nk), rel=1e-12)
+            assert rec["mtp_accuracy"][d] == pytest.approx(
+                sum(o.mtp_accuracies[d].item() * k for o, k in zip(outs, nk)) / sum(nk), rel=1e-12)
+    assert records[1]["tokens"] == 4 * 2 * 2 * 16
+
+
+def test_loss_sums_weight_by_tokens():
+    """Micro-batches with unequal target counts: a token-weighted mean, not a mean of means."""
+    def output(main, n, mtp, nk):
+        t = torch.tensor
+        return ModelOutput(loss=t(0.0), main_loss=t(main), main_accuracy=t(0.5), mtp_losses=t([mtp]),
+                           mtp_accuracies=t([0.25]), aux_loss=t(0.0), main_tokens=t(n), mtp_tokens=t([nk]))
+
+    sums = LossSums(1)
+    sums.add(output(2.0, 30, 4.0, 10))
+    sums.add(output(1.0, 10, 3.0, 30))
+    avg = sums.averages()
+    assert avg["loss"] == pytest.approx((2.0 * 30 + 1.0 * 10) / 40)
+    assert avg["mtp_loss"] == [pytest.approx((4.0 * 10 + 3.0 * 30) / 40)]
+    assert avg["accuracy"] == pytest.approx(0.5) and sums.tokens == 40
+
+
+def poison(trainer, monkeypatch, bad_steps):
+    """Make the loss of every micro-batch of the given 1-based steps NaN."""
+    forward_backward = trainer.forward_backward
+
+    def maybe_nan(batch, mtp_weight, loss_scale):
+        if trainer.step + 1 in bad_steps:
+            trainer.model.head.weight.data[0, 0] = float("nan")
+            try:
+                return forward_backward(batch, mtp_weight, loss_scale)
+            finally:
+                trainer.model.head.weight.data[0, 0] = 0.0
+        return forward_backward(batch, mtp_weight, loss_scale)
+
+    monkeypatch.setattr(trainer, "forward_backward", maybe_nan)
+
+
+def test_non_finite_step_is_skipped(make_trainer, monkeypatch):
+    trainer = make_trainer(steps=4, save_interval=100, eval_interval=100)
+    trainer.run(stop_after=2)
+    biases = router_biases(trainer.model).clone()
+    poison(trainer, monkeypatch, {3})
+    trainer.run()
+    rec3, rec4 = train_records(trainer)[2:4]
+    assert rec3["skipped_steps"] == 1 and rec4["skipped_steps"] == 0 and trainer.total_skips == 1
+    # step 3 changed nothing: step 4 started from the step-2 weights and biases, its own counts only
+    assert trainer.step == 4 and rec4["tokens"] == 4 * 64
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert not torch.equal(router_biases(trainer.model), biases)  # step 4 did update
+
+
+def test_non_finite_weights_are_untouched_by_a_skipped_step(make_trainer, monkeypatch):
+    trainer = make_trainer(steps=3, save_interval=100, eval_interval=100)
+    trainer.run(stop_after=2)
+    trainer.model.head.weight.data[0, 0] = 0.0
+    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    biases = router_biases(trainer.model).clone()
+    poison(trainer, monkeypatch, {3})
+    trainer.run()
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p, params[n]), n
+    assert torch.equal(router_biases(trainer.model), biases)
+    assert all(m.tokens_per_expert.sum() == 0 for m in moe_layers(trainer.model))
+
+
+def test_consecutive_non_finite_steps_stop_the_run(make_trainer, monkeypatch):
+    trainer = make_trainer(steps=10, save_interval=2, eval_interval=100, max_skipped_steps=3)
+    poison(trainer, monkeypatch, {5, 6, 7, 8, 9, 10})
+    with pytest.raises(TrainingStopped, match=r"3 consecutive steps had a non-finite.*step_00000004"):
+        trainer.run()
+    assert trainer.step == 7
+    records = train_records(trainer)
+    assert [r["skipped_steps"] for r in records] == [0, 0, 0, 0, 1, 1, 1] and trainer.total_skips == 3
+    assert records[-1]["loss"] is None and records[-1]["grad_norm"] is None  # no finite step to average
+    # the skipped steps wrote no checkpoint: the last good one (step 4) is `latest` and loadable
+    latest = (trainer.out_dir / "checkpoints/latest").read_text().strip()
+    assert latest == "step_00000004"
+    resumed = make_trainer(steps=10, max_skipped_steps=3)
+    assert resumed.step == 4 and resumed.consecutive_skips == 0
+
+
+def test_end_of_run_outputs(make_trainer):
+    trainer = make_trainer(steps=3, log_interval=2)
+    trainer.run()
+    text = trainer.finish()
+    out = trainer.out_dir
+    assert (out / "metrics.png").stat().st_size > 10_000
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["first_eval"]["step"] == 0 and summary["last_eval"]["step"] == 3
+    assert "unigram entropy" in text and "MTP depth 2" in text and str(out / "metrics.jsonl") in text
+    rec = train_records(trainer)[0]
+    for key in ("step", "tokens", "lr", "loss", "mtp_loss", "mtp_accuracy", "aux_loss", "mtp_weight", "bias_rate",
+                "expert_imbalance_mean", "expert_imbalance_max", "grad_norm", "tokens_per_second", "skipped_steps"):
+        assert key in rec, key
+    assert rec["expert_imbalance_max"] >= rec["expert_imbalance_mean"] >= 1.0
