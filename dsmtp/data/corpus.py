@@ -80,7 +80,11 @@ def scan(root: Path, include: list[str], exclude: list[str]) -> list[SourceFile]
     include_re = [glob_regex(p) for p in include]
     exclude_re = [glob_regex(p) for p in exclude]
     pruned_dirs = [glob_regex(p[:-3]) for p in exclude if p.endswith("/**")]
-    if not any(root.iterdir()):
+    try:
+        empty = not any(root.iterdir())
+    except OSError as e:
+        raise DataError(f"data.source_dir={root} cannot be listed ({e.strerror}): check its permissions") from None
+    if empty:
         raise DataError(f"data.source_dir={root} is empty: point it at a directory of text or code files")
     files = []
     for dirpath, dirnames, filenames in os.walk(root):

@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -38,6 +39,8 @@ from dsmtp.data.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
 def prepare(data: DataConfig, vocab_size: int) -> Path:
     """Build `data.data_dir` (tokenizer.model, manifest.json, train/, val/); a no-op if up to date."""
     started = time.perf_counter()
+    if data.tokenizer_sample_bytes <= 0:
+        raise DataError(f"data.tokenizer_sample_bytes={data.tokenizer_sample_bytes} must be positive, e.g. 20000000")
     data_dir = Path(data.data_dir)
     root = resolve_source_dir(data.source_dir)
     files = scan(root, data.include, data.exclude)
@@ -47,7 +50,7 @@ def prepare(data: DataConfig, vocab_size: int) -> Path:
         return data_dir
     _check_replaceable(data_dir)
     _remove_stale_builds(data_dir)
-    build = data_dir.parent / f".{data_dir.name}.tmp-{os.getpid()}"
+    build = _work_dir(data_dir, "tmp")
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
     try:
@@ -86,21 +89,28 @@ def _is_up_to_date(data_dir: Path, fingerprint: str) -> bool:
 
 def _check_replaceable(data_dir: Path) -> None:
     """Never move away a directory that is not ours (e.g. data.data_dir pointing at a source tree)."""
-    if data_dir.exists() and (not data_dir.is_dir() or (any(data_dir.iterdir()) and not (data_dir / MANIFEST_FILE).exists())):
+    ours = data_dir.is_dir() and (not any(data_dir.iterdir()) or (data_dir / MANIFEST_FILE).exists())
+    if data_dir.exists() and not ours:
         raise DataError(
             f"data.data_dir={data_dir} exists and is not a dsmtp data dir (no {MANIFEST_FILE}): choose another "
             "data.data_dir, or remove it yourself"
         )
 
 
+def _work_dir(data_dir: Path, kind: str) -> Path:
+    """A sibling of data_dir owned by this process: `.NAME.tmp-PID@HOST` (host: data dirs may be shared)."""
+    return data_dir.parent / f".{data_dir.name}.{kind}-{os.getpid()}@{socket.gethostname()}"
+
+
 def _remove_stale_builds(data_dir: Path) -> None:
-    """Delete temporary dirs left by prepare runs that were killed (their process is gone)."""
+    """Delete work dirs left by prepare runs on this host that were killed (their process is gone)."""
     if not data_dir.parent.is_dir():
         return
-    for path in data_dir.parent.glob(f".{data_dir.name}.*-*"):
-        kind, _, pid = path.name[len(data_dir.name) + 2:].partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+    for kind in ("tmp", "old"):
+        for path in data_dir.parent.glob(f".{data_dir.name}.{kind}-*@*"):
+            pid, _, host = path.name.rpartition(f".{kind}-")[2].partition("@")
+            if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _process_alive(pid: int) -> bool:
@@ -116,7 +126,11 @@ def _process_alive(pid: int) -> bool:
 def _publish(build: Path, data_dir: Path) -> None:
     """Swap the complete build into place. A crash between the two renames leaves no data dir at all
     (the next run rebuilds), never a mix of old and new files."""
-    old = data_dir.parent / f".{data_dir.name}.old-{os.getpid()}"
+    for path in build.rglob("*"):  # on disk before the rename makes them visible (power loss)
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    old = _work_dir(data_dir, "old")
     if data_dir.exists():
         os.replace(data_dir, old)
     os.replace(build, data_dir)
@@ -146,6 +160,8 @@ def _build(build: Path, root: Path, files: list[SourceFile], data: DataConfig, v
 
         t = time.perf_counter()
         sample = _tokenizer_sample(splits["train"], data.tokenizer_sample_bytes)
+        print(f"training a {vocab_size}-piece BPE tokenizer on {len(sample)} train files "
+              f"({sum(f.size for f in sample) / 1e6:.1f} MB)", flush=True)
         tokenizer = train_tokenizer((text for text in map(_text_of, sample) if text is not None),
                                     vocab_size, build / MODEL_FILE)
         seconds["tokenizer"] = time.perf_counter() - t
@@ -154,6 +170,7 @@ def _build(build: Path, root: Path, files: list[SourceFile], data: DataConfig, v
         dtype = token_dtype(vocab_size)
         split_stats = {split: _write_split(build, splits[split], split, tokenizer, dtype, pmap, skipped)
                        for split in SPLITS}
+        unigram = unigram_baseline(build, split_stats, dtype, vocab_size)
         seconds["tokenize"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started
 
@@ -165,7 +182,7 @@ def _build(build: Path, root: Path, files: list[SourceFile], data: DataConfig, v
         "config": {**dataclasses.asdict(data), "vocab_size": vocab_size},
         "files": {
             "matched": len(files),
-            "used": sum(s["files"] for s in split_stats.values()),
+            "used": sum(s["documents"] for s in split_stats.values()),  # one document per file
             "skipped": {reason: len(v) for reason, v in skipped.items()},
             "skipped_examples": {reason: [f.rel for f in v[:5]] for reason, v in skipped.items() if v},
         },
@@ -173,6 +190,7 @@ def _build(build: Path, root: Path, files: list[SourceFile], data: DataConfig, v
                       "sample_files": len(sample), "sentencepiece": sentencepiece.__version__},
         "dtype": dtype.name,
         "splits": split_stats,
+        "unigram": unigram,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     write_json_atomic(build / MANIFEST_FILE, manifest)
@@ -192,8 +210,25 @@ def _write_split(build: Path, files: list[SourceFile], split: str, tokenizer: To
         writer.add(tokens)
         chars, docs = chars + n_chars, docs + 1
     shards = writer.close()
-    return {"files": docs, "documents": docs, "chars": chars,
+    return {"documents": docs, "chars": chars,
             "tokens": sum(s["num_tokens"] for s in shards), "shards": shards}
+
+
+def unigram_baseline(data_dir: Path, split_stats: dict, dtype: np.dtype, vocab_size: int) -> dict:
+    """What a model that ignores context scores (nats/token): the entropy of the train split's token
+    frequencies, and the val split's cross-entropy under them (add-one smoothed, so unseen tokens count).
+    A trained model's val loss should end well below the latter."""
+    counts = {split: np.zeros(vocab_size, dtype=np.int64) for split in split_stats}
+    for split, stats in split_stats.items():
+        for shard in stats["shards"]:
+            tokens = np.memmap(data_dir / shard["tokens"], dtype=dtype, mode="r")
+            for start in range(0, len(tokens), 1 << 24):  # bounded memory: bincount widens to int64
+                counts[split] += np.bincount(tokens[start:start + (1 << 24)], minlength=vocab_size)
+    train = counts["train"]
+    freq = train[train > 0] / train.sum()
+    smoothed = (train + 1) / (train.sum() + vocab_size)
+    return {"train_entropy_nats": float(-(freq * np.log(freq)).sum()),
+            "val_cross_entropy_nats": float(-(counts["val"] * np.log(smoothed)).sum() / counts["val"].sum())}
 
 
 def _tokenizer_sample(train: list[SourceFile], sample_bytes: int) -> list[SourceFile]:
@@ -253,8 +288,10 @@ def summary(data_dir: Path, manifest: dict) -> str:
         f"  tokenizer: vocab {manifest['tokenizer']['vocab_size']}, sha256 {manifest['tokenizer']['sha256'][:16]}",
     ]
     for split, s in splits.items():
-        lines.append(f"  {split}: {s['files']} files, {s['tokens']:,} tokens ({manifest['dtype']}), "
+        lines.append(f"  {split}: {s['documents']} files, {s['tokens']:,} tokens ({manifest['dtype']}), "
                      f"{s['chars'] / max(s['tokens'] - s['documents'], 1):.2f} chars/token")
+    lines.append(f"  unigram baseline: train entropy {manifest['unigram']['train_entropy_nats']:.3f} nats/token, "
+                 f"val cross-entropy {manifest['unigram']['val_cross_entropy_nats']:.3f}")
     return "\n".join(lines)
 
 

@@ -123,8 +123,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: Path) -> To
         )
     except RuntimeError as e:
         raise DataError(
-            f"sentencepiece could not train a {vocab_size}-piece tokenizer ({e}): lower model.vocab_size or "
-            "use a larger corpus (data.source_dir, data.include)"
+            f"sentencepiece could not train a {vocab_size}-piece tokenizer on this corpus ({e}): change "
+            "model.vocab_size as it says, or use a larger corpus (data.source_dir, data.include)"
         ) from None
     out_path.write_bytes(model.getvalue())
     return Tokenizer(out_path)
