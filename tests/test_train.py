@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 from dsmtp.model import ModelOutput, moe_layers
+from dsmtp.train import report
 from dsmtp.train.metrics import LossSums
 from dsmtp.train.trainer import Trainer, TrainingStopped
 from tests.train_helpers import prepare_tiny_corpus, tiny_config
@@ -178,3 +180,8 @@ def test_end_of_run_outputs(make_trainer):
                 "expert_imbalance_mean", "expert_imbalance_max", "grad_norm", "tokens_per_second", "skipped_steps"):
         assert key in rec, key
     assert rec["expert_imbalance_max"] >= rec["expert_imbalance_mean"] >= 1.0
+
+
+def test_unigram_entropy_by_hand():
+    # frequencies 1/2, 1/4, 1/4: H = 1.5 ln 2
+    assert report.unigram_entropy(torch.tensor([7, 7, 3, 9])) == pytest.approx(1.5 * math.log(2))

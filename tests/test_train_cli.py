@@ -30,6 +30,7 @@ def test_train_command_end_to_end(tmp_path, capsys):
         ("eval", 0), ("train", 2), ("eval", 2), ("train", 4), ("eval", 4)]
     summary = json.loads((run / "summary.json").read_text())
     assert 0 < summary["unigram_entropy"] < 6.0  # log(384) = 5.95 bounds the entropy of 384 token ids
+    assert "unigram of train, on val" in out and summary["unigram_baseline"]["val_cross_entropy_nats"] > 0
 
     # more steps: picks up the checkpoint by itself and continues
     assert dsmtp(["train", "--config", config, "--set", "train.steps=6"]) == 0

@@ -61,8 +61,9 @@ def plot_metrics(records: list[dict], path: Path, unigram_entropy: Optional[floa
     tmp.replace(path)
 
 
-def summary_table(records: list[dict], entropy: float, tokens_per_second: float, wall_seconds: float,
-                  files: dict[str, Path]) -> str:
+def summary_table(records: list[dict], entropy: float, baseline: dict, tokens_per_second: float,
+                  wall_seconds: float, files: dict[str, Path]) -> str:
+    """baseline: the data manifest's unigram numbers (train_entropy_nats, val_cross_entropy_nats), if any."""
     val = [r for r in records if r["kind"] == "eval"]
     lines = []
     if val:
@@ -74,6 +75,9 @@ def summary_table(records: list[dict], entropy: float, tokens_per_second: float,
                      f"  {'val acc':>8}")
         lines += [f"{name:<24}  {a:>10.4f}  {b:>10.4f}  {acc:>8.3f}" for name, a, b, acc in rows]
     lines.append(f"{'unigram entropy (val)':<24}  {entropy:>10.4f}  (a context-free model's loss)")
+    if "val_cross_entropy_nats" in baseline:
+        lines.append(f"{'unigram of train, on val':<24}  {baseline['val_cross_entropy_nats']:>10.4f}  "
+                     f"(train-split frequencies scored on val; train entropy {baseline['train_entropy_nats']:.4f})")
     lines.append(f"throughput {tokens_per_second:,.0f} tokens/s, wall time {wall_seconds / 60:.1f} min"
                  + ("" if math.isfinite(tokens_per_second) else " (no steps run)"))
     lines += [f"{name + ':':<11} {path}" for name, path in files.items()]

@@ -48,6 +48,7 @@ class Data:
     val: list[torch.Tensor]
     val_tokens: torch.Tensor  # the whole val split, for its unigram entropy
     tokenizer_path: Path
+    unigram_baseline: dict  # the data manifest's context-free losses (train entropy, val cross-entropy)
 
 
 def open_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Data:
@@ -63,7 +64,7 @@ def open_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Data:
     return Data(train=TrainBatches(data_dir, t.seq_len, extra, t.micro_batch_size, t.seed, dp_rank, dp_size),
                 val=val_batches(data_dir, t.seq_len, extra, t.micro_batch_size, t.eval_batches),
                 val_tokens=torch.from_numpy(val_split.read(0, val_split.num_tokens).astype("int64")),
-                tokenizer_path=tokenizer.model_path)
+                tokenizer_path=tokenizer.model_path, unigram_baseline=val_split.manifest.get("unigram", {}))
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -327,11 +328,12 @@ class Trainer:
         ckpt = checkpoint.latest_checkpoint(self.out_dir)
         val = [r for r in records if r["kind"] == "eval"]
         summary = {"step": self.step, "tokens": self.tokens, "unigram_entropy": entropy,
+                   "unigram_baseline": self.data.unigram_baseline,
                    "tokens_per_second": tokens_per_second, "wall_seconds": wall,
                    "first_eval": val[0] if val else None, "last_eval": val[-1] if val else None,
                    "checkpoint": str(ckpt), "skipped_steps": self.total_skips}
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        return report.summary_table(records, entropy, tokens_per_second, wall,
+        return report.summary_table(records, entropy, self.data.unigram_baseline, tokens_per_second, wall,
                                     {"metrics": self.log.path, "plot": plot, "checkpoint": ckpt,
                                      "summary": self.out_dir / "summary.json"})
 
