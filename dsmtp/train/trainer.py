@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from dsmtp.config import Config, ConfigError, load_config
 from dsmtp.data.errors import DataError
-from dsmtp.model import DeepSeekV3, ModelOutput, moe_layers, update_expert_bias
+from dsmtp.model import DeepSeekV3, ModelOutput, fp8, moe_layers, update_expert_bias
 from dsmtp.parallel import collectives, topology
 from dsmtp.train import checkpoint, report, schedules
 from dsmtp.train.flops import mfu
@@ -68,14 +68,32 @@ def open_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Data:
 
 
 def autocast_for(precision: str, device: torch.device):
-    """bf16 autocast on CUDA (or when asked for), full fp32 otherwise."""
+    """bf16 autocast on CUDA (or when asked for), full fp32 otherwise; fp8 adds the FP8 GEMM context
+    (Transformer Engine's, when installed) on top of bf16 autocast."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp8":
-        raise ConfigError("train.precision=fp8 is not supported by the training loop: use auto, bf16 or fp32")
+    if precision == "fp8" and device.type != "cuda":
+        raise ConfigError("train.precision=fp8 needs a CUDA device with FP8 support (Hopper or newer): "
+                          "use auto, bf16 or fp32 here")
     if precision == "fp32":
         return contextlib.nullcontext
+    if precision == "fp8":
+        return _bf16_and_fp8
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def _bf16_and_fp8():
+    with torch.autocast("cuda", dtype=torch.bfloat16), fp8.autocast(True):
+        yield
+
+
+def prepare_model_for_speed(model: DeepSeekV3, t) -> None:
+    """train.precision=fp8 switches the eligible GEMMs to FP8; train.compile compiles layer by layer."""
+    if t.precision == "fp8":
+        fp8.enable(model)
+    if t.compile:
+        model.compile_layers()
 
 
 class TrainingStopped(RuntimeError):
@@ -129,6 +147,7 @@ class Trainer:
         """self.model and self.optimizer (a distributed trainer builds this rank's part instead)."""
         torch.manual_seed(self.cfg.train.seed)
         self.model = DeepSeekV3(self.cfg.model).to(self.device).train()
+        prepare_model_for_speed(self.model, self.cfg.train)
         self.optimizer = build_optimizer(self.model, self.cfg.train)
 
     def open_data(self) -> Data:
