@@ -145,7 +145,8 @@ def deepspeed_config(cfg: Config, layout: Layout, device: torch.device) -> dict:
         "train_batch_size": t.micro_batch_size * t.grad_accum,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "bf16": {"enabled": precision == "bf16"},
+        # check_grad_overflow: skip the update on non-finite gradients in bf16 too (fp32 always checks).
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "steps_per_print": 2**62,  # our trainer logs
         "wall_clock_breakdown": False,
     }
@@ -171,6 +172,12 @@ class DeepSpeedEngine:
             raise ValueError("DeepSpeedEngine runs layouts without pipeline parallelism (parallel.pp=1)")
         self.model, self.cfg, self.layout = model, cfg, layout
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            # DeepSpeed's shared-memory all-reduce serves only its inference kernels; building it is a
+            # C++ JIT compile of about a minute at a machine's first start. The registry is meant to be
+            # edited (deepspeed/ops/__init__.py).
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # Joins the torch.distributed world that topology.init_distributed created (gloo or NCCL).
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
         marker = None
         if layout.ep > 1:
@@ -230,24 +237,25 @@ class DeepSpeedEngine:
         finally:
             self.model.train()
 
-    def step(self, lr: float | None = None) -> tuple[float, bool]:
-        """Clip to train.grad_clip over the whole model and apply the accumulated gradients (DeepSpeed
-        skips the update when they are not finite). Returns (norm before clipping, applied)."""
-        if lr is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+    def apply_gradients(self, lr: float, max_norm: float, finite_loss: bool) -> tuple[float, bool]:
+        """Clip to the global norm and apply the accumulated gradients at learning rate `lr`. DeepSpeed
+        skips the update when the gradients are not finite (a non-finite loss anywhere makes them so).
+        Returns (norm before clipping, whether the update was applied)."""
+        if max_norm != self.cfg.train.grad_clip:
+            raise ValueError(f"DeepSpeed clips to train.grad_clip={self.cfg.train.grad_clip}, set at start-up")
         if not self.engine.is_gradient_accumulation_boundary():
-            raise RuntimeError("step() before forward_backward() of a whole optimizer step")
+            raise RuntimeError("apply_gradients() before forward_backward() of a whole optimizer step")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan"), self.engine.was_step_applied()
 
     def train_step(self, micro_batches: list[torch.Tensor], mtp_weight: float, grad_clip: float) -> StepStats:
-        if grad_clip != self.cfg.train.grad_clip:
-            raise ValueError("DeepSpeed clips to train.grad_clip, set at start-up")
+        """forward_backward and apply_gradients: losses averaged over micro-batches and the DP batch."""
         outputs = self.forward_backward(micro_batches, mtp_weight)
         stats = self._loss_stats(outputs, len(micro_batches))
-        stats.grad_norm, _ = self.step()
+        stats.grad_norm, _ = self.apply_gradients(self.optimizer.param_groups[0]["lr"], grad_clip, True)
         return stats
 
     def _loss_stats(self, outputs: list[ModelOutput], n: int) -> StepStats:

@@ -23,6 +23,7 @@ and its pipeline engine cannot carry the MTP inputs and per-stage aux losses (se
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
@@ -156,6 +157,16 @@ class Engine:
                 group["lr"] = lr
         self.optimizer.step()
         self._share_updated_params()
+
+    def apply_gradients(self, lr: float, max_norm: float, finite_loss: bool) -> tuple[float, bool]:
+        """reduce_and_clip, then step unless the loss (on any rank) or the norm is not finite; gradients
+        are cleared either way. Returns (norm before clipping, whether the update was applied)."""
+        grad_norm = self.reduce_and_clip(max_norm)
+        applied = not self.any_rank(not (finite_loss and math.isfinite(grad_norm)))
+        if applied:
+            self.step(lr)
+        self.zero_grad()
+        return grad_norm, applied
 
     def zero_grad(self) -> None:
         self.model.zero_grad(set_to_none=True)
