@@ -16,9 +16,11 @@ Stage 2: grads are reduced to the owner only (others drop theirs). Stage 0: all-
 steps. Clipping uses the norm of the whole model with each distinct gradient counted once:
 by its owner, on TP rank 0 unless it is TP-split, and not for the last stage's embedding copy.
 
-Why not DeepSpeed's engine: its ZeRO optimizer treats parameters as experts only for DeepSpeed's own
-MoE class (ours would be reduced over the whole DP group: wrong), ZeRO-2/3 refuse its pipeline engine,
-and its pipeline engine cannot carry the MTP inputs and per-stage aux losses (see pipeline.py).
+This engine runs pipeline-parallel layouts (parallel.engine=auto picks it when pp > 1, or `native` for
+any layout); DeepSpeed (dsmtp.parallel.deepspeed_engine) runs the others. Why not DeepSpeed with PP:
+ZeRO-2/3 refuse its pipeline engine, and its pipeline engine cannot carry the MTP inputs and per-stage
+aux losses (see pipeline.py). Its ZeRO optimizer treats parameters as experts only when the model holds
+one of DeepSpeed's own MoE modules; deepspeed_engine.py arranges that for our experts.
 """
 
 from __future__ import annotations
