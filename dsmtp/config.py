@@ -349,6 +349,10 @@ def validate(cfg: Config) -> None:
     _require(p.pp == 1 or p.engine != "deepspeed",
              f"parallel.engine=deepspeed cannot be used with parallel.pp={p.pp}: DeepSpeed's pipeline engine cannot "
              "carry the MTP inputs and per-stage aux losses; use parallel.engine=native (or auto) for pp > 1")
+    _require(not (p.resolved_engine == "deepspeed" and p.zero_stage == 0),
+             f"parallel.zero_stage=0 with parallel.engine={p.engine} (DeepSpeed, as pp == 1): dsmtp drives DeepSpeed's "
+             "ZeRO optimizer only; use zero_stage 1 (parameters and gradients as in stage 0, optimizer state "
+             "sharded) or parallel.engine=native")
     _require(not (p.resolved_engine == "deepspeed" and p.zero_stage == 3 and m.num_moe_layers > 0),
              f"parallel.zero_stage=3 with parallel.engine={p.engine} and routed experts (model.num_layers="
              f"{m.num_layers} > first_k_dense_replace={m.first_k_dense_replace}): DeepSpeed's ZeRO-3 refuses MoE "

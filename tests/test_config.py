@@ -45,6 +45,7 @@ def test_671b_schedule_reads_exponent_numbers():
     ({"parallel": {"engine": "megatron"}}, "parallel.engine='megatron' must be auto, native or deepspeed"),
     ({"parallel": {"pp": 2, "engine": "deepspeed"}}, "parallel.engine=deepspeed cannot be used with parallel.pp=2"),
     ({"parallel": {"zero_stage": 3}}, "parallel.zero_stage=3 with parallel.engine=auto and routed experts"),
+    ({"parallel": {"zero_stage": 0}}, "parallel.zero_stage=0 with parallel.engine=auto"),
     ({"train": {"mtp_weight_schedule": [[5, 0.3]]}}, "train.mtp_weight_schedule must start at 0"),
     ({"train": {"seq_len": 8192}}, "train.seq_len=8192 exceeds model.max_position_embeddings=4096"),
 ])
