@@ -101,7 +101,8 @@ def register_expert_groups(layout: Layout) -> None:
     expected_ep = next(list(r) for r in ds_ep if layout.rank in r)
     expected_edp = next(list(r) for r in ds_edp if layout.rank in r)
     if (ours_ep, ours_edp) != (expected_ep, expected_edp):
-        raise RuntimeError(f"expert groups differ from DeepSpeed's layout ({layout.describe()}): megatron EP {ours_ep}, "
+        raise RuntimeError(f"expert groups differ from DeepSpeed's layout ({layout.describe()}): "
+                           f"megatron EP {ours_ep}, "
                            f"expert-DP {ours_edp}; DeepSpeed EP {expected_ep}, expert-DP {expected_edp}")
     name = expert_group_name(layout)
     ds_groups._EXPERT_PARALLEL_GROUP[name] = layout.ep_group
@@ -202,7 +203,8 @@ class DeepSpeedEngine:
         want_dp = ranks(self.layout.dp_group)
         if ranks(self.engine.data_parallel_group) != want_dp or ranks(zero.dp_process_group) != want_dp:
             raise RuntimeError(f"DeepSpeed's data-parallel group differs from ours ({self.layout.describe()})")
-        if (zero.model_parallel_rank, ranks(zero.model_parallel_group)) != (self.layout.tp_rank, ranks(self.layout.tp_group)):
+        ours_tp = (self.layout.tp_rank, ranks(self.layout.tp_group))
+        if (zero.model_parallel_rank, ranks(zero.model_parallel_group)) != ours_tp:
             raise RuntimeError(f"DeepSpeed's model-parallel rank/group {zero.model_parallel_rank} "
                                f"{ranks(zero.model_parallel_group)} differ from our TP rank/group "
                                f"({self.layout.describe()}): clipping would count gradients wrongly")
@@ -378,7 +380,8 @@ class DeepSpeedEngine:
         # it now (as torch's AdamW would), then let DeepSpeed map each parameter's fragment into it.
         step = steps.pop()
         for flat in (p for group in zero.optimizer.param_groups for p in group["params"]):
-            zero.optimizer.state[flat] = {"step": torch.tensor(step), **{k: torch.zeros_like(flat) for k in ADAM_MOMENTS}}
+            zero.optimizer.state[flat] = {"step": torch.tensor(step),
+                                          **{k: torch.zeros_like(flat) for k in ADAM_MOMENTS}}
         self._link_optimizer_state()
         for name, p in self._trained():
             for key in ADAM_MOMENTS:

@@ -51,7 +51,8 @@ class DistributedTrainer(Trainer):
         if self.cfg.parallel.resolved_engine == "deepspeed":
             from dsmtp.parallel.deepspeed_engine import DeepSpeedEngine  # imports DeepSpeed: only when used
 
-            self.engine = DeepSpeedEngine(self.model, self.cfg, self.layout, build_optimizer(self.model, self.cfg.train))
+            self.engine = DeepSpeedEngine(self.model, self.cfg, self.layout,
+                                          build_optimizer(self.model, self.cfg.train))
         else:
             self.engine = Engine(self.model, layers, self.cfg, self.layout,
                                  lambda named: build_optimizer([p for _, p in named], self.cfg.train))
