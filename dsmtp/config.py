@@ -78,6 +78,15 @@ class ParallelConfig:
     zero_stage: int = 1
     sequence_parallel: bool = False
     pp_microbatches: Optional[int] = None  # defaults to train.grad_accum
+    # Which engine drives training under torchrun: "deepspeed" (ZeRO, for pp == 1), "native"
+    # (dsmtp.parallel.engine, every layout), or "auto": deepspeed when pp == 1, native when pp > 1.
+    engine: str = "auto"
+
+    @property
+    def resolved_engine(self) -> str:
+        if self.engine == "auto":
+            return "deepspeed" if self.pp == 1 else "native"
+        return self.engine
 
 
 @dataclass
@@ -335,6 +344,19 @@ def validate(cfg: Config) -> None:
     _require(p.pp == 1 or p.zero_stage <= 1,
              f"parallel.zero_stage={p.zero_stage} cannot be used with parallel.pp={p.pp}: DeepSpeed's pipeline "
              "engine supports ZeRO stage 0 or 1 only")
+    _require(p.engine in ("auto", "native", "deepspeed"),
+             f"parallel.engine={p.engine!r} must be auto, native or deepspeed")
+    _require(p.pp == 1 or p.engine != "deepspeed",
+             f"parallel.engine=deepspeed cannot be used with parallel.pp={p.pp}: DeepSpeed's pipeline engine cannot "
+             "carry the MTP inputs and per-stage aux losses; use parallel.engine=native (or auto) for pp > 1")
+    _require(not (p.resolved_engine == "deepspeed" and p.zero_stage == 0),
+             f"parallel.zero_stage=0 with parallel.engine={p.engine} (DeepSpeed, as pp == 1): dsmtp drives DeepSpeed's "
+             "ZeRO optimizer only; use zero_stage 1 (parameters and gradients as in stage 0, optimizer state "
+             "sharded) or parallel.engine=native")
+    _require(not (p.resolved_engine == "deepspeed" and p.zero_stage == 3 and m.num_moe_layers > 0),
+             f"parallel.zero_stage=3 with parallel.engine={p.engine} and routed experts (model.num_layers="
+             f"{m.num_layers} > first_k_dense_replace={m.first_k_dense_replace}): DeepSpeed's ZeRO-3 refuses MoE "
+             "parameters; use zero_stage 1 or 2")
     _require(p.pp_microbatches is None or p.pp_microbatches >= 1,
              f"parallel.pp_microbatches={p.pp_microbatches} must be >= 1")
     _require(p.tp > 1 or not p.sequence_parallel, "parallel.sequence_parallel needs parallel.tp > 1")

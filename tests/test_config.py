@@ -42,6 +42,10 @@ def test_671b_schedule_reads_exponent_numbers():
     ({"model": {"hidden_size": "big"}}, "model.hidden_size: expected an integer"),
     ({"parallel": {"pp": 2, "zero_stage": 2}}, "parallel.zero_stage=2 cannot be used with parallel.pp=2"),
     ({"parallel": {"pp": 13}}, "parallel.pp=13 is larger than model.num_layers=12"),
+    ({"parallel": {"engine": "megatron"}}, "parallel.engine='megatron' must be auto, native or deepspeed"),
+    ({"parallel": {"pp": 2, "engine": "deepspeed"}}, "parallel.engine=deepspeed cannot be used with parallel.pp=2"),
+    ({"parallel": {"zero_stage": 3}}, "parallel.zero_stage=3 with parallel.engine=auto and routed experts"),
+    ({"parallel": {"zero_stage": 0}}, "parallel.zero_stage=0 with parallel.engine=auto"),
     ({"train": {"mtp_weight_schedule": [[5, 0.3]]}}, "train.mtp_weight_schedule must start at 0"),
     ({"train": {"seq_len": 8192}}, "train.seq_len=8192 exceeds model.max_position_embeddings=4096"),
 ])

@@ -16,13 +16,16 @@ Stage 2: grads are reduced to the owner only (others drop theirs). Stage 0: all-
 steps. Clipping uses the norm of the whole model with each distinct gradient counted once:
 by its owner, on TP rank 0 unless it is TP-split, and not for the last stage's embedding copy.
 
-Why not DeepSpeed's engine: its ZeRO optimizer treats parameters as experts only for DeepSpeed's own
-MoE class (ours would be reduced over the whole DP group: wrong), ZeRO-2/3 refuse its pipeline engine,
-and its pipeline engine cannot carry the MTP inputs and per-stage aux losses (see pipeline.py).
+This engine runs pipeline-parallel layouts (parallel.engine=auto picks it when pp > 1, or `native` for
+any layout); DeepSpeed (dsmtp.parallel.deepspeed_engine) runs the others. Why not DeepSpeed with PP:
+ZeRO-2/3 refuse its pipeline engine, and its pipeline engine cannot carry the MTP inputs and per-stage
+aux losses (see pipeline.py). Its ZeRO optimizer treats parameters as experts only when the model holds
+one of DeepSpeed's own MoE modules; deepspeed_engine.py arranges that for our experts.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
@@ -156,6 +159,16 @@ class Engine:
                 group["lr"] = lr
         self.optimizer.step()
         self._share_updated_params()
+
+    def apply_gradients(self, lr: float, max_norm: float, finite_loss: bool) -> tuple[float, bool]:
+        """reduce_and_clip, then step unless the loss (on any rank) or the norm is not finite; gradients
+        are cleared either way. Returns (norm before clipping, whether the update was applied)."""
+        grad_norm = self.reduce_and_clip(max_norm)
+        applied = not self.any_rank(not (finite_loss and math.isfinite(grad_norm)))
+        if applied:
+            self.step(lr)
+        self.zero_grad()
+        return grad_norm, applied
 
     def zero_grad(self) -> None:
         self.model.zero_grad(set_to_none=True)

@@ -63,10 +63,14 @@ def validate_layout(cfg: Config, world_size: int) -> int:
             f"train.micro_batch_size={cfg.train.micro_batch_size} is not divisible by the data-parallel size {dp}: "
             "it is the micro-batch of all DP ranks together (each reads micro_batch_size / dp samples), so the "
             "global batch is the same in every layout; choose a multiple of the DP size")
-    if p.zero_stage not in (0, 1, 2):
+    if p.zero_stage not in (0, 1, 2) and p.resolved_engine == "native":
         raise ConfigError(
             f"parallel.zero_stage={p.zero_stage}: dsmtp's engine shards optimizer state (1) and gradients (2); "
             "stage 3 (parameter sharding) is not supported with its tensor, expert and pipeline parallelism")
+    if p.zero_stage not in (0, 1, 2):
+        raise ConfigError(
+            f"parallel.zero_stage={p.zero_stage}: dsmtp's DeepSpeed engine runs ZeRO stages 0, 1 and 2; stage 3 "
+            "(parameter sharding) is not wired into its checkpoints yet: use zero_stage 1 or 2")
     if p.pp > 1 and p.zero_stage > 1:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} cannot be combined with parallel.pp={p.pp}: "
                           "use zero_stage 0 or 1 with pipeline parallelism")

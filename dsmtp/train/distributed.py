@@ -1,5 +1,8 @@
 """The trainer under torchrun: the same loop, logging, evaluation and checkpoints as `Trainer`, with
-this rank's part of the model driven by `dsmtp.parallel.engine.Engine` (TP, PP, EP, DP with ZeRO-1/2).
+this rank's part of the model driven by an engine chosen by `parallel.engine`: DeepSpeed
+(`dsmtp.parallel.deepspeed_engine`, ZeRO-1/2 with TP and EP; the default when pp == 1) or dsmtp's own
+`dsmtp.parallel.engine.Engine` (TP, PP, EP, DP with ZeRO-1/2; the default when pp > 1). Both offer
+the same methods, and write and read the same consolidated checkpoints.
 
 Batch semantics do not depend on the layout: `train.micro_batch_size` is the micro-batch of the whole
 data-parallel group, each DP rank reads its disjoint `micro_batch_size / dp` slice, and a step is
@@ -14,7 +17,6 @@ same atomic rename and `latest` pointer; the shards are a temporary directory re
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 
@@ -46,8 +48,14 @@ class DistributedTrainer(Trainer):
         self.layout = topology.layout()
         model, layers = build_model(self.cfg, self.layout, self.cfg.train.seed)
         self.model = model.to(self.device).train()
-        self.engine = Engine(self.model, layers, self.cfg, self.layout,
-                             lambda named: build_optimizer([p for _, p in named], self.cfg.train))
+        if self.cfg.parallel.resolved_engine == "deepspeed":
+            from dsmtp.parallel.deepspeed_engine import DeepSpeedEngine  # imports DeepSpeed: only when used
+
+            self.engine = DeepSpeedEngine(self.model, self.cfg, self.layout,
+                                          build_optimizer(self.model, self.cfg.train))
+        else:
+            self.engine = Engine(self.model, layers, self.cfg, self.layout,
+                                 lambda named: build_optimizer([p for _, p in named], self.cfg.train))
         self.optimizer = self.engine.optimizer
 
     def open_data(self) -> Data:
@@ -79,18 +87,15 @@ class DistributedTrainer(Trainer):
         return sums, sums.is_finite()
 
     def optimizer_step(self, lr: float, gamma: float, finite_loss: bool) -> tuple[float, tuple[float, float], bool]:
-        grad_norm = self.engine.reduce_and_clip(self.cfg.train.grad_clip)
-        skipped = self.engine.any_rank(not (finite_loss and math.isfinite(grad_norm)))
+        grad_norm, applied = self.engine.apply_gradients(lr, self.cfg.train.grad_clip, finite_loss)
         collectives.reduce_expert_loads(self.model)
         imbalance = self._load_imbalance()
-        if skipped:
+        if applied:
+            update_expert_bias(self.model, gamma)
+        else:
             for moe in moe_layers(self.model):
                 moe.tokens_per_expert.zero_()
-        else:
-            self.engine.step(lr)
-            update_expert_bias(self.model, gamma)
-        self.engine.zero_grad()
-        return grad_norm, imbalance, skipped
+        return grad_norm, imbalance, not applied
 
     def _load_imbalance(self) -> tuple[float, float]:
         """expert_load_imbalance over the MoE layers of every pipeline stage."""

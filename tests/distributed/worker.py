@@ -28,6 +28,7 @@ def main() -> None:
     for name in ("tp", "pp", "ep"):
         parser.add_argument(f"--{name}", type=int, default=1)
     parser.add_argument("--zero", type=int, default=1)
+    parser.add_argument("--engine", choices=["native", "deepspeed"], default="native")
     parser.add_argument("--steps", type=int, default=common.STEPS)
     parser.add_argument("--first-step", type=int, default=0)
     parser.add_argument("--resume", help="consolidated checkpoint dir to start from")
@@ -37,7 +38,12 @@ def main() -> None:
     cfg = common.tiny_config(args.tp, args.pp, args.ep, args.zero)
     layout = init_distributed(cfg)
     model, layers = build_model(cfg, layout, common.SEED)
-    engine = Engine(model, layers, cfg, layout, lambda named: common.make_optimizer(named, cfg))
+    if args.engine == "deepspeed":
+        from dsmtp.parallel.deepspeed_engine import DeepSpeedEngine
+
+        engine = DeepSpeedEngine(model, cfg, layout, common.make_optimizer(model.named_parameters(), cfg))
+    else:
+        engine = Engine(model, layers, cfg, layout, lambda named: common.make_optimizer(named, cfg))
     if args.resume:
         engine.load_full(*checkpoint.load_consolidated(Path(args.resume)))
     history, times = [], []
