@@ -105,7 +105,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     seed: int = 1234
     seq_len: int = 256
-    micro_batch_size: int = 8
+    micro_batch_size: int = 8  # samples per micro-batch over all data-parallel ranks together
     grad_accum: int = 1
     steps: int = 1000
     lr: float = 3e-4

@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from dsmtp.config import config_from_dict, load_config
 from dsmtp.model import DeepSeekV3

@@ -3,7 +3,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsmtp.model import kernels
 from dsmtp.model.linear import ColumnParallelLinear, RowParallelLinear
 
 

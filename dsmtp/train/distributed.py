@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from dsmtp.data.loader import TrainBatches
 from dsmtp.model import DeepSeekV3, moe_layers, update_expert_bias
 from dsmtp.parallel import checkpoint as shards
 from dsmtp.parallel import collectives, topology
@@ -31,7 +30,7 @@ from dsmtp.parallel.engine import Engine, build_model
 from dsmtp.train import checkpoint
 from dsmtp.train.metrics import LossSums, expert_load_imbalance
 from dsmtp.train.optim import build_optimizer, parameter_groups
-from dsmtp.train.trainer import Data, Trainer, open_data
+from dsmtp.train.trainer import Data, Trainer, open_data, prepare_model_for_speed
 
 
 def single_process_parameter_order(cfg) -> list[list[str]]:
@@ -48,6 +47,7 @@ class DistributedTrainer(Trainer):
         self.layout = topology.layout()
         model, layers = build_model(self.cfg, self.layout, self.cfg.train.seed)
         self.model = model.to(self.device).train()
+        prepare_model_for_speed(self.model, self.cfg.train)
         if self.cfg.parallel.resolved_engine == "deepspeed":
             from dsmtp.parallel.deepspeed_engine import DeepSpeedEngine  # imports DeepSpeed: only when used
 
@@ -59,16 +59,7 @@ class DistributedTrainer(Trainer):
         self.optimizer = self.engine.optimizer
 
     def open_data(self) -> Data:
-        t, lay = self.cfg.train, self.layout
-        data = open_data(self.cfg)  # tokenizer and validation batches as one process sees them
-        data.train = TrainBatches(self.cfg.data.data_dir, t.seq_len, self.cfg.model.mtp_depth,
-                                  t.micro_batch_size // lay.dp, t.seed, lay.dp_rank, lay.dp)
-        return data
-
-    @property
-    def tokens_per_step(self) -> int:
-        t = self.cfg.train
-        return t.micro_batch_size * t.seq_len * t.grad_accum
+        return open_data(self.cfg, self.layout.dp_rank, self.layout.dp)
 
     # ------------------------------------------------------------------------------------------
     def _sums(self, outputs) -> LossSums:

@@ -61,7 +61,8 @@ def open_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Data:
     tokenizer = Tokenizer.load(data_dir, expected_vocab_size=cfg.model.vocab_size)
     t, extra = cfg.train, cfg.model.mtp_depth
     val_split = TokenSplit(data_dir, "val")
-    return Data(train=TrainBatches(data_dir, t.seq_len, extra, t.micro_batch_size, t.seed, dp_rank, dp_size),
+    # train.micro_batch_size counts the samples of all data-parallel ranks together: each reads its slice.
+    return Data(train=TrainBatches(data_dir, t.seq_len, extra, t.micro_batch_size // dp_size, t.seed, dp_rank, dp_size),
                 val=val_batches(data_dir, t.seq_len, extra, t.micro_batch_size, t.eval_batches),
                 val_tokens=torch.from_numpy(val_split.read(0, val_split.num_tokens).astype("int64")),
                 tokenizer_path=tokenizer.model_path, unigram_baseline=val_split.manifest.get("unigram", {}))
@@ -151,12 +152,13 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.cfg.train)
 
     def open_data(self) -> Data:
-        return open_data(self.cfg, collectives.dp_rank(), collectives.dp_size())
+        return open_data(self.cfg)
 
     @property
     def tokens_per_step(self) -> int:
+        """The global batch in tokens: the same for every parallel layout."""
         t = self.cfg.train
-        return t.micro_batch_size * t.seq_len * t.grad_accum * collectives.dp_size()
+        return t.micro_batch_size * t.seq_len * t.grad_accum
 
     # ------------------------------------------------------------------------------------------
     # One micro-batch, one optimizer step
