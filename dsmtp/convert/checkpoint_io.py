@@ -8,7 +8,6 @@ implement `shapes()` and `read()` returning full (consolidated) tensors in our n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -19,6 +18,7 @@ import yaml
 
 from dsmtp.config import Config, config_to_dict, load_config
 from dsmtp.convert.safetensors_stream import DTYPE_CODES
+from dsmtp.train.checkpoint import CHECKPOINTS, LATEST, read_latest, sha256_file
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -79,15 +79,15 @@ class SafetensorsSource:
 def resolve_checkpoint_dir(path: Path) -> Path:
     """A step directory, or a run's out_dir / checkpoints dir whose `latest` file names the newest step."""
     path = Path(path)
-    for candidate in (path, path / "checkpoints"):
+    for candidate in (path, path / CHECKPOINTS):
         if (candidate / MODEL_FILE).is_file():
             return candidate
-        latest = candidate / "latest"
-        if latest.is_file():
-            step_dir = candidate / latest.read_text().strip()
+        name = read_latest(candidate)
+        if name is not None:
+            step_dir = candidate / name
             if (step_dir / MODEL_FILE).is_file():
                 return step_dir
-            raise FileNotFoundError(f"{latest} names {step_dir}, which has no {MODEL_FILE}")
+            raise FileNotFoundError(f"{candidate / LATEST} names {step_dir}, which has no {MODEL_FILE}")
     raise FileNotFoundError(f"{path}: not a dsmtp checkpoint (expected {MODEL_FILE} and {CONFIG_FILE} in it, or a "
                             "checkpoints/latest file naming one)")
 
@@ -104,21 +104,13 @@ def open_checkpoint(path: Path) -> tuple[Config, TensorSource, Path]:
     return load_config(ckpt / CONFIG_FILE), SafetensorsSource([ckpt / MODEL_FILE]), ckpt
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_checkpoint_metadata(ckpt: Path, cfg: Config, tokenizer: Optional[Path]) -> None:
     """config.yaml, tokenizer.model and manifest.json next to an already written model.safetensors."""
     (ckpt / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     if tokenizer is not None:
         shutil.copyfile(tokenizer, ckpt / TOKENIZER_FILE)
     files = [MODEL_FILE, CONFIG_FILE] + ([TOKENIZER_FILE] if tokenizer is not None else [])
-    hashes = {name: _sha256(ckpt / name) for name in files}
+    hashes = {name: sha256_file(ckpt / name) for name in files}
     manifest = {"files": hashes, "step": 0, "tokens": 0,
                 "tokenizer_sha256": hashes.get(TOKENIZER_FILE), "config_sha256": hashes[CONFIG_FILE]}
     (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

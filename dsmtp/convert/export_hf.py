@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from dsmtp.convert.checkpoint_io import TOKENIZER_FILE, TensorSource, open_check
 from dsmtp.convert.hf_config import generation_config, to_hf_config
 from dsmtp.convert.hf_tokenizer import write_hf_tokenizer
 from dsmtp.convert.safetensors_stream import SafetensorsWriter
+from dsmtp.io import atomic_directory
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 INDEX_FILE = "model.safetensors.index.json"
@@ -147,10 +146,7 @@ def export(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int = 5 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: choose a new output directory")
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out) as tmp:
         write_hf_weights(source, cfg.model, tmp, DTYPES[dtype], max_shard_bytes, quantize_fp8)
         config = to_hf_config(cfg.model, dtype)
         if quantize_fp8:
@@ -162,12 +158,6 @@ def export(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int = 5 
             write_hf_tokenizer(tokenizer, tmp, cfg.model.max_position_embeddings)
         else:
             print(f"note: {ckpt_dir} has no {TOKENIZER_FILE}; the export has no tokenizer files", file=sys.stderr)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
     return out
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -32,6 +30,7 @@ from dsmtp.convert.checkpoint_io import (MODEL_FILE, TOKENIZER_FILE, Safetensors
                                         write_checkpoint_metadata)
 from dsmtp.convert.hf_config import from_hf_config
 from dsmtp.convert.safetensors_stream import SafetensorsWriter
+from dsmtp.io import atomic_directory
 
 # Model fields a user may change on import: they do not change what the weights compute.
 TRAINING_ONLY_MODEL_FIELDS = {"aux_loss_alpha", "init_std"}
@@ -133,18 +132,9 @@ def import_hf(hf_dir: Path, out: Path, base_config: Optional[Path] = None, overr
         tokenizer = None
         print(f"note: {hf_dir} has no {TOKENIZER_FILE} (sentencepiece model); the checkpoint gets none and data "
               "preparation will train its own", file=sys.stderr)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out) as tmp:
         write_our_weights(source, cfg.model, tmp / MODEL_FILE, quantized)
         write_checkpoint_metadata(tmp, cfg, tokenizer)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
     return out
 
 

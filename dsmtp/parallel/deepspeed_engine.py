@@ -37,10 +37,10 @@ from megatron.core import parallel_state
 from torch import nn
 
 from dsmtp.config import Config
-from dsmtp.model import DeepSeekV3, ModelOutput, update_expert_bias
+from dsmtp.model import DeepSeekV3, ModelOutput
 from dsmtp.parallel.checkpoint import Piece
-from dsmtp.parallel.engine import StepStats, is_tensor_parallel
-from dsmtp.parallel.expert import is_expert_param, reduce_expert_loads
+from dsmtp.parallel.engine_common import EngineBase, StepStats, is_tensor_parallel
+from dsmtp.parallel.expert import is_expert_param
 from dsmtp.parallel.topology import Layout
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -167,7 +167,7 @@ def _split_expert_groups(optimizer: torch.optim.Optimizer, group_name: str) -> N
     optimizer.param_groups[:] = groups
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(EngineBase):
     """One rank's DeepSpeed engine over this rank's part of the model (TP slice, EP experts)."""
 
     def __init__(self, model: DeepSeekV3, cfg: Config, layout: Layout, optimizer: torch.optim.Optimizer):
@@ -215,10 +215,6 @@ class DeepSpeedEngine:
                                    f"{ranks(zero.real_dp_process_group[i])}, expected {ranks(want)}")
 
     # ------------------------------------------------------------------------------------------
-    def _split_batches(self, micro_batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        seq_len = micro_batches[0].shape[1] - self.cfg.model.mtp_depth - 1
-        return [(mb[:, :seq_len], mb[:, 1:]) for mb in micro_batches]
-
     def forward_backward(self, micro_batches: list[torch.Tensor], mtp_weight: float) -> list[ModelOutput]:
         """Forward and backward over this rank's micro-batches; DeepSpeed divides each loss by the
         number of accumulation steps and reduces the gradients after the last one. DeepSpeed counts
@@ -229,10 +225,10 @@ class DeepSpeedEngine:
                              f"{self.engine.gradient_accumulation_steps()} (train.grad_accum)")
         self.engine.train()
         outputs = []
-        for i, (input_ids, labels) in enumerate(self._split_batches(micro_batches)):
+        for i, mb in enumerate(self._split_batches(micro_batches)):
             if i > 0:
                 self.engine.step()
-            out = self.engine(input_ids, labels, mtp_weight)
+            out = self.engine(mb.input_ids, mb.labels, mtp_weight)
             self.engine.backward(out.loss)
             outputs.append(out)
         return outputs
@@ -241,7 +237,8 @@ class DeepSpeedEngine:
     def evaluate(self, micro_batches: list[torch.Tensor], mtp_weight: float) -> list[ModelOutput]:
         self.model.eval()
         try:
-            return [self.model(i, l, mtp_weight=mtp_weight) for i, l in self._split_batches(micro_batches)]
+            return [self.model(mb.input_ids, mb.labels, mtp_weight=mtp_weight)
+                    for mb in self._split_batches(micro_batches)]
         finally:
             self.model.train()
 
@@ -266,19 +263,6 @@ class DeepSpeedEngine:
         stats.grad_norm, _ = self.apply_gradients(self.optimizer.param_groups[0]["lr"], grad_clip, True)
         return stats
 
-    def _loss_stats(self, outputs: list[ModelOutput], n: int) -> StepStats:
-        depth = self.cfg.model.mtp_depth
-        vec = torch.zeros(2 + depth, dtype=torch.float64, device=self.device)
-        for out in outputs:
-            vec[0] += out.main_loss.double()
-            vec[1:1 + depth] += out.mtp_losses.double()
-            vec[1 + depth] += out.aux_loss.double()
-        vec /= n * self.layout.dp
-        if self.layout.dp > 1:
-            dist.all_reduce(vec, group=self.layout.dp_group)
-        values = vec.tolist()
-        return StepStats(values[0], values[1:1 + depth], values[1 + depth], 0.0)
-
     # The trainer's pipeline hooks: nothing to do without PP.
     def share_from_last_stage(self, tensors: list[torch.Tensor]) -> None:
         pass
@@ -286,34 +270,10 @@ class DeepSpeedEngine:
     def over_stages(self, sums: list[float], maxima: list[float]) -> tuple[list[float], list[float]]:
         return sums, maxima
 
-    def any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        if self.layout.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
-    def barrier(self) -> None:
-        if self.layout.world_size > 1:
-            dist.barrier()
-
-    @torch.no_grad()
-    def update_expert_bias(self, gamma: float) -> None:
-        """Aux-loss-free balancing with the loads of the global batch (every MoE layer, MTP included)."""
-        reduce_expert_loads(self.model, self.layout.dp_group)
-        update_expert_bias(self.model, gamma)
-
     # ------------------------------------------------------------------------------------------
     # Checkpoints in the native engine's piece format (dsmtp.parallel.checkpoint): ZeRO keeps the
     # parameters whole on every DP rank (stages 1 and 2) but partitions the Adam state, which
     # DeepSpeed's safe_get/set_full_optimizer_state gather and scatter.
-
-    def _split(self, tensor: torch.Tensor) -> tuple[int, int, int]:
-        lay = self.layout
-        if is_tensor_parallel(tensor):
-            return tensor.partition_dim, lay.tp_rank, lay.tp
-        if is_expert_param(tensor):
-            return 0, lay.ep_rank, lay.ep
-        return 0, 0, 1
 
     def _writes(self, tensor: torch.Tensor) -> bool:
         """One writer per piece: DP (or expert-DP) rank 0, TP rank 0 for replicated tensors."""
@@ -360,14 +320,7 @@ class DeepSpeedEngine:
     def load_full(self, model_state: dict[str, torch.Tensor], optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
         """Load single-process (consolidated) tensors: the parameters into the model and into ZeRO's
         fp32 master partitions, the Adam moments into ZeRO's partitioned optimizer state."""
-        params = dict(self.model.named_parameters())
-        local = self.model.state_dict()
-        missing = sorted(set(local) - set(model_state))
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} tensors of this model, e.g. {missing[0]} "
-                             "(was it saved from a different model config?)")
-        for name, tensor in local.items():
-            tensor.copy_(self._slice(model_state[name], params.get(name, tensor)))
+        self._load_model_state(model_state)
         zero = self.optimizer
         for name, p in self._trained():
             deepspeed.utils.safe_set_full_fp32_param(p, self._slice(model_state[name], p).float())
@@ -394,7 +347,3 @@ class DeepSpeedEngine:
         zero = self.optimizer
         for i, flat in enumerate(zero.single_partition_of_fp32_groups):
             lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], flat, zero.optimizer.state)
-
-    def _slice(self, full: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        dim, index, parts = self._split(local)
-        return full if parts == 1 else full.chunk(parts, dim=dim)[index]

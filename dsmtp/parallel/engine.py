@@ -36,9 +36,10 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from dsmtp.config import Config
 from dsmtp.parallel.checkpoint import Piece
-from dsmtp.model import DeepSeekV3, ModelOutput, update_expert_bias
-from dsmtp.parallel.expert import is_expert_param, reduce_expert_loads, shard_experts
-from dsmtp.parallel.pipeline import MicroBatch, PipelineSchedule, is_tied_copy, prune_to_stage
+from dsmtp.model import DeepSeekV3, ModelOutput
+from dsmtp.parallel.engine_common import EngineBase, StepStats, is_tensor_parallel
+from dsmtp.parallel.expert import is_expert_param, shard_experts
+from dsmtp.parallel.pipeline import PipelineSchedule, is_tied_copy, prune_to_stage
 from dsmtp.parallel.topology import Layout
 
 OptimizerFactory = Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer]
@@ -54,10 +55,6 @@ def build_model(cfg: Config, layout: Layout, seed: int) -> tuple[DeepSeekV3, ran
     if layout.ep > 1:
         shard_experts(model, layout.ep_rank, layout.ep, layout.ep_group)
     return model, layers
-
-
-def is_tensor_parallel(param: torch.Tensor) -> bool:
-    return getattr(param, "tensor_model_parallel", False)
 
 
 @dataclass
@@ -84,15 +81,7 @@ def _assign_owners(params: list[nn.Parameter], group_size: int) -> list[int]:
     return owners
 
 
-@dataclass
-class StepStats:
-    main_loss: float
-    mtp_losses: list[float]
-    aux_loss: float
-    grad_norm: float
-
-
-class Engine:
+class Engine(EngineBase):
     def __init__(self, model: DeepSeekV3, layers: range, cfg: Config, layout: Layout,
                  make_optimizer: OptimizerFactory):
         self.model, self.cfg, self.layout = model, cfg, layout
@@ -182,10 +171,6 @@ class Engine:
         self.zero_grad()
         return stats
 
-    def _split_batches(self, micro_batches: list[torch.Tensor]) -> list[MicroBatch]:
-        seq_len = micro_batches[0].shape[1] - self.cfg.model.mtp_depth - 1
-        return [MicroBatch(mb[:, :seq_len], mb[:, 1:]) for mb in micro_batches]
-
     def _with_all_stages_aux(self, outputs: list[ModelOutput], stage_aux: list[torch.Tensor],
                              n: int) -> list[ModelOutput]:
         """Add the earlier stages' aux losses (for logging) to the last stage's outputs."""
@@ -209,34 +194,8 @@ class Engine:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.layout.pp_group)
         return s.tolist(), m.tolist()
 
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank when `flag` is true on any rank (e.g. a non-finite loss: all skip the step)."""
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        if self.layout.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
-    def barrier(self) -> None:
-        if self.layout.world_size > 1:
-            dist.barrier()
-
-    @torch.no_grad()
-    def update_expert_bias(self, gamma: float) -> None:
-        """Aux-loss-free balancing with the loads of the global batch (every MoE layer, MTP included)."""
-        reduce_expert_loads(self.model, self.layout.dp_group)
-        update_expert_bias(self.model, gamma)
-
     # ------------------------------------------------------------------------------------------
-    # Checkpoints: which slice of which full tensor this rank holds, and loading full tensors back.
-
-    def _split(self, tensor: torch.Tensor) -> tuple[int, int, int]:
-        """(dim, index, parts) of a local parameter within its full tensor."""
-        lay = self.layout
-        if is_tensor_parallel(tensor):
-            return tensor.partition_dim, lay.tp_rank, lay.tp
-        if is_expert_param(tensor):
-            return 0, lay.ep_rank, lay.ep
-        return 0, 0, 1
+    # Checkpoints: the pieces this rank writes, and loading consolidated tensors back.
 
     def _writes(self, name: str, tensor: torch.Tensor, holder: bool) -> bool:
         """Exactly one rank writes each piece: `holder` picks the replica, TP rank 0 writes replicated
@@ -269,14 +228,8 @@ class Engine:
     @torch.no_grad()
     def load_full(self, model_state: dict[str, torch.Tensor], optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
         """Load single-process (consolidated) tensors: each rank takes its slice."""
+        self._load_model_state(model_state)
         params = dict(self.model.named_parameters())
-        local = self.model.state_dict()
-        missing = sorted(set(local) - set(model_state))
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} tensors of this model, e.g. {missing[0]} "
-                             "(was it saved from a different model config?)")
-        for name, tensor in local.items():
-            tensor.copy_(self._slice(model_state[name], params.get(name, tensor)))
         by_param = {id(p): name for name, p in params.items()}
         for group in self.optimizer.param_groups:
             for p in group["params"]:
@@ -285,27 +238,7 @@ class Engine:
                     self.optimizer.state[p] = {k: (v if v.dim() == 0 else self._slice(v, p)).clone()
                                                for k, v in saved.items()}
 
-    def _slice(self, full: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        dim, index, parts = self._split(local)
-        return full if parts == 1 else full.chunk(parts, dim=dim)[index]
-
     # ------------------------------------------------------------------------------------------
-    def _loss_stats(self, outputs: list[ModelOutput], n: int) -> StepStats:
-        """[main, mtp_1..D, aux] from the last stage, averaged over micro-batches and DP ranks, on every rank."""
-        depth = self.cfg.model.mtp_depth
-        vec = torch.zeros(2 + depth, dtype=torch.float64, device=self.device)
-        for out in outputs:
-            vec[0] += out.main_loss.double()
-            vec[1:1 + depth] += out.mtp_losses.double()
-            vec[1 + depth] += out.aux_loss.double()
-        vec /= n * self.layout.dp
-        if self.layout.pp > 1:
-            dist.all_reduce(vec, group=self.layout.pp_group)
-        if self.layout.dp > 1:
-            dist.all_reduce(vec, group=self.layout.dp_group)
-        values = vec.tolist()
-        return StepStats(values[0], values[1:1 + depth], values[1 + depth], 0.0)
-
     @torch.no_grad()
     def _reduce_gradients(self) -> None:
         for g in self.groups:

@@ -24,7 +24,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -32,7 +32,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from dsmtp.config import Config, ConfigError, config_from_dict, config_to_dict
-from dsmtp.model import DeepSeekV3
+
+if TYPE_CHECKING:  # imported where used: the converters read checkpoints without building a model
+    from dsmtp.model import DeepSeekV3
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -165,12 +167,19 @@ def remove_stale_temporaries(out_dir: Path) -> None:
 # Finding, verifying, loading
 
 
+def read_latest(checkpoints: Path) -> Optional[str]:
+    """What the `latest` file of a checkpoints directory names (a directory relative to it), or None when
+    there is no such file. Unchecked: callers decide what a usable target is."""
+    pointer = Path(checkpoints) / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
 def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     """The step directory `latest` names, or None when the run has no checkpoint yet."""
     pointer = Path(out_dir) / CHECKPOINTS / LATEST
-    if not pointer.is_file():
+    name = read_latest(pointer.parent)
+    if name is None:
         return None
-    name = pointer.read_text().strip()
     path = pointer.parent / name
     if not STEP_DIR.match(name) or not path.is_dir():
         raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint directory next to it; "
@@ -253,6 +262,7 @@ def load_training_state(ckpt: Path) -> tuple[dict, dict]:
 def load_model(path: Path | str, device: Optional[torch.device] = None) -> tuple[DeepSeekV3, Config]:
     """Load a verified checkpoint for inference or conversion: a step directory, or a run's out_dir
     (its `latest` checkpoint). Returns the model in eval mode and the run's Config."""
+    from dsmtp.model import DeepSeekV3
     from dsmtp.parallel.topology import ensure_initialized
 
     ckpt = resolve(Path(path))
