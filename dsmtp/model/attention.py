@@ -16,7 +16,7 @@ from dsmtp.model import kernels
 from dsmtp.model.linear import ColumnParallelLinear, RowParallelLinear, replicated_linear
 from dsmtp.model.norm import RMSNorm
 from dsmtp.model.rope import apply_rotary, softmax_scale
-from dsmtp.parallel.tensor import shared_by_local_heads
+from dsmtp.parallel.tensor import gather_sequence, shared_by_local_heads
 from dsmtp.parallel.topology import tp_size
 
 # DeepSeek's reference code and HF transformers build the latent norms with the default eps,
@@ -105,7 +105,9 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: Optional[LatentCache] = None) -> torch.Tensor:
         """With a KV cache x holds only the new tokens (cos/sin at their positions): their latents are
-        appended to the cache and attention runs over everything cached, in the absorbed form."""
+        appended to the cache and attention runs over everything cached, in the absorbed form.
+        Under sequence parallelism x is this rank's sequence shard and so is the output."""
+        x = gather_sequence(x)  # causal attention needs the whole sequence
         q_nope, q_rope = self.query(x, cos, sin)
         kv, k_rope = self.latent(x, cos, sin)
         if cache is None:

@@ -15,6 +15,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from dsmtp.model import fp8
+from dsmtp.parallel.tensor import reduce_scatter_sequence, sequence_parallel
 from dsmtp.parallel.topology import tp_group
 
 _MEGATRON_CONFIG = ModelParallelConfig(use_cpu_initialization=True, params_dtype=torch.float32)
@@ -58,6 +59,10 @@ class ColumnParallelLinear(FastLinear, _NoExtraState, tensor_parallel.ColumnPara
         self.unsplit = tp_group().size() == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if sequence_parallel():
+            # x was gathered by dsmtp.parallel.tensor.gather_sequence, whose backward sums the
+            # TP-partial input gradients: megatron's own all-reduce of them must not run too.
+            return F.linear(x, self.weight)
         out = self.local_linear(x)
         return super().forward(x)[0] if out is None else out
 
@@ -71,6 +76,8 @@ class RowParallelLinear(FastLinear, _NoExtraState, tensor_parallel.RowParallelLi
         self.unsplit = tp_group().size() == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if sequence_parallel():  # partial outputs reduce-scattered over the sequence, not all-reduced
+            return reduce_scatter_sequence(F.linear(x, self.weight))
         out = self.local_linear(x)
         return super().forward(x)[0] if out is None else out
 

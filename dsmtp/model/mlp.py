@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from dsmtp.model.linear import ColumnParallelLinear, RowParallelLinear
+from dsmtp.parallel.tensor import gather_sequence
 
 
 class MLP(nn.Module):
@@ -16,4 +17,5 @@ class MLP(nn.Module):
         self.w2 = RowParallelLinear(inter_dim, dim, init_std)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = gather_sequence(x)  # a sequence shard under sequence parallelism; w2 scatters it back
         return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))

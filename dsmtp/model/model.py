@@ -25,6 +25,7 @@ from dsmtp.model.mtp import MTPModule
 from dsmtp.model.norm import RMSNorm
 from dsmtp.model.rope import RotaryEmbedding
 from dsmtp.parallel import vocab
+from dsmtp.parallel.tensor import gather_sequence, scatter_sequence
 
 IGNORE_INDEX = -100
 
@@ -84,17 +85,17 @@ class DeepSeekV3(nn.Module):
                           sin: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """[h_1 .. h_D] from the trunk's h_0 [B, S, H] and the embedded tokens t_0 .. t_{S+D-1}: depth k
         at position i combines h_{k-1, i} with the embedding of t_{i+k}. Also returns their aux loss."""
-        s = h.shape[1]
+        s = emb.shape[1] - len(self.mtp)  # h may be a sequence shard (dsmtp.parallel.tensor)
         hidden, aux = [], h.new_zeros((), dtype=torch.float32)
         for k, module in enumerate(self.mtp, start=1):
-            h, module_aux = module(h, emb[:, k:k + s], cos, sin)
+            h, module_aux = module(h, scatter_sequence(emb[:, k:k + s]), cos, sin)
             hidden.append(h)
             aux = aux + module_aux
         return hidden, aux
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits from a hidden state (trunk or MTP depth): the shared output head."""
-        return vocab.gather_vocab(self.head(h))
+        return vocab.gather_vocab(self.head(gather_sequence(h)))
 
     def hidden_states(self, tokens: torch.Tensor, seq_len: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         """tokens [B, S + D] = t_0 .. t_{S+D-1} -> [h_0, h_1, .., h_D] (each [B, S, H]) and the aux loss.
@@ -110,12 +111,14 @@ class DeepSeekV3(nn.Module):
         """Without labels: the main logits [B, S, vocab]. With labels [B, S..S+D]: a ModelOutput."""
         s = input_ids.shape[1]
         cos, sin = self.rope(torch.arange(s, device=input_ids.device))
+        # Under sequence parallelism (dsmtp.parallel.tensor) the trunk and MTP modules run on this
+        # rank's sequence shard; the output head gathers it back. Identity otherwise.
         if labels is None:
-            h, _ = self.trunk(self.embed(input_ids), cos, sin)
+            h, _ = self.trunk(scatter_sequence(self.embed(input_ids)), cos, sin)
             return self.logits(h)
         tokens, labels = self.mtp_tokens(input_ids, labels)
         emb = self.embed(tokens.clamp(min=0))
-        h, aux = self.trunk(emb[:, :s], cos, sin)
+        h, aux = self.trunk(scatter_sequence(emb[:, :s]), cos, sin)
         return self.output(h, emb, tokens, labels, aux, cos, sin, mtp_weight)
 
     def mtp_tokens(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +132,7 @@ class DeepSeekV3(nn.Module):
                aux: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mtp_weight: float) -> ModelOutput:
         """Main and MTP losses from the trunk's final (post-norm) hidden state h [B, S, H], the embedded
         `tokens` and the trunk's aux loss (a pipeline's last stage calls this directly)."""
-        s, depth = h.shape[1], len(self.mtp)
+        s, depth = emb.shape[1] - len(self.mtp), len(self.mtp)
         mtp_hidden, mtp_aux = self.mtp_hidden_states(h, emb, cos, sin)
         aux = aux + mtp_aux
         main_loss, main_acc, main_n = self._lm_loss(h, labels[:, :s])
@@ -150,7 +153,7 @@ class DeepSeekV3(nn.Module):
 
     def _lm_loss(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean cross-entropy and top-1 accuracy over the positions that have a target, and their count."""
-        logits = self.head(h)
+        logits = self.head(gather_sequence(h))
         valid = targets != IGNORE_INDEX
         safe_targets = targets.clamp(min=0)
         n = valid.sum()

@@ -12,6 +12,7 @@ from torch import nn
 from dsmtp.config import ModelConfig
 from dsmtp.model import kernels
 from dsmtp.model.mlp import MLP
+from dsmtp.parallel.tensor import gather_sequence
 
 
 class Router(nn.Module):
@@ -136,7 +137,9 @@ class MoE(nn.Module):
             out = out + self.shared_experts(x)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.aux_loss_alpha > 0 and self.training:
-            aux = self.aux_loss_alpha * sequence_balance_loss(scores.view(b, s, -1), expert_ids.view(b, s, -1))
+            # Per-sequence statistics: over the whole sequence also when x is a sequence shard.
+            aux = self.aux_loss_alpha * sequence_balance_loss(gather_sequence(scores.view(b, s, -1), partial_grad=False),
+                                                              gather_sequence(expert_ids.view(b, s, -1)))
         return out, aux
 
 

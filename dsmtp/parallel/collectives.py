@@ -12,6 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from dsmtp.model import moe_layers
+from dsmtp.parallel.tensor import sum_counts_over_sequence_shards_
 from dsmtp.parallel.topology import device
 
 
@@ -46,8 +47,11 @@ def all_reduce_sum_(tensors: Iterable[torch.Tensor]) -> None:
 
 def reduce_expert_loads(model: torch.nn.Module) -> None:
     """Sum every MoE layer's `tokens_per_expert` over the data-parallel group, so the router bias
-    update sees the load of the global batch rather than this rank's share."""
-    all_reduce_sum_(moe.tokens_per_expert for moe in moe_layers(model))
+    update sees the load of the global batch rather than this rank's share (and, under sequence
+    parallelism, of the whole sequence rather than this TP rank's shard)."""
+    loads = [moe.tokens_per_expert for moe in moe_layers(model)]
+    sum_counts_over_sequence_shards_(loads)
+    all_reduce_sum_(loads)
 
 
 def any_rank(flag: bool) -> bool:

@@ -40,6 +40,7 @@ from dsmtp.model import DeepSeekV3, ModelOutput
 from dsmtp.parallel.engine_common import EngineBase, StepStats, is_tensor_parallel
 from dsmtp.parallel.expert import is_expert_param, shard_experts
 from dsmtp.parallel.pipeline import PipelineSchedule, is_tied_copy, prune_to_stage
+from dsmtp.parallel.tensor import reduce_replicated_grads
 from dsmtp.parallel.topology import Layout
 
 OptimizerFactory = Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer]
@@ -54,6 +55,7 @@ def build_model(cfg: Config, layout: Layout, seed: int) -> tuple[DeepSeekV3, ran
     layers = prune_to_stage(model, layout)
     if layout.ep > 1:
         shard_experts(model, layout.ep_rank, layout.ep, layout.ep_group)
+    reduce_replicated_grads(model)  # sequence parallelism only
     return model, layers
 
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dsmtp.model.moe import MoE, RoutedExperts, moe_layers
+from dsmtp.parallel.tensor import sum_counts_over_sequence_shards_
 
 EXPERT_ATTR = "dsmtp_expert"  # set on sharded routed-expert parameters
 
@@ -93,8 +94,9 @@ def dispatch_all_to_all(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.
 def reduce_expert_loads(model: nn.Module, dp_group: dist.ProcessGroup) -> None:
     """Sum every MoE layer's `tokens_per_expert` over the data-parallel group (the global batch), before
     `update_expert_bias`. The router is replicated, so each rank counted its own tokens for all experts;
-    TP ranks hold identical counts and are not summed over."""
+    TP ranks hold identical counts and are not summed over, unless each routed a sequence shard."""
     layers: list[MoE] = list(moe_layers(model))
+    sum_counts_over_sequence_shards_([m.tokens_per_expert for m in layers])
     if not layers or dist.get_world_size(dp_group) == 1:
         return
     flat = torch.cat([m.tokens_per_expert for m in layers])

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from dsmtp.config import Config, ConfigError
+from dsmtp.parallel.tensor import set_sequence_parallel
 
 
 def ensure_initialized() -> None:
@@ -78,8 +79,12 @@ def validate_layout(cfg: Config, world_size: int) -> int:
         raise ConfigError(
             f"parallel.pp_microbatches={p.pp_microbatches} differs from train.grad_accum={cfg.train.grad_accum}: "
             "the pipeline's micro-batches are the accumulation steps; leave pp_microbatches unset")
-    if p.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel is not implemented yet: set it to false")
+    if p.sequence_parallel and p.pp > 1:
+        raise ConfigError(f"parallel.sequence_parallel with parallel.pp={p.pp}: the pipeline sends whole-sequence "
+                          "activations between stages; use sequence_parallel with pp=1, or set it to false")
+    if p.sequence_parallel and cfg.train.seq_len % p.tp != 0:
+        raise ConfigError(f"parallel.sequence_parallel splits train.seq_len={cfg.train.seq_len} over parallel.tp={p.tp} "
+                          f"ranks: choose a seq_len divisible by {p.tp}, or set sequence_parallel to false")
     return dp
 
 
@@ -106,6 +111,7 @@ def init_distributed(cfg: Config, timeout_minutes: int = 30) -> "Layout":
         # groups then pair ranks of equal TP rank, as megatron's expert-TP = TP layout does.
         expert_tensor_parallel_size=p.tp,
         distributed_timeout_minutes=timeout_minutes, create_gloo_process_groups=False)
+    set_sequence_parallel(p.sequence_parallel)
     found = layout()
     check_layout(found, cfg)
     return found
@@ -149,6 +155,7 @@ def _restart_safe_store(timeout_minutes: int) -> dict:
 
 
 def shutdown() -> None:
+    set_sequence_parallel(False)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -19,7 +19,7 @@ GAMMA = 0.01  # router bias update rate: large, so biases visibly move within 3 
 GRAD_CLIP = 0.05  # small enough to clip: the test checks it is active
 
 
-def tiny_config(tp: int = 1, pp: int = 1, ep: int = 1, zero: int = 1) -> Config:
+def tiny_config(tp: int = 1, pp: int = 1, ep: int = 1, zero: int = 1, sp: bool = False) -> Config:
     overrides = {
         "model.vocab_size": 256, "model.hidden_size": 64, "model.num_layers": 3, "model.num_heads": 2,
         "model.first_k_dense_replace": 1, "model.intermediate_size": 96, "model.moe_intermediate_size": 32,
@@ -31,6 +31,7 @@ def tiny_config(tp: int = 1, pp: int = 1, ep: int = 1, zero: int = 1) -> Config:
         "train.seq_len": 16, "train.micro_batch_size": GLOBAL_MICRO_BATCH, "train.grad_accum": GRAD_ACCUM,
         "train.steps": STEPS, "train.lr": LR, "train.warmup_steps": 0, "train.grad_clip": GRAD_CLIP,
         "parallel.tp": tp, "parallel.pp": pp, "parallel.ep": ep, "parallel.zero_stage": zero,
+        "parallel.sequence_parallel": sp,
     }
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
 

@@ -58,6 +58,8 @@ LAYOUTS = {
     "pp2_ep2": (4, {"pp": 2, "ep": 2}),
     "dp4_ep2_zero2": (4, {"ep": 2, "zero": 2}),  # experts' ZeRO-2 shards over the expert-DP group
     "tp2_ep2": (4, {"tp": 2, "ep": 2}),  # experts replicated over TP, all-to-all within each TP rank's EP group
+    "tp2_sp": (2, {"tp": 2, "sp": 1}),  # sequence parallel: norms, router, experts, MTP projections on S/2
+    "tp2_ep2_sp": (4, {"tp": 2, "ep": 2, "sp": 1}),  # each TP rank's sequence shard through its EP group
 }
 
 
@@ -65,6 +67,7 @@ LAYOUTS = {
 def test_layout_matches_single_process(name, reference, reference_after_k, tmp_path):
     nproc, layout = LAYOUTS[name]
     result = run_layout(tmp_path, nproc, layout)
+    assert result["sequence_parallel"] == bool(layout.get("sp")), "the worker ran sequence_parallel as asked"
     assert_same_training(result, reference)
     assert_same_parameters(result["state"], reference_after_k)
 

@@ -15,6 +15,7 @@ def test_valid_layouts_give_the_data_parallel_size():
     assert validate_layout(tiny_config(), 1) == 1
     assert validate_layout(tiny_config(tp=2, pp=2), 8) == 2
     assert validate_layout(tiny_config(pp=2, ep=2), 4) == 2
+    assert validate_layout(tiny_config(tp=2, ep=2, sp=True), 4) == 2
 
 
 @pytest.mark.parametrize("cfg, world, names", [
@@ -22,12 +23,20 @@ def test_valid_layouts_give_the_data_parallel_size():
     (dict(ep=4), 2, ["parallel.ep=4", "data-parallel size 2"]),  # EP carved out of DP
     (dict(ep=2, zero=3), 2, ["parallel.zero_stage=3"]),
     (dict(), 3, ["train.micro_batch_size=4", "data-parallel size 3"]),
+    (dict(tp=2, pp=2, sp=True), 4, ["parallel.sequence_parallel", "parallel.pp=2"]),
 ])
 def test_invalid_layouts_are_refused(cfg, world, names):
     with pytest.raises(ConfigError) as err:
         validate_layout(tiny_config(**cfg), world)
     for name in names:
         assert name in str(err.value)
+
+
+def test_sequence_parallel_needs_a_sequence_divisible_by_tp():
+    cfg = tiny_config(tp=2, sp=True)
+    cfg.train.seq_len = 15
+    with pytest.raises(ConfigError, match=r"train\.seq_len=15 over parallel\.tp=2"):
+        validate_layout(cfg, 2)
 
 
 @pytest.mark.parametrize("override, field", [

@@ -19,6 +19,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dsmtp.parallel import checkpoint  # noqa: E402
 from dsmtp.parallel.engine import Engine, build_model  # noqa: E402
+from dsmtp.parallel.tensor import sequence_parallel  # noqa: E402
 from dsmtp.parallel.topology import init_distributed, shutdown  # noqa: E402
 from tests.distributed import common  # noqa: E402
 
@@ -28,6 +29,7 @@ def main() -> None:
     for name in ("tp", "pp", "ep"):
         parser.add_argument(f"--{name}", type=int, default=1)
     parser.add_argument("--zero", type=int, default=1)
+    parser.add_argument("--sp", type=int, default=0, help="1: sequence parallelism (with --tp > 1)")
     parser.add_argument("--engine", choices=["native", "deepspeed"], default="native")
     parser.add_argument("--steps", type=int, default=common.STEPS)
     parser.add_argument("--first-step", type=int, default=0)
@@ -35,7 +37,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = common.tiny_config(args.tp, args.pp, args.ep, args.zero)
+    cfg = common.tiny_config(args.tp, args.pp, args.ep, args.zero, bool(args.sp))
     layout = init_distributed(cfg)
     model, layers = build_model(cfg, layout, common.SEED)
     if args.engine == "deepspeed":
@@ -61,7 +63,8 @@ def main() -> None:
     if layout.rank == 0:
         checkpoint.consolidate(ckpt)
         (out / "result.json").write_text(json.dumps({"history": history, "step_seconds": times,
-                                                     "layout": layout.describe()}))
+                                                     "layout": layout.describe(),
+                                                     "sequence_parallel": sequence_parallel()}))
     dist.barrier()
     shutdown()
 
