@@ -138,8 +138,8 @@ class MoE(nn.Module):
         aux = x.new_zeros((), dtype=torch.float32)
         if self.aux_loss_alpha > 0 and self.training:
             # Per-sequence statistics: over the whole sequence also when x is a sequence shard.
-            aux = self.aux_loss_alpha * sequence_balance_loss(gather_sequence(scores.view(b, s, -1), partial_grad=False),
-                                                              gather_sequence(expert_ids.view(b, s, -1)))
+            whole_scores = gather_sequence(scores.view(b, s, -1), partial_grad=False)
+            aux = self.aux_loss_alpha * sequence_balance_loss(whole_scores, gather_sequence(expert_ids.view(b, s, -1)))
         return out, aux
 
 

@@ -83,8 +83,8 @@ def validate_layout(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"parallel.sequence_parallel with parallel.pp={p.pp}: the pipeline sends whole-sequence "
                           "activations between stages; use sequence_parallel with pp=1, or set it to false")
     if p.sequence_parallel and cfg.train.seq_len % p.tp != 0:
-        raise ConfigError(f"parallel.sequence_parallel splits train.seq_len={cfg.train.seq_len} over parallel.tp={p.tp} "
-                          f"ranks: choose a seq_len divisible by {p.tp}, or set sequence_parallel to false")
+        raise ConfigError(f"parallel.sequence_parallel splits train.seq_len={cfg.train.seq_len} over "
+                          f"parallel.tp={p.tp} ranks: choose a seq_len divisible by {p.tp}, or set sequence_parallel to false")
     return dp
 
 
