@@ -64,17 +64,7 @@ def parse_size(text: str) -> int:
 
 def check_source(source: TensorSource, cfg: ModelConfig, where: str) -> None:
     """Every tensor the config implies is there with its shape, and nothing else; else one clear error."""
-    expected, found = names.our_shapes(cfg), source.shapes()
-    missing = [n for n in expected if n not in found]
-    unexpected = [n for n in found if n not in expected]
-    wrong = [f"{n} {found[n]} (expected {expected[n]})" for n in expected if n in found and found[n] != expected[n]]
-    problems = []
-    for label, items in (("missing tensors", missing), ("tensors the config does not have", unexpected),
-                         ("wrong shapes", wrong)):
-        if items:
-            problems.append(f"{label}: {', '.join(items[:8])}{f' ... ({len(items)} in all)' if len(items) > 8 else ''}")
-    if problems:
-        raise ValueError(f"{where} does not match its config: " + "; ".join(problems))
+    names.check_shapes(names.our_shapes(cfg), source.shapes(), f"{where} does not match its config")
 
 
 def plan(cfg: ModelConfig, dtype: torch.dtype, quantize_fp8: bool = False) -> list[PlannedTensor]:

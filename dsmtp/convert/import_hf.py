@@ -83,17 +83,7 @@ def expected_hf_shapes(m: ModelConfig, quantized: bool) -> dict[str, tuple[int, 
 
 
 def check_hf_tensors(found: dict[str, tuple[int, ...]], m: ModelConfig, hf_dir: Path, quantized: bool) -> None:
-    expected = expected_hf_shapes(m, quantized)
-    missing = [n for n in expected if n not in found]
-    unknown = [n for n in found if n not in expected]
-    wrong = [f"{n} {found[n]} (expected {expected[n]})" for n in expected if n in found and found[n] != expected[n]]
-    problems = []
-    for label, items in (("missing tensors", missing), ("tensors this config does not have", unknown),
-                         ("wrong shapes", wrong)):
-        if items:
-            problems.append(f"{label}: {', '.join(items[:8])}{f' ... ({len(items)} in all)' if len(items) > 8 else ''}")
-    if problems:
-        raise ValueError(f"{hf_dir} does not match its config.json: " + "; ".join(problems))
+    names.check_shapes(expected_hf_shapes(m, quantized), found, f"{hf_dir} does not match its config.json")
 
 
 def write_our_weights(source: SafetensorsSource, m: ModelConfig, path: Path, quantized: bool) -> None:

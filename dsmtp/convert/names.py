@@ -200,3 +200,17 @@ def is_float32_in_hf(hf_name: str) -> bool:
     """The router's bias, stored in float32 in the released checkpoint whatever the weights' dtype (the
     router weight is stored in the checkpoint dtype, as released, and upcast by transformers on load)."""
     return hf_name.endswith("mlp.gate.e_score_correction_bias")
+
+
+def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], where: str) -> None:
+    """Every expected tensor is found with its shape, and nothing else; else one error listing what is off."""
+    missing = [n for n in expected if n not in found]
+    unexpected = [n for n in found if n not in expected]
+    wrong = [f"{n} {found[n]} (expected {expected[n]})" for n in expected if n in found and found[n] != expected[n]]
+    problems = []
+    for label, items in (("missing tensors", missing), ("tensors the config does not have", unexpected),
+                         ("wrong shapes", wrong)):
+        if items:
+            problems.append(f"{label}: {', '.join(items[:8])}{f' ... ({len(items)} in all)' if len(items) > 8 else ''}")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
