@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsmtp.model import DeepSeekV3, moe_layers, update_expert_bias
-from dsmtp.model.moe import MoE, Router, sequence_balance_loss
+from dsmtp.model.moe import MoE, Router, combine_pairs, gather_pairs, sequence_balance_loss, sort_pairs_by_expert
 from tests.helpers import tiny_model_config
 
 
@@ -126,3 +126,24 @@ def test_aux_loss_enters_the_loss_when_alpha_positive():
     out = model(sample[:, :16], sample[:, 1:], mtp_weight=0.3)
     assert out.aux_loss > 0
     torch.testing.assert_close(out.loss.detach(), out.main_loss + 0.3 * out.mtp_losses.sum() + out.aux_loss)
+
+
+def test_pair_gather_and_combine_match_a_per_token_loop():
+    """Sorted-pair dispatch (gather_pairs' gather-and-sum backward, combine_pairs) against a float64
+    loop over tokens and their k experts, values and gradients."""
+    torch.manual_seed(0)
+    t, k, h, e = 11, 3, 5, 4
+    expert_ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    gates = torch.rand(t, k, dtype=torch.float64)
+    scale = torch.randn(e, h, dtype=torch.float64)  # expert j multiplies its rows by scale[j]
+    x = torch.randn(t, h, dtype=torch.float64, requires_grad=True)
+    order, inverse = sort_pairs_by_expert(expert_ids)
+    assert torch.equal(order[inverse], torch.arange(t * k))
+    rows = gather_pairs(x, order, inverse)
+    out = combine_pairs(rows * scale[expert_ids.flatten()[order]], order, gates)
+    x_ref = x.detach().clone().requires_grad_()
+    ref = torch.stack([sum(gates[i, j] * x_ref[i] * scale[expert_ids[i, j]] for j in range(k)) for i in range(t)])
+    grad = torch.randn(t, h, dtype=torch.float64)
+    out.backward(grad)
+    ref.backward(grad)
+    assert torch.allclose(out, ref, atol=1e-12) and torch.allclose(x.grad, x_ref.grad, atol=1e-12)

@@ -1,113 +1,103 @@
-"""Train the same model from the same initialisation on the same batches in bf16 and in FP8, and
-compare the training-loss curves (one JSON of both curves, one plot).
+"""Compare the training-loss curves of `dsmtp train` runs that differ only in train.precision (or in
+train.seed, to show run-to-run variation): the mean main training loss over the last --tail-steps,
+its difference relative to the first run, the last validation loss, and all curves in one plot.
 
-    python tools/fp8_vs_bf16.py --config configs/small.yaml --text-dir /usr/lib/python3.12 \
-        --steps 500 --out runs/fp8_vs_bf16 [--set train.seq_len=1024 ...]
+    dsmtp train --config configs/small.yaml --set train.steps=500 --set train.precision=bf16 \
+        --set train.out_dir=runs/bf16
+    dsmtp train ... --set train.precision=fp8 --set train.out_dir=runs/fp8
+    dsmtp train ... --set train.precision=bf16 --set train.seed=1 --set train.out_dir=runs/bf16-seed1
+    python tools/fp8_vs_bf16.py runs/bf16 runs/fp8 runs/bf16-seed1 --out notes/gpu/fp8_vs_bf16.png
 
-Text is read as bytes (token id = byte value): a real corpus that needs no tokenizer, so the run
-fits a bare GPU machine. The step is bench_train's (bf16 autocast over fp32 params, fused AdamW,
-clipping, router-bias update), with linear warm-up to train.lr over train.warmup_steps.
+Same seed means same initialisation and same batches, so the bf16/fp8 pair differs only in the GEMMs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-import torch
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))
-
-from dsmtp.config import load_config  # noqa: E402
-from dsmtp.model import DeepSeekV3, fp8, update_expert_bias  # noqa: E402
-from dsmtp.parallel.topology import ensure_initialized  # noqa: E402
-
-
-def byte_corpus(text_dir: str, max_bytes: int) -> torch.Tensor:
-    chunks, total = [], 0
-    for path in sorted(Path(text_dir).rglob("*.py")):
-        data = path.read_bytes()
-        chunks.append(data)
-        total += len(data)
-        if total >= max_bytes:
-            break
-    if total == 0:
-        raise SystemExit(f"--text-dir {text_dir}: no .py files found; name a directory of Python sources")
-    return torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8).long()
+def read_run(run: Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of a run's metrics.jsonl."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist: name a train.out_dir that `dsmtp train` wrote")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["kind"] == "train"], [r for r in records if r["kind"] == "eval"]
 
 
-def train(cfg, precision: str, init_state: dict, batches: torch.Tensor, steps: int) -> list[float]:
-    model = DeepSeekV3(cfg.model).cuda()
-    model.load_state_dict(init_state, strict=False)
-    if precision == "fp8":
-        fp8.enable(model)
-    model.train()
-    t = cfg.train
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
-                            fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, t.warmup_steps)))
-    s, losses = t.seq_len, []
-    for i in range(steps):
-        sample = batches[i % len(batches)]
-        with torch.autocast("cuda", dtype=torch.bfloat16), fp8.autocast(precision == "fp8"):
-            out = model(sample[:, :s], sample[:, 1:], mtp_weight=0.3)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip, foreach=True)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        update_expert_bias(model, 1e-3)
-        losses.append(out.main_loss)
-        if (i + 1) % 100 == 0:
-            print(f"  {precision} step {i + 1}: main loss {out.main_loss.item():.4f}", flush=True)
-    return [x.item() for x in losses]
+def tail_mean(train: list[dict], tail_steps: int) -> float:
+    """Mean of the interval-averaged main loss over the records covering the last `tail_steps` steps."""
+    last = train[-1]["step"]
+    losses = [r["loss"] for r in train if r["step"] > last - tail_steps]
+    return sum(losses) / len(losses)
+
+
+def compare(runs: list[Path], tail_steps: int) -> list[dict]:
+    rows = []
+    for run in runs:
+        train, evals = read_run(run)
+        if not train:
+            raise SystemExit(f"{run / 'metrics.jsonl'} has no train records yet")
+        rows.append(dict(run=str(run), steps=train[-1]["step"], tail_loss=tail_mean(train, tail_steps),
+                         val_loss=evals[-1]["loss"] if evals else float("nan"),
+                         tokens_per_second=sorted(r["tokens_per_second"] for r in train)[len(train) // 2],
+                         curve=[(r["step"], r["loss"]) for r in train]))
+    reference = rows[0]["tail_loss"]
+    for row in rows:
+        row["relative_difference"] = (row["tail_loss"] - reference) / reference
+    return rows
+
+
+def plot(rows: list[dict], tail_steps: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_diff) = plt.subplots(1, 2, figsize=(12, 4.5))
+    reference = dict(rows[0]["curve"])
+    for i, row in enumerate(rows):
+        steps, losses = zip(*row["curve"])
+        label = f"{Path(row['run']).name}: last-{tail_steps} mean {row['tail_loss']:.4f} ({row['relative_difference']:+.2%})"
+        ax_loss.plot(steps, losses, label=label, color=f"C{i}", linewidth=0.9)
+        if i:
+            common = [(s, (loss - reference[s]) / reference[s]) for s, loss in row["curve"] if s in reference]
+            ax_diff.plot(*zip(*common), label=Path(row["run"]).name, color=f"C{i}", linewidth=0.9)
+    ax_loss.set(xlabel="step", ylabel="main training loss (nats/token)", title="training loss")
+    ax_diff.axhline(0, color="gray", linewidth=0.5)
+    for bound in (-0.005, 0.005):
+        ax_diff.axhline(bound, color="gray", linestyle=":", linewidth=0.8)
+    ax_diff.set(xlabel="step", ylabel=f"relative to {Path(rows[0]['run']).name}",
+                title="difference per logged interval (dotted: +-0.5%)")
+    for ax in (ax_loss, ax_diff):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--text-dir", required=True)
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("runs", nargs="+", type=Path, help="train.out_dir of each run; the first is the reference")
+    parser.add_argument("--tail-steps", type=int, default=50)
+    parser.add_argument("--out", type=Path, help="PNG of the curves (needs matplotlib)")
+    parser.add_argument("--json", type=Path, help="write the comparison (curves included) as JSON")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.set)
-    ensure_initialized()
-    b, s, d = cfg.train.micro_batch_size, cfg.train.seq_len, cfg.model.mtp_depth
-    corpus = byte_corpus(args.text_dir, args.steps * b * (s + d + 1))
-    n = corpus.numel() // (s + d + 1)
-    batches = corpus[: n * (s + d + 1)].view(n, s + d + 1)
-    batches = batches[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
-    batches = batches[: (n // b) * b].view(-1, b, s + d + 1).cuda()
-    torch.manual_seed(cfg.train.seed)
-    init_state = DeepSeekV3(cfg.model).state_dict()
-    curves = {p: train(cfg, p, init_state, batches, args.steps) for p in ("bf16", "fp8")}
-    window = min(50, args.steps)
-    tail = {p: sum(c[-window:]) / window for p, c in curves.items()}
-    rel = (tail["fp8"] - tail["bf16"]) / tail["bf16"]
-    summary = dict(steps=args.steps, batches=len(batches), tokens_per_step=b * s, tail_window=window,
-                   bf16_tail_loss=tail["bf16"], fp8_tail_loss=tail["fp8"], fp8_relative_difference=rel,
-                   device=torch.cuda.get_device_name(), overrides=args.set)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "curves.json.tmp"
-    tmp.write_text(json.dumps(dict(summary=summary, curves=curves)))
-    os.replace(tmp, out / "curves.json")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for p, c in curves.items():
-        ax.plot(range(1, len(c) + 1), c, label=p, linewidth=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("main training loss (bytes)")
-    ax.set_title(f"bf16 vs FP8, {torch.cuda.get_device_name()}: last-{window} mean differs {rel * 100:+.2f}%")
-    ax.legend()
-    fig.savefig(out / "fp8_vs_bf16.png", dpi=120, bbox_inches="tight")
-    print(json.dumps(summary, indent=1))
+    rows = compare(args.runs, args.tail_steps)
+    print(f"{'run':<28}{'steps':>6}{f'last-{args.tail_steps} loss':>16}{'vs first':>10}{'val loss':>10}{'tok/s':>10}")
+    for row in rows:
+        print(f"{Path(row['run']).name:<28}{row['steps']:>6}{row['tail_loss']:>16.4f}{row['relative_difference']:>+10.2%}"
+              f"{row['val_loss']:>10.4f}{row['tokens_per_second']:>10.0f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    if args.out:
+        plot(rows, args.tail_steps, args.out)
     return 0
 
 

@@ -59,7 +59,9 @@ def grouped_swiglu(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.T
     x [N, H] holds tokens_per_expert[e] rows for expert e, in expert order; w1/w3 [E, I, H], w2 [E, H, I].
     `use_fp8` runs the CUDA grouped GEMMs in FP8 (dsmtp.model.fp8).
     """
-    if x.is_cuda and (backends.grouped_mm or use_fp8):
+    # The grouped GEMM computes in bf16: it serves bf16 inputs (autocast casts the dispatched rows) and
+    # leaves an fp32 model, e.g. an fp32 inference run, at full precision.
+    if x.is_cuda and (use_fp8 or (backends.grouped_mm and x.dtype == torch.bfloat16)):
         return _grouped_swiglu_cuda(x, tokens_per_expert, w1, w2, w3, use_fp8)
     # Reference path: one GEMM per expert; the split sizes need the counts on the host.
     chunks = x.split(tokens_per_expert.tolist())

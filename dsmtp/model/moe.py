@@ -80,6 +80,52 @@ def count_tokens(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
+def sort_pairs_by_expert(expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, inverse): `order` lists the T*k (token, expert) pairs, numbered token-major, grouped by
+    expert; `inverse` undoes it. Both stay on the device."""
+    order = expert_ids.flatten().argsort(stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return order, inverse
+
+
+class _GatherPairs(torch.autograd.Function):
+    """x [T, H] -> the token row of every pair in `order` [T*k, H].
+
+    Backward: the pair gradients back in pair order (a gather by `inverse`) summed over each token's k
+    pairs. Autograd's own backward of x[order // k] is an atomic scatter-add, slow in bf16 on GPUs.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = order.numel() // x.shape[0]
+        return x.index_select(0, order // ctx.k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        per_pair = grad.index_select(0, inverse)
+        return per_pair.view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in autocast's dtype when autocast is on: the experts compute in it anyway, so the k copies of
+    each token row (and, under expert parallelism, the all-to-all) move half the bytes."""
+    return x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
+
+
+def gather_pairs(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    return _GatherPairs.apply(x, order, inverse)
+
+
+def combine_pairs(y: torch.Tensor, order: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """Expert outputs y [T*k, H] in `order` -> the gate-weighted sum over each token's k pairs [T, H]."""
+    t, k = gates.shape
+    y = torch.empty_like(y).index_copy_(0, order, y).view(t, k, -1)
+    # Elementwise, not bmm: a [1, k] x [k, H] product per token is k FLOPs per output, memory-bound.
+    return (y * gates.to(y.dtype).unsqueeze(-1)).sum(dim=1)
+
+
 def dispatch_local(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, experts: RoutedExperts) -> torch.Tensor:
     """Send each token to its k experts on this rank, and sum the gated outputs back per token.
 
@@ -87,14 +133,9 @@ def dispatch_local(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tenso
     (token, expert) pairs by expert, run the experts, put the rows back in pair order, and take the
     gate-weighted sum over each token's k outputs.
     """
-    t, k = expert_ids.shape
-    order = expert_ids.flatten().argsort(stable=True)
-    # Under autocast the experts compute in bf16 anyway: copy k rows per token at half the bytes.
-    rows = x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
-    y = experts(rows.index_select(0, order // k), count_tokens(expert_ids, experts.num_experts))
-    y = torch.empty_like(y).index_copy_(0, order, y).view(t, k, -1)
-    # Elementwise, not bmm: a [1, k] x [k, H] product per token is k FLOPs per output, memory-bound.
-    return (y * gates.to(y.dtype).unsqueeze(-1)).sum(dim=1).to(x.dtype)
+    order, inverse = sort_pairs_by_expert(expert_ids)
+    y = experts(gather_pairs(compute_dtype(x), order, inverse), count_tokens(expert_ids, experts.num_experts))
+    return combine_pairs(y, order, gates).to(x.dtype)
 
 
 def sequence_balance_loss(scores: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsmtp.model.moe import MoE, RoutedExperts, moe_layers
+from dsmtp.model.moe import (MoE, RoutedExperts, combine_pairs, compute_dtype, gather_pairs, moe_layers,
+                             sort_pairs_by_expert)
 from dsmtp.parallel.tensor import sum_counts_over_sequence_shards_
 
 EXPERT_ATTR = "dsmtp_expert"  # set on sharded routed-expert parameters
@@ -72,8 +73,7 @@ def dispatch_all_to_all(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.
     ep = dist.get_world_size(group)
     local = experts.num_experts
     flat_ids = expert_ids.flatten()
-    order = flat_ids.argsort(stable=True)
-    token_index = order // expert_ids.shape[1]
+    order, inverse = sort_pairs_by_expert(expert_ids)
     counts = torch.bincount(flat_ids, minlength=local * ep)  # [E] this rank's tokens per global expert
     recv_counts = torch.empty_like(counts)
     dist.all_to_all_single(recv_counts, counts, group=group)  # [ep_src * local]: per source, per local expert
@@ -81,14 +81,13 @@ def dispatch_all_to_all(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.
     recv_matrix = recv_counts.view(ep, local)
     recv_splits = recv_matrix.sum(1).tolist()
 
-    received = all_to_all(x[token_index], send_splits, recv_splits, group)
+    received = all_to_all(gather_pairs(compute_dtype(x), order, inverse), send_splits, recv_splits, group)
     local_expert = torch.repeat_interleave(torch.arange(local, device=x.device).repeat(ep), recv_matrix.flatten())
     by_expert = local_expert.argsort(stable=True)
     y = experts(received[by_expert], recv_matrix.sum(0))
     y = torch.empty_like(y).index_copy(0, by_expert, y)  # back to arrival order (differentiable in y)
     y = all_to_all(y, recv_splits, send_splits, group)
-    y = y * gates.flatten()[order].unsqueeze(-1)
-    return torch.zeros_like(x).index_add_(0, token_index, y.to(x.dtype))
+    return combine_pairs(y, order, gates).to(x.dtype)
 
 
 def reduce_expert_loads(model: nn.Module, dp_group: dist.ProcessGroup) -> None:

@@ -56,7 +56,9 @@ def test_grouped_swiglu_matches_per_expert_reference():
     ref = kernels.grouped_swiglu(ref_in[0], counts, *ref_in[1:])  # reference path on the CPU, float64
     ref.backward(grad_out)
 
-    gpu_in = [t.float().cuda().requires_grad_() for t in (x, *ws)]
+    # bf16 rows (as dispatch_local passes them under autocast), fp32 weights (as the parameters are)
+    gpu_in = [t.to("cuda", dtype).requires_grad_()
+              for t, dtype in zip((x, *ws), (torch.bfloat16, torch.float32, torch.float32, torch.float32))]
     out = kernels.grouped_swiglu(gpu_in[0], counts.cuda(), *gpu_in[1:])
     out.backward(grad_out.float().cuda())
     assert out.dtype == torch.bfloat16
