@@ -51,3 +51,20 @@ def test_flops_per_token_matches_design():
     for depth, gflop in ((0, 1.63), (1, 1.95)):
         m = load_config("configs/small.yaml", [f"model.mtp_depth={depth}"]).model
         assert abs(bench_train.flops_per_token(m, 4096) / 1e9 - gflop) < 0.01
+
+
+def test_fp8_group_padding_round_trip_and_gradient():
+    """pad_groups puts each expert's rows at a multiple of GROUP_ALIGN with zeros between groups;
+    unpad_groups takes them back, and the gradient comes back to every row unchanged."""
+    counts = torch.tensor([3, 0, 17, 16, 1])
+    x = torch.randn(int(counts.sum()), 4, dtype=torch.float64, requires_grad=True)
+    padded, ends, dest = fp8.pad_groups(x, counts)
+    assert ends.tolist() == [16, 16, 48, 64, 80]
+    starts = [0, 16, 16, 48, 64]
+    for e, (start, n) in enumerate(zip(starts, counts.tolist())):
+        first = int(counts[:e].sum())
+        assert torch.equal(padded[start:start + n], x[first:first + n])
+    assert int((padded.abs().sum(dim=1) > 0).sum()) == x.shape[0]  # everything else is padding
+    grad = torch.randn_like(x)
+    fp8.unpad_groups(padded, dest).backward(grad)
+    assert torch.equal(x.grad, grad)

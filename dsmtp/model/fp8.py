@@ -145,6 +145,27 @@ def pad_groups(x: torch.Tensor, tokens_per_expert: torch.Tensor) -> tuple[torch.
     return out, padded.cumsum(0).to(torch.int32), dest
 
 
+class _UnpadGroups(torch.autograd.Function):
+    """padded[dest]: the rows pad_groups placed, back in their original order. `dest` has no repeats,
+    so the backward writes each gradient row to its one place (index_copy) where autograd's
+    index_select backward would run an atomic scatter-add (slow in bf16)."""
+
+    @staticmethod
+    def forward(ctx, padded: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(dest)
+        ctx.padded_rows = padded.shape[0]
+        return padded.index_select(0, dest)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (dest,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.padded_rows, grad.shape[1]).index_copy_(0, dest, grad), None
+
+
+def unpad_groups(padded: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+    return _UnpadGroups.apply(padded, dest)
+
+
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """FP8 grouped x w[e]^T for the rows of each expert group; weight [E, N, K], offsets int32 ends."""
     return _FP8GroupedMM.apply(x, weight, offsets)

@@ -87,4 +87,4 @@ def _grouped_swiglu_cuda(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: t
     gate_up = mm(x, torch.cat([w1, w3], dim=1), offsets)
     h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
     out = mm(h, w2, offsets)
-    return out if rows is None else out.index_select(0, rows)
+    return out if rows is None else fp8.unpad_groups(out, rows)
