@@ -31,8 +31,7 @@ class LayerCache:
         kv_all, rope_all = self.stack.kv[self.index], self.stack.k_rope[self.index]
         kv_all.scatter_(1, pos[..., None].expand(-1, -1, kv.shape[-1]), kv.to(kv_all.dtype))
         rope_all.scatter_(1, pos[..., None].expand(-1, -1, k_rope.shape[-1]), k_rope.to(rope_all.dtype))
-        end = int(pos.max()) + 1
-        return kv_all[:, :end], rope_all[:, :end], pos
+        return kv_all[:, :self.stack.end], rope_all[:, :self.stack.end], pos
 
 
 class StackCache:
@@ -43,14 +42,18 @@ class StackCache:
         self.k_rope = torch.zeros(num_layers, batch, capacity, cfg.qk_rope_head_dim, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # tokens cached per sequence
         self.positions = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        self.end = 0  # one past the furthest position handed out by `begin`
         self.layers = [LayerCache(self, i) for i in range(num_layers)]
 
     def begin(self, width: int) -> torch.Tensor:
         """Hand out the next `width` positions of every sequence (counted as cached from now on) for
         the forward pass that follows; returns them [B, width]."""
         self.positions = self.lengths[:, None] + torch.arange(width, device=self.lengths.device)
-        if width and int(self.positions.max()) >= self.capacity:
-            raise RuntimeError(f"KV cache overflow: position {int(self.positions.max())} >= capacity {self.capacity}")
+        # What every layer's attention reads, known on the host once per forward pass: a host read per
+        # layer would stall the GPU queue between layers.
+        self.end = int(self.positions.max()) + 1 if width else 0
+        if self.end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: position {self.end - 1} >= capacity {self.capacity}")
         self.lengths = self.lengths + width
         return self.positions
 

@@ -63,12 +63,13 @@ class DecodeStats:
         self.drafted = self.drafted or [0] * self.draft_tokens
         self.accepted = self.accepted or [0] * self.draft_tokens
 
-    def record(self, num_accepted: torch.Tensor, k: int) -> None:
-        self.steps += num_accepted.numel()
-        self.step_tokens += int(num_accepted.sum()) + num_accepted.numel()
+    def record(self, num_accepted: list[int], k: int) -> None:
+        """One decoding step of every sequence: how many of its k drafts each accepted."""
+        self.steps += len(num_accepted)
+        self.step_tokens += sum(num_accepted) + len(num_accepted)
         for i in range(k):
-            self.drafted[i] += num_accepted.numel()
-            self.accepted[i] += int((num_accepted > i).sum())
+            self.drafted[i] += len(num_accepted)
+            self.accepted[i] += sum(a > i for a in num_accepted)
 
     @property
     def acceptance(self) -> list[float]:
@@ -288,14 +289,16 @@ class Engine:
         _scatter(batch.hidden[0], positions, h)
         p = batch.sampler.probabilities(self.model.logits(h))
         accepted, token = speculative.accept(drafts, q, p, u[:, k:])
-        stats.record(accepted, k)
         new_n = n + accepted + 1
         batch.seq.scatter_(1, new_n[:, None], token[:, None])
         batch.cache.trunk.truncate(new_n)
         batch.n = new_n
-        new_tokens = [batch.seq[row, start + 1:end + 1].tolist() for row, (start, end) in
-                      enumerate(zip(n.tolist(), new_n.tolist()))]
-        self._emit(batch, new_tokens)
+        # One copy to the host per step: per sequence, its accepted count and t_{n+1} .. t_{n+k+1}, of
+        # which the first accepted + 1 are new.
+        window = batch.seq.gather(1, positions + 1)
+        host = torch.cat([accepted[:, None], window], dim=1).tolist()
+        stats.record([row[0] for row in host], k)
+        self._emit(batch, [row[1:row[0] + 2] for row in host])
         if self.k:
             self._catch_up_depth1(batch)
 
