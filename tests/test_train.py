@@ -10,7 +10,7 @@ import torch
 
 from dsmtp.model import ModelOutput, moe_layers
 from dsmtp.train import report
-from dsmtp.train.metrics import LossSums
+from dsmtp.train.metrics import LossSums, expert_load_imbalance
 from dsmtp.train.trainer import Trainer, TrainingStopped
 from tests.train_helpers import prepare_tiny_corpus, tiny_config
 
@@ -185,3 +185,18 @@ def test_end_of_run_outputs(make_trainer):
 def test_unigram_entropy_by_hand():
     # frequencies 1/2, 1/4, 1/4: H = 1.5 ln 2
     assert report.unigram_entropy(torch.tensor([7, 7, 3, 9])) == pytest.approx(1.5 * math.log(2))
+
+
+def test_expert_load_imbalance_hand_computed():
+    """max/mean per MoE layer, over layers (mean, max); a layer that saw no tokens is left out."""
+    from dsmtp.model import DeepSeekV3
+    from tests.helpers import tiny_model_config
+
+    model = DeepSeekV3(tiny_model_config(num_layers=4, first_k_dense_replace=1, n_routed_experts=4, n_group=2,
+                                         topk_group=1, num_experts_per_tok=2, mtp_depth=1))
+    layers = list(moe_layers(model))
+    assert len(layers) == 4  # three trunk MoE layers and the MTP module's
+    for layer, load in zip(layers, ([1, 1, 2, 0], [3, 3, 3, 3], [0, 0, 0, 0], [0, 0, 0, 8])):
+        layer.tokens_per_expert.copy_(torch.tensor(load, dtype=torch.float))
+    mean, worst = expert_load_imbalance(model)
+    assert mean == pytest.approx((2.0 + 1.0 + 4.0) / 3) and worst == pytest.approx(4.0)

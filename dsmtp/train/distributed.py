@@ -28,7 +28,7 @@ from dsmtp.parallel import checkpoint as shards
 from dsmtp.parallel import collectives, topology
 from dsmtp.parallel.engine import Engine, build_model
 from dsmtp.train import checkpoint
-from dsmtp.train.metrics import LossSums, expert_load_imbalance
+from dsmtp.train.metrics import LossSums, expert_load_ratios
 from dsmtp.train.optim import build_optimizer, parameter_groups
 from dsmtp.train.trainer import Data, Trainer, open_data, prepare_model_for_speed
 
@@ -89,11 +89,9 @@ class DistributedTrainer(Trainer):
         return grad_norm, imbalance, not applied
 
     def _load_imbalance(self) -> tuple[float, float]:
-        """expert_load_imbalance over the MoE layers of every pipeline stage."""
-        mean, worst = expert_load_imbalance(self.model)
-        layers = sum(1 for m in moe_layers(self.model) if m.tokens_per_expert.sum() > 0)
-        (total, layers), (worst,) = self.engine.over_stages([mean * layers if layers else 0.0, layers],
-                                                            [worst if layers else 0.0])
+        """(mean, max) of expert_load_ratios over the MoE layers of every pipeline stage."""
+        ratios = expert_load_ratios(self.model)
+        (total, layers), (worst,) = self.engine.over_stages([sum(ratios), len(ratios)], [max(ratios, default=0.0)])
         return (total / layers, worst) if layers else (float("nan"), float("nan"))
 
     @torch.no_grad()

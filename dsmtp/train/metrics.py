@@ -64,15 +64,21 @@ class LossSums:
         return out
 
 
+def expert_load_ratios(model: torch.nn.Module) -> list[float]:
+    """max/mean of tokens_per_expert for each MoE layer that saw tokens (1.0 = perfectly balanced),
+    read from the device in one transfer. Call after the loads are reduced over the data-parallel
+    group, before the bias update resets them."""
+    loads = [moe.tokens_per_expert for moe in moe_layers(model)]
+    if not loads:
+        return []
+    stacked = torch.stack(loads).double()
+    ratios = (stacked.max(dim=1).values / stacked.mean(dim=1)).tolist()
+    return [r for r in ratios if math.isfinite(r)]  # a layer without tokens gives 0/0
+
+
 def expert_load_imbalance(model: torch.nn.Module) -> tuple[float, float]:
-    """max/mean of tokens_per_expert per MoE layer (1.0 = perfectly balanced), summarized over layers
-    as (mean, max). Call after the loads are reduced over the data-parallel group, before the bias
-    update resets them."""
-    ratios = []
-    for moe in moe_layers(model):
-        load = moe.tokens_per_expert.double()
-        if load.sum() > 0:
-            ratios.append((load.max() / load.mean()).item())
+    """expert_load_ratios summarized over layers as (mean, max)."""
+    ratios = expert_load_ratios(model)
     if not ratios:
         return float("nan"), float("nan")
     return sum(ratios) / len(ratios), max(ratios)
