@@ -122,7 +122,9 @@ class TrainConfig:
     mtp_weight_schedule: list[list[float]] = field(default_factory=lambda: [[0, 0.3]])
     bias_update_schedule: list[list[float]] = field(default_factory=lambda: [[0, 0.001]])
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp8
-    activation_checkpointing: bool = False
+    # Recompute every N-th transformer layer in backward instead of keeping its activations (0: none,
+    # 1: all); trades one extra forward of those layers for their activation memory.
+    activation_recompute_every: int = 0
     log_interval: int = 10
     eval_interval: int = 100
     eval_batches: int = 8
@@ -246,8 +248,19 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _upgrade(data: dict) -> dict:
+    """Configs written before train.activation_recompute_every (checkpoints keep theirs) carry the
+    never-implemented train.activation_checkpointing flag: true meant every layer."""
+    train = data.get("train")
+    if isinstance(train, dict) and "activation_checkpointing" in train:
+        train = dict(train)
+        train.setdefault("activation_recompute_every", int(bool(train.pop("activation_checkpointing"))))
+        data = {**data, "train": train}
+    return data
+
+
 def config_from_dict(data: dict) -> Config:
-    cfg = _from_dict(Config, data, "")
+    cfg = _from_dict(Config, _upgrade(data), "")
     validate(cfg)
     return cfg
 
@@ -373,6 +386,9 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.decay_start_fraction <= 1, f"train.decay_start_fraction={t.decay_start_fraction} must be in [0, 1]")
     _require(t.precision in ("auto", "fp32", "bf16", "fp8"),
              f"train.precision={t.precision!r} must be one of auto, fp32, bf16, fp8")
+    _require(t.activation_recompute_every >= 0,
+             f"train.activation_recompute_every={t.activation_recompute_every} must be >= 0 (0: keep all "
+             "activations, 1: recompute every layer, N: every N-th layer)")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     validate_schedule("mtp_weight_schedule", t.mtp_weight_schedule)
     validate_schedule("bias_update_schedule", t.bias_update_schedule)

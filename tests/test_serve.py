@@ -230,6 +230,10 @@ def test_sampling_filters_hand_computed():
     for params, expected in cases:
         probs = BatchSampler([params], torch.device("cpu")).probabilities(logits)
         assert torch.allclose(probs, torch.tensor([expected], dtype=torch.float64)), params
+    # The same settings side by side in one batch: each row still gets only its own filters.
+    batch = BatchSampler([params for params, _ in cases], torch.device("cpu"))
+    probs = batch.probabilities(logits.expand(len(cases), 4))
+    assert torch.allclose(probs, torch.tensor([expected for _, expected in cases], dtype=torch.float64))
     probs = torch.tensor([[0.5, 0.0, 0.5]], dtype=torch.float64).expand(5, 3)
     assert draw(probs, torch.tensor([0.0, 0.3, 0.49, 0.5, 0.999], dtype=torch.float64)).tolist() == [0, 0, 0, 2, 2]
 

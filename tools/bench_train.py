@@ -121,6 +121,7 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
         switched = fp8.enable(model)
         fp8_context = lambda: fp8.autocast(True)  # noqa: E731
         print(f"  fp8: {len(switched)} modules switched", flush=True)
+    model.set_activation_recompute(cfg.train.activation_recompute_every)  # --set train.activation_recompute_every=N
     if args.compile:
         model.compile_layers()
     model.train()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmtp.config import ModelConfig
+from dsmtp.model import recompute
 from dsmtp.model.attention import LatentCache
 from dsmtp.model.layer import TransformerLayer
 from dsmtp.model.linear import ColumnParallelLinear, VocabParallelEmbedding
@@ -64,6 +65,12 @@ class DeepSeekV3(nn.Module):
             layer.compile()
         self._lm_loss = torch.compile(self._lm_loss)
 
+    def set_activation_recompute(self, every: int) -> None:
+        """Recompute every `every`-th transformer layer (trunk layers counted from the first, then the MTP
+        modules' layers) in the backward pass instead of keeping its activations; 0: none, 1: all."""
+        for i, layer in enumerate([*self.layers, *(m.layer for m in self.mtp)], start=1):
+            layer.recompute = every > 0 and i % every == 0
+
     def trunk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               caches: Optional[list[LatentCache]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedded tokens [B, S, H] -> final (post-norm) hidden state h_0 and the summed aux loss.
@@ -77,7 +84,10 @@ class DeepSeekV3(nn.Module):
         """Run a run of transformer layers (all of them, or a pipeline stage's); returns (x, summed aux loss)."""
         aux = x.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(layers):
-            x, layer_aux = layer(x, cos, sin, None if caches is None else caches[i])
+            if caches is None:
+                x, layer_aux = recompute.run(layer, x, cos, sin)
+            else:
+                x, layer_aux = layer(x, cos, sin, caches[i])
             aux = aux + layer_aux
         return x, aux
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmtp.config import ModelConfig
-from dsmtp.model import kernels
+from dsmtp.model import kernels, recompute
 from dsmtp.model.mlp import MLP
 from dsmtp.parallel.tensor import gather_sequence
 
@@ -170,7 +170,7 @@ class MoE(nn.Module):
         b, s, h = x.shape
         flat = x.reshape(-1, h)
         expert_ids, gates, scores = self.router(flat)
-        if self.training:
+        if self.training and not recompute.recomputing():
             with torch.no_grad():
                 self.tokens_per_expert += count_tokens(expert_ids, self.tokens_per_expert.numel())
         out = self.dispatch(flat, expert_ids, gates, self.experts).view(b, s, h)

@@ -40,6 +40,7 @@ class BatchSampler:
         self.temperature = torch.tensor([p.temperature for p in params], dtype=torch.float64, device=device)
         self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
         self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64, device=device)
+        self.params = list(params)  # on the host: which filters the batch needs at all
         self.generators = []
         for p in params:
             g = torch.Generator()
@@ -53,35 +54,42 @@ class BatchSampler:
 
     def keep(self, rows: torch.Tensor) -> None:
         self.temperature, self.top_k, self.top_p = self.temperature[rows], self.top_k[rows], self.top_p[rows]
-        self.generators = [self.generators[i] for i in rows.tolist()]
+        kept = rows.tolist()
+        self.params = [self.params[i] for i in kept]
+        self.generators = [self.generators[i] for i in kept]
 
     def merge(self, other: "BatchSampler") -> None:
         self.temperature = torch.cat([self.temperature, other.temperature])
         self.top_k = torch.cat([self.top_k, other.top_k])
         self.top_p = torch.cat([self.top_p, other.top_p])
+        self.params = self.params + other.params
         self.generators = self.generators + other.generators
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, ..., V] -> each sequence's next-token distribution (float64), after temperature,
         top-k and top-p; one-hot on the arg-max for greedy sequences."""
         logits = logits.double()
+        one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        # The filters below sort the whole vocabulary; skip what no sequence of the batch asks for.
+        if all(p.temperature == 0 for p in self.params):
+            return one_hot
         shape = (-1,) + (1,) * (logits.dim() - 1)
         vocab = logits.shape[-1]
         greedy = (self.temperature == 0).view(shape)
         scaled = logits / torch.where(greedy, 1.0, self.temperature.view(shape))
-        # top-k: keep the logits at least as large as the k-th largest.
-        k = torch.where(self.top_k > 0, self.top_k, vocab).clamp(max=vocab).view(shape)
-        sorted_logits = scaled.sort(dim=-1, descending=True).values
-        kth = sorted_logits.gather(-1, (k - 1).expand(*scaled.shape[:-1], 1))
-        probs = torch.softmax(scaled.masked_fill(scaled < kth, float("-inf")), dim=-1)
-        # top-p: keep the most likely tokens until their mass reaches top_p (at least one).
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        top_p = self.top_p.view(shape)
-        sorted_probs = sorted_probs.masked_fill((mass_before >= top_p) & (top_p < 1), 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-        one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        if any(p.top_k > 0 for p in self.params):  # keep the logits at least as large as the k-th largest
+            k = torch.where(self.top_k > 0, self.top_k, vocab).clamp(max=vocab).view(shape)
+            sorted_logits = scaled.sort(dim=-1, descending=True).values
+            kth = sorted_logits.gather(-1, (k - 1).expand(*scaled.shape[:-1], 1))
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)
+        if any(p.top_p < 1 for p in self.params):  # keep the most likely tokens until their mass reaches top_p
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            top_p = self.top_p.view(shape)
+            sorted_probs = sorted_probs.masked_fill((mass_before >= top_p) & (top_p < 1), 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+            probs = probs / probs.sum(dim=-1, keepdim=True)
         return torch.where(greedy, one_hot, probs)
 
 

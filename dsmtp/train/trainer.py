@@ -90,9 +90,11 @@ def _bf16_and_fp8():
 
 
 def prepare_model_for_speed(model: DeepSeekV3, t) -> None:
-    """train.precision=fp8 switches the eligible GEMMs to FP8; train.compile compiles layer by layer."""
+    """train.precision=fp8 switches the eligible GEMMs to FP8; train.activation_recompute_every marks
+    layers for recomputation; train.compile compiles layer by layer."""
     if t.precision == "fp8":
         fp8.enable(model)
+    model.set_activation_recompute(t.activation_recompute_every)
     if t.compile:
         model.compile_layers()
 
