@@ -1,9 +1,12 @@
 """CPU checks of what the GPU speed paths rely on: the sync-free expert dispatch, the FP8
-quantizers' scale layout and error, and the benchmark's FLOP formula (../shared/DESIGN.md)."""
+quantizers' scale layout and error, the benchmark's FLOP formula (../shared/DESIGN.md), and the
+FP8-vs-bf16 loss comparison."""
 
+import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from dsmtp.config import ModelConfig, load_config
@@ -12,6 +15,7 @@ from dsmtp.model.moe import RoutedExperts, count_tokens, dispatch_local
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import bench_train  # noqa: E402
+import fp8_vs_bf16  # noqa: E402
 
 
 def test_dispatch_local_matches_per_token_loop():
@@ -68,3 +72,19 @@ def test_fp8_group_padding_round_trip_and_gradient():
     grad = torch.randn_like(x)
     fp8.unpad_groups(padded, dest).backward(grad)
     assert torch.equal(x.grad, grad)
+
+
+def test_fp8_vs_bf16_tail_means_hand_computed(tmp_path):
+    """Records every 10 steps; the last-20-step window holds the records of steps 30 and 40."""
+    runs = {"bf16": [4.0, 3.0, 2.0, 2.0], "fp8": [4.0, 3.0, 2.02, 2.04]}
+    for name, losses in runs.items():
+        (tmp_path / name).mkdir()
+        records = [dict(kind="train", step=10 * (i + 1), loss=loss, tokens_per_second=100.0 + i)
+                   for i, loss in enumerate(losses)] + [dict(kind="eval", step=40, loss=2.5)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows = fp8_vs_bf16.compare([tmp_path / "bf16", tmp_path / "fp8"], tail_steps=20)
+    assert [r["tail_loss"] for r in rows] == pytest.approx([2.0, 2.03])
+    assert abs(rows[1]["relative_difference"] - 0.015) < 1e-12 and rows[0]["relative_difference"] == 0
+    assert rows[1]["val_loss"] == 2.5
+    fp8_vs_bf16.plot(rows, 20, tmp_path / "cmp.png")
+    assert (tmp_path / "cmp.png").stat().st_size > 0 and not list(tmp_path.glob("*.tmp.png"))

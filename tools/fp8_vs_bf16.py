@@ -18,6 +18,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from dsmtp.train.report import save_figure  # noqa: E402
+
 
 def read_run(run: Path) -> tuple[list[dict], list[dict]]:
     """(train records, eval records) of a run's metrics.jsonl."""
@@ -72,14 +76,7 @@ def plot(rows: list[dict], tail_steps: int, path: Path) -> None:
         ax_diff.axhline(bound, color="gray", linestyle=":", linewidth=0.8)
     ax_diff.set(xlabel="step", ylabel=f"relative to {Path(rows[0]['run']).name}",
                 title="difference per logged interval (dotted: +-0.5%)")
-    for ax in (ax_loss, ax_diff):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str]) -> int:

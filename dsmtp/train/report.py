@@ -51,12 +51,19 @@ def plot_metrics(records: list[dict], path: Path, unigram_entropy: Optional[floa
         ax_acc.plot(tok(val), [r["mtp_accuracy"][k] for r in val], "o--", label=f"val MTP depth {k + 1}", color=color)
     ax_loss.set(xlabel="tokens (M)", ylabel="cross-entropy (nats)", title="loss")
     ax_acc.set(xlabel="tokens (M)", ylabel="top-1 accuracy", title="accuracy")
-    for ax in (ax_loss, ax_acc):
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path, dpi: int = 100) -> None:
+    """Grid and legend on every panel, then write the PNG atomically (a reader never sees half of it)."""
+    import matplotlib.pyplot as plt
+
+    for ax in fig.axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(path)
 
