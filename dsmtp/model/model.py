@@ -84,10 +84,7 @@ class DeepSeekV3(nn.Module):
         """Run a run of transformer layers (all of them, or a pipeline stage's); returns (x, summed aux loss)."""
         aux = x.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(layers):
-            if caches is None:
-                x, layer_aux = recompute.run(layer, x, cos, sin)
-            else:
-                x, layer_aux = layer(x, cos, sin, caches[i])
+            x, layer_aux = recompute.run(layer, x, cos, sin, None if caches is None else caches[i])
             aux = aux + layer_aux
         return x, aux
 

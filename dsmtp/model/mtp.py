@@ -40,5 +40,5 @@ class MTPModule(nn.Module):
         """h_prev [B, S, H] (post-norm), next_token_embedding [B, S, H] -> (h_k, aux loss).
         `cache`: the module's own KV cache when decoding (see MLA.forward)."""
         h = self.eh_proj(torch.cat([self.enorm(next_token_embedding), self.hnorm(h_prev)], dim=-1))
-        h, aux = self.layer(h, cos, sin, cache) if cache is not None else recompute.run(self.layer, h, cos, sin)
+        h, aux = recompute.run(self.layer, h, cos, sin, cache)
         return self.norm(h), aux

@@ -36,8 +36,9 @@ def _contexts():
     return contextlib.nullcontext(), _mark_recomputation()
 
 
-def run(layer: torch.nn.Module, *args):
-    """layer(*args), recomputed in backward when `layer.recompute` is set and gradients are on."""
-    if getattr(layer, "recompute", False) and torch.is_grad_enabled():
-        return checkpoint(layer, *args, use_reentrant=False, context_fn=_contexts)
-    return layer(*args)
+def run(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None):
+    """layer(x, cos, sin, cache), recomputed in backward when `layer.recompute` is set and gradients are
+    on (training; decoding with a KV cache never recomputes)."""
+    if cache is None and getattr(layer, "recompute", False) and torch.is_grad_enabled():
+        return checkpoint(layer, x, cos, sin, use_reentrant=False, context_fn=_contexts)
+    return layer(x, cos, sin, cache)
