@@ -12,6 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from dsmtp.model import moe_layers
+from dsmtp.parallel import flat
 from dsmtp.parallel.tensor import sum_counts_over_sequence_shards_
 from dsmtp.parallel.topology import device
 
@@ -39,10 +40,7 @@ def all_reduce_sum_(tensors: Iterable[torch.Tensor]) -> None:
     group = dp_group()
     if not tensors or group is None or dist.get_world_size(group) == 1:
         return
-    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])  # float64: exact token counts
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(chunk.view_as(t))
+    flat.all_reduce_(tensors, group, dtype=torch.float64)  # float64: exact token counts
 
 
 def reduce_expert_loads(model: torch.nn.Module) -> None:

@@ -34,11 +34,11 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from dsmtp.config import Config
 from dsmtp.parallel.checkpoint import Piece
 from dsmtp.model import DeepSeekV3, ModelOutput
+from dsmtp.parallel import flat
 from dsmtp.parallel.engine_common import EngineBase, StepStats, is_tensor_parallel
 from dsmtp.parallel.expert import is_expert_param, shard_experts
 from dsmtp.parallel.pipeline import PipelineSchedule, is_tied_copy, prune_to_stage
@@ -256,15 +256,15 @@ class Engine(EngineBase):
                 ranks = g.ranks
                 for owner in range(len(ranks)):
                     owned = [p for p, o in zip(g.params, g.owners) if o == owner]
-                    _reduce_flat([p.grad for p in owned], ranks[owner], g.group)
+                    flat.reduce_([p.grad for p in owned], ranks[owner], g.group)
                 me = dist.get_rank(g.group)
                 for p, o in zip(g.params, g.owners):
                     if o != me:
                         p.grad = None  # gradient partitioning: only the owner keeps it
             else:
-                _all_reduce_flat([p.grad for p in g.params], g.group)
+                flat.all_reduce_([p.grad for p in g.params], g.group)
         if self.layout.embedding_group is not None and self.model.embed is not None:
-            _all_reduce_flat([p.grad for p in self.model.embed.parameters()], self.layout.embedding_group)
+            flat.all_reduce_([p.grad for p in self.model.embed.parameters()], self.layout.embedding_group)
 
     def _counted_grads(self) -> Iterable[torch.Tensor]:
         lay = self.layout
@@ -306,35 +306,7 @@ class Engine(EngineBase):
                 continue
             for owner in range(len(ranks)):
                 owned = [p.data for p, o in zip(g.params, g.owners) if o == owner]
-                _broadcast_flat(owned, ranks[owner], g.group)
-
-
-def _all_reduce_flat(tensors: list[torch.Tensor], group) -> None:
-    if not tensors:
-        return
-    flat = _flatten_dense_tensors(tensors)
-    dist.all_reduce(flat, group=group)
-    for t, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
-        t.copy_(reduced)
-
-
-def _reduce_flat(tensors: list[torch.Tensor], dst: int, group) -> None:
-    if not tensors:
-        return
-    flat = _flatten_dense_tensors(tensors)
-    dist.reduce(flat, dst=dst, group=group)
-    if dist.get_rank() == dst:
-        for t, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
-            t.copy_(reduced)
-
-
-def _broadcast_flat(tensors: list[torch.Tensor], src: int, group) -> None:
-    if not tensors:
-        return
-    flat = _flatten_dense_tensors(tensors)
-    dist.broadcast(flat, src=src, group=group)
-    for t, value in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
-        t.copy_(value)
+                flat.broadcast_(owned, ranks[owner], g.group)
 
 
 def _all_reduce_via(t: torch.Tensor, device: torch.device, group) -> None:

@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from dsmtp.config import Config
 from dsmtp.model import DeepSeekV3, ModelOutput, update_expert_bias
-from dsmtp.parallel.expert import is_expert_param, reduce_expert_loads
+from dsmtp.parallel import collectives
+from dsmtp.parallel.expert import is_expert_param
 from dsmtp.parallel.pipeline import MicroBatch
 from dsmtp.parallel.topology import Layout
 
@@ -70,7 +71,7 @@ class EngineBase:
     @torch.no_grad()
     def update_expert_bias(self, gamma: float) -> None:
         """Aux-loss-free balancing with the loads of the global batch (every MoE layer, MTP included)."""
-        reduce_expert_loads(self.model, self.layout.dp_group)
+        collectives.reduce_expert_loads(self.model)
         update_expert_bias(self.model, gamma)
 
     # ------------------------------------------------------------------------------------------

@@ -13,9 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsmtp.model.moe import (MoE, RoutedExperts, combine_pairs, compute_dtype, gather_pairs, moe_layers,
+from dsmtp.model.moe import (RoutedExperts, combine_pairs, compute_dtype, gather_pairs, moe_layers,
                              sort_pairs_by_expert)
-from dsmtp.parallel.tensor import sum_counts_over_sequence_shards_
 
 EXPERT_ATTR = "dsmtp_expert"  # set on sharded routed-expert parameters
 
@@ -88,17 +87,3 @@ def dispatch_all_to_all(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.
     y = torch.empty_like(y).index_copy(0, by_expert, y)  # back to arrival order (differentiable in y)
     y = all_to_all(y, recv_splits, send_splits, group)
     return combine_pairs(y, order, gates).to(x.dtype)
-
-
-def reduce_expert_loads(model: nn.Module, dp_group: dist.ProcessGroup) -> None:
-    """Sum every MoE layer's `tokens_per_expert` over the data-parallel group (the global batch), before
-    `update_expert_bias`. The router is replicated, so each rank counted its own tokens for all experts;
-    TP ranks hold identical counts and are not summed over, unless each routed a sequence shard."""
-    layers: list[MoE] = list(moe_layers(model))
-    sum_counts_over_sequence_shards_([m.tokens_per_expert for m in layers])
-    if not layers or dist.get_world_size(dp_group) == 1:
-        return
-    flat = torch.cat([m.tokens_per_expert for m in layers])
-    dist.all_reduce(flat, group=dp_group)
-    for m, load in zip(layers, flat.split([m.tokens_per_expert.numel() for m in layers])):
-        m.tokens_per_expert.copy_(load)

@@ -6,6 +6,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from dsmtp.parallel import flat
+
 
 class _SumGradOverTP(torch.autograd.Function):
     @staticmethod
@@ -101,24 +103,17 @@ class _GatherSequence(torch.autograd.Function):
         return (_reduce_scatter(grad) if ctx.partial_grad else _split(grad)), None
 
 
-class _ScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return _split(x)
+class _ShardSequence(torch.autograd.Function):
+    """Whole sequence -> this rank's shard: its slice of a replicated x, or of the sum of partial x's;
+    the backward all-gathers either way."""
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return _all_gather(grad)
-
-
-class _ReduceScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return _reduce_scatter(x)
+    def forward(ctx, x: torch.Tensor, partial: bool) -> torch.Tensor:
+        return _reduce_scatter(x) if partial else _split(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return _all_gather(grad)
+    def backward(ctx, grad: torch.Tensor):
+        return _all_gather(grad), None
 
 
 def gather_sequence(x: torch.Tensor, partial_grad: bool = True) -> torch.Tensor:
@@ -137,12 +132,12 @@ def scatter_sequence(x: torch.Tensor) -> torch.Tensor:
     if not sequence_parallel():
         return x
     check_sequence_divisible(x.shape[SEQ_DIM])
-    return _ScatterSequence.apply(x)
+    return _ShardSequence.apply(x, False)
 
 
 def reduce_scatter_sequence(x: torch.Tensor) -> torch.Tensor:
     """Partial sums [B, S, ...] of a row-parallel projection -> this rank's slice of their sum."""
-    return _ReduceScatterSequence.apply(x)
+    return _ShardSequence.apply(x, True)
 
 
 def check_sequence_divisible(seq_len: int) -> None:
@@ -174,7 +169,4 @@ def sum_counts_over_sequence_shards_(tensors: list[torch.Tensor]) -> None:
     """Token counts (router loads) taken on sequence shards -> counts of the whole sequence."""
     if not sequence_parallel() or not tensors:
         return
-    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
-    dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
-    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(chunk.view_as(t))
+    flat.all_reduce_(tensors, parallel_state.get_tensor_model_parallel_group(), dtype=torch.float64)

@@ -58,9 +58,9 @@ class StackCache:
         return self.positions
 
     def truncate(self, lengths: torch.Tensor) -> None:
-        """Keep only the first `lengths[b]` tokens of sequence b (roll back rejected or padded ones)."""
-        if bool((lengths > self.lengths).any()):
-            raise RuntimeError("StackCache.truncate can only shorten sequences")
+        """Keep only the first `lengths[b]` tokens of sequence b (roll back rejected or padded ones);
+        `lengths` never exceeds what is cached. Not checked here: reading the comparison back would
+        stall the GPU several times per decoding step."""
         self.lengths = lengths.clone()
 
     def keep(self, rows: torch.Tensor) -> None:

@@ -37,32 +37,36 @@ class BatchSampler:
     """
 
     def __init__(self, params: list[SamplingParams], device: torch.device):
-        self.temperature = torch.tensor([p.temperature for p in params], dtype=torch.float64, device=device)
-        self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
-        self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64, device=device)
-        self.params = list(params)  # on the host: which filters the batch needs at all
+        self.device = device
+        self._set_params(list(params))
         self.generators = []
         for p in params:
             g = torch.Generator()
             g.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
             self.generators.append(g)
 
+    def _set_params(self, params: list[SamplingParams]) -> None:
+        """The per-sequence settings as device tensors, and which filters the batch needs at all."""
+        self.params = params
+        self.temperature = torch.tensor([p.temperature for p in params], dtype=torch.float64, device=self.device)
+        self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=self.device)
+        self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64, device=self.device)
+        self.all_greedy = all(p.temperature == 0 for p in params)
+        self.any_top_k = any(p.top_k > 0 for p in params)
+        self.any_top_p = any(p.top_p < 1 for p in params)
+
     def uniforms(self, count: int) -> torch.Tensor:
         """[B, count] uniforms in [0, 1), one stream per sequence."""
         u = torch.stack([torch.rand(count, generator=g, dtype=torch.float64) for g in self.generators])
-        return u.to(self.temperature.device)
+        return u.to(self.device)
 
     def keep(self, rows: torch.Tensor) -> None:
-        self.temperature, self.top_k, self.top_p = self.temperature[rows], self.top_k[rows], self.top_p[rows]
         kept = rows.tolist()
-        self.params = [self.params[i] for i in kept]
+        self._set_params([self.params[i] for i in kept])
         self.generators = [self.generators[i] for i in kept]
 
     def merge(self, other: "BatchSampler") -> None:
-        self.temperature = torch.cat([self.temperature, other.temperature])
-        self.top_k = torch.cat([self.top_k, other.top_k])
-        self.top_p = torch.cat([self.top_p, other.top_p])
-        self.params = self.params + other.params
+        self._set_params(self.params + other.params)
         self.generators = self.generators + other.generators
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -71,19 +75,19 @@ class BatchSampler:
         logits = logits.double()
         one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
         # The filters below sort the whole vocabulary; skip what no sequence of the batch asks for.
-        if all(p.temperature == 0 for p in self.params):
+        if self.all_greedy:
             return one_hot
         shape = (-1,) + (1,) * (logits.dim() - 1)
         vocab = logits.shape[-1]
         greedy = (self.temperature == 0).view(shape)
         scaled = logits / torch.where(greedy, 1.0, self.temperature.view(shape))
-        if any(p.top_k > 0 for p in self.params):  # keep the logits at least as large as the k-th largest
+        if self.any_top_k:  # keep the logits at least as large as the k-th largest
             k = torch.where(self.top_k > 0, self.top_k, vocab).clamp(max=vocab).view(shape)
             sorted_logits = scaled.sort(dim=-1, descending=True).values
             kth = sorted_logits.gather(-1, (k - 1).expand(*scaled.shape[:-1], 1))
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
         probs = torch.softmax(scaled, dim=-1)
-        if any(p.top_p < 1 for p in self.params):  # keep the most likely tokens until their mass reaches top_p
+        if self.any_top_p:  # keep the most likely tokens until their mass reaches top_p
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
             top_p = self.top_p.view(shape)
