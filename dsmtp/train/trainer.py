@@ -202,12 +202,11 @@ class Trainer:
         """Forward and backward of grad_accum micro-batches: (their loss sums, all losses finite)."""
         t = self.cfg.train
         sums = LossSums(self.cfg.model.mtp_depth)
-        finite = True
         for _ in range(t.grad_accum):
-            out = self.forward_backward(next(self.data.train), mtp_weight, 1.0 / t.grad_accum)
-            sums.add(out)
-            finite = finite and bool(torch.isfinite(out.loss.detach()))
-        return sums, finite
+            sums.add(self.forward_backward(next(self.data.train), mtp_weight, 1.0 / t.grad_accum))
+        # The loss is the sum of these terms: finite exactly when they are, read from the host copy
+        # the sums already made (no second device read per micro-batch).
+        return sums, sums.is_finite()
 
     def train_step(self) -> StepResult:
         t = self.cfg.train
