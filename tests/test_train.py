@@ -166,6 +166,26 @@ def test_consecutive_non_finite_steps_stop_the_run(make_trainer, monkeypatch):
     assert resumed.step == 4 and resumed.consecutive_skips == 0
 
 
+def test_device_is_read_only_at_log_and_checkpoint_steps(make_trainer, monkeypatch):
+    """log_interval=4, save_interval=6: the step statistics are read at steps 4, 6, 8 (and nowhere else);
+    a run of non-finite steps that starts at step 5 is noticed there and stops the run at step 8."""
+    from dsmtp.train.metrics import IntervalMeter
+
+    trainer = make_trainer(steps=12, log_interval=4, save_interval=6, eval_interval=100, max_skipped_steps=3)
+    reads = []
+    steps = IntervalMeter.steps
+    monkeypatch.setattr(IntervalMeter, "steps", lambda meter: reads.append(trainer.step) or steps(meter))
+    poison(trainer, monkeypatch, set(range(5, 13)))
+    with pytest.raises(TrainingStopped, match=r"stopped at step 8: 4 consecutive"):
+        trainer.run()
+    assert sorted(set(reads)) == [4, 6, 8]
+    records = train_records(trainer)
+    assert [(r["step"], r["skipped_steps"]) for r in records] == [(4, 0), (8, 4)]
+    assert records[0]["tokens_per_second"] > 0 and math.isfinite(records[0]["grad_norm"])
+    # step 6 was inside the run of skipped steps: no checkpoint there
+    assert (trainer.out_dir / "checkpoints/latest").exists() is False
+
+
 def test_end_of_run_outputs(make_trainer):
     trainer = make_trainer(steps=3, log_interval=2)
     trainer.run()

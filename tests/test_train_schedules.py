@@ -1,13 +1,14 @@
 import math
 
 import pytest
+import torch
 
 from dsmtp.config import config_from_dict, load_config
 from dsmtp.model import DeepSeekV3
 from dsmtp.parallel.topology import ensure_initialized
 from dsmtp.train import schedules
 from dsmtp.train.flops import flops_per_token
-from dsmtp.train.optim import parameter_groups
+from dsmtp.train.optim import build_optimizer, clipped_step, parameter_groups
 from tests.train_helpers import TINY_MODEL
 
 
@@ -55,6 +56,51 @@ def test_no_weight_decay_on_norms_and_vectors():
     assert {"embed.weight", "head.weight", "layers.1.ffn.router.weight", "layers.1.ffn.experts.w1"} <= decay_names
     assert len(decay_names) + len(no_decay_names) == len(list(model.parameters()))
     assert not any("expert_bias" in n for n in decay_names | no_decay_names)  # a buffer, never optimized
+
+
+def _two_models_with_grads(grad_scale: float):
+    """Two identical tiny MLPs with the same gradients (times grad_scale), and the config."""
+    cfg = train_cfg(lr=1e-2, weight_decay=0.1, grad_clip=1.0)
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(32, 8)
+    for m in models:
+        (m(x).pow(2).sum() * grad_scale).backward()
+    return cfg, models
+
+
+@pytest.mark.parametrize("grad_scale", [1e-3, 1e3])  # norm below the clip (no clipping) and far above it
+def test_clipped_step_equals_clip_grad_norm_then_adamw(grad_scale):
+    cfg, (ours, ref) = _two_models_with_grads(grad_scale)
+    opt, ref_opt = build_optimizer(ours, cfg), build_optimizer(ref, cfg)
+    initial = ours[0].weight.detach().clone()
+    for _ in range(3):
+        norm, skipped = clipped_step(opt, ours.parameters(), cfg.grad_clip)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.grad_clip)
+        ref_opt.step()
+        assert not skipped and norm.item() == pytest.approx(ref_norm.item(), rel=1e-6)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(ours[0].weight, initial)  # it did train
+
+
+@pytest.mark.parametrize("bad", ["nan_grad", "skip_flag"])
+def test_clipped_step_skip_changes_nothing(bad):
+    cfg, (model, _) = _two_models_with_grads(1.0)
+    opt = build_optimizer(model, cfg)
+    clipped_step(opt, model.parameters(), cfg.grad_clip)  # one real step: moments exist
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    if bad == "nan_grad":
+        model[0].weight.grad[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: v.clone() for k, v in opt.state[model[0].weight].items()}
+    norm, skipped = clipped_step(opt, model.parameters(), cfg.grad_clip, skip=torch.tensor(bad == "skip_flag"))
+    assert skipped
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(v, opt.state[model[0].weight][k]) for k, v in state.items())  # moments and step count
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")  # nothing left for a later step
 
 
 def test_flops_per_token_matches_design_reference():

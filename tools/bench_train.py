@@ -5,8 +5,9 @@ where the GPU time goes (PyTorch profiler), at the configured MTP depth and at D
         [--precision bf16|fp8] [--compile] [--disable grouped_mm] [--label NAME] [--results FILE]
     python tools/bench_train.py --table FILE      # print the table of every row FILE holds
 
-The step is what a trainer does: forward under bf16 autocast (fp32 parameters, bf16 GEMMs), backward,
-gradient clipping, fused AdamW on the fp32 parameters, router-bias update. Inputs are random tokens
+The step is what `dsmtp train` does: forward under bf16 autocast (fp32 parameters, bf16 GEMMs),
+backward, the trainer's optimizer (fused AdamW on the fp32 parameters with gradient clipping folded in:
+dsmtp.train.optim.clipped_step), router-bias update. Inputs are random tokens
 (uniform, so routing is close to balanced: real text routes less evenly).
 
 MFU uses ../shared/DESIGN.md's formula: FLOPs/token = 6 x (activated params - input embedding +
@@ -35,6 +36,7 @@ from dsmtp.config import load_config  # noqa: E402
 from dsmtp.model import DeepSeekV3, kernels, moe_layers, update_expert_bias  # noqa: E402
 from dsmtp.model.params import count_parameters  # noqa: E402
 from dsmtp.parallel.topology import ensure_initialized  # noqa: E402
+from dsmtp.train.optim import build_optimizer, clipped_step  # noqa: E402
 
 PEAK_BF16_TFLOPS = 989.0
 CATEGORIES = ("attention", "experts+FFN", "router+dispatch", "rest")
@@ -125,9 +127,7 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
     if args.compile:
         model.compile_layers()
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
-                            weight_decay=cfg.train.weight_decay, fused=True)
+    opt = build_optimizer(model, cfg.train)
     b, s, d = cfg.train.micro_batch_size, cfg.train.seq_len, mtp_depth
     gen = torch.Generator(device="cuda").manual_seed(0)
     batches = [torch.randint(0, cfg.model.vocab_size, (b, s + d + 1), device="cuda", generator=gen) for _ in range(4)]
@@ -137,8 +137,7 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
         with torch.autocast("cuda", dtype=torch.bfloat16), fp8_context():
             out = model(sample[:, :s], sample[:, 1:], mtp_weight=0.3)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip, foreach=True)
-        opt.step()
+        clipped_step(opt, model.parameters(), cfg.train.grad_clip)
         opt.zero_grad(set_to_none=True)
         update_expert_bias(model, 1e-3)
         return out.loss.detach()
@@ -181,7 +180,7 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
         row["profiled_wall_ms"], row["profiled_kernel_ms"] = wall_ms, kernel_ms / args.profile_steps
         if not args.compile:
             row.update({f"share_{c}": v for c, v in shares.items()})
-        top = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+        top = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=70)
         with open(Path(args.results).with_suffix(".prof.txt"), "a") as f:
             f.write(f"==== {args.label} D={d} precision={args.precision} compile={args.compile}\n{top}\n")
     del model, opt

@@ -17,6 +17,7 @@ same atomic rename and `latest` pointer; the shards are a temporary directory re
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -64,21 +65,22 @@ class DistributedTrainer(Trainer):
     # ------------------------------------------------------------------------------------------
     def _sums(self, outputs) -> LossSums:
         """Loss sums of the last stage's outputs, known to every stage (DP reduction happens when logging)."""
-        sums = LossSums(self.cfg.model.mtp_depth)
+        sums = LossSums(self.cfg.model.mtp_depth, self.device)
         for out in outputs:
             sums.add(out)
         self.engine.share_from_last_stage([sums.main, sums.mtp])
         return sums
 
-    def accumulate_gradients(self, mtp_weight: float) -> tuple[LossSums, bool]:
+    def accumulate_gradients(self, mtp_weight: float) -> tuple[LossSums, torch.Tensor]:
         batches = [next(self.data.train).to(self.device) for _ in range(self.cfg.train.grad_accum)]
         with self.autocast():
             outputs = self.engine.forward_backward(batches, mtp_weight)
         sums = self._sums(outputs)
         return sums, sums.is_finite()
 
-    def optimizer_step(self, lr: float, gamma: float, finite_loss: bool) -> tuple[float, tuple[float, float], bool]:
-        grad_norm, applied = self.engine.apply_gradients(lr, self.cfg.train.grad_clip, finite_loss)
+    def optimizer_step(self, lr: float, gamma: float, finite_loss: torch.Tensor) -> tuple[float, tuple[float, float], bool]:
+        # The engines agree on skipping across ranks (and pipeline stages) on the host.
+        grad_norm, applied = self.engine.apply_gradients(lr, self.cfg.train.grad_clip, bool(finite_loss))
         collectives.reduce_expert_loads(self.model)
         imbalance = self._load_imbalance()
         if applied:
@@ -90,7 +92,7 @@ class DistributedTrainer(Trainer):
 
     def _load_imbalance(self) -> tuple[float, float]:
         """(mean, max) of expert_load_ratios over the MoE layers of every pipeline stage."""
-        ratios = expert_load_ratios(self.model)
+        ratios = [r for r in expert_load_ratios(self.model).tolist() if math.isfinite(r)]  # NaN: a layer saw no tokens
         (total, layers), (worst,) = self.engine.over_stages([sum(ratios), len(ratios)], [max(ratios, default=0.0)])
         return (total / layers, worst) if layers else (float("nan"), float("nan"))
 

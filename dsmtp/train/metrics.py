@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
 
 import torch
@@ -21,27 +21,30 @@ from dsmtp.parallel.collectives import all_reduce_sum_
 
 
 class LossSums:
-    """Token-weighted sums of main / per-depth MTP loss and accuracy, and the aux loss."""
+    """Token-weighted sums of main / per-depth MTP loss and accuracy, and the aux loss.
 
-    def __init__(self, depth: int):
+    They stay on the device the losses are on and are read once per log interval: reading them per
+    micro-batch would make the host wait for every step's GPU work before it can queue the next.
+    """
+
+    def __init__(self, depth: int, device: torch.device | str | None = None):
         self.depth = depth
         # main: [loss * n, accuracy * n, aux * n, n]; mtp: [depth, (loss * n_k, accuracy * n_k, n_k)]
-        self.main = torch.zeros(4, dtype=torch.float64)
-        self.mtp = torch.zeros(depth, 3, dtype=torch.float64)
+        self.main = torch.zeros(4, dtype=torch.float64, device=device)
+        self.mtp = torch.zeros(depth, 3, dtype=torch.float64, device=device)
 
     def add(self, out: ModelOutput) -> None:
         n = out.main_tokens.detach().double()
-        main = torch.stack([out.main_loss.double() * n, out.main_accuracy.detach().double() * n,
-                            out.aux_loss.double() * n, n])
+        self.main += torch.stack([out.main_loss.double() * n, out.main_accuracy.detach().double() * n,
+                                  out.aux_loss.double() * n, n]).to(self.main.device)
         nk = out.mtp_tokens.detach().double()
-        mtp = torch.stack([out.mtp_losses.double() * nk, out.mtp_accuracies.detach().double() * nk, nk], dim=1)
-        both = torch.cat([main, mtp.flatten()]).cpu()  # one device-to-host copy per micro-batch
-        self.main += both[:4]
-        self.mtp += both[4:].view(self.depth, 3)
+        self.mtp += torch.stack([out.mtp_losses.double() * nk, out.mtp_accuracies.detach().double() * nk, nk],
+                                dim=1).to(self.mtp.device)
 
-    def merge(self, other: "LossSums") -> None:
-        self.main += other.main
-        self.mtp += other.mtp
+    def merge(self, other: "LossSums", skipped: torch.Tensor | bool = False) -> None:
+        """Add another's sums, unless `skipped` (a step whose update was dropped; its sums may be NaN)."""
+        self.main += torch.where(torch.as_tensor(skipped, device=self.main.device), 0.0, other.main)
+        self.mtp += torch.where(torch.as_tensor(skipped, device=self.mtp.device), 0.0, other.mtp)
 
     def all_reduce(self) -> None:
         all_reduce_sum_([self.main, self.mtp])
@@ -50,76 +53,90 @@ class LossSums:
     def tokens(self) -> int:
         return int(self.main[3].item())
 
-    def is_finite(self) -> bool:
-        return bool(torch.isfinite(self.main).all() and torch.isfinite(self.mtp).all())
+    def is_finite(self) -> torch.Tensor:
+        """Whether every sum is finite, as a bool on the sums' device (no host read)."""
+        return torch.isfinite(self.main).all() & torch.isfinite(self.mtp).all()
 
     def averages(self) -> dict:
         """Token-weighted means; NaN where there were no tokens (e.g. an interval of skipped steps)."""
-        n = self.main[3].item() or math.nan
-        out = {"loss": self.main[0].item() / n, "accuracy": self.main[1].item() / n,
-               "aux_loss": self.main[2].item() / n}
-        nk = self.mtp[:, 2].masked_fill(self.mtp[:, 2] == 0, math.nan)
-        out["mtp_loss"] = (self.mtp[:, 0] / nk).tolist()
-        out["mtp_accuracy"] = (self.mtp[:, 1] / nk).tolist()
+        main, mtp = self.main.cpu(), self.mtp.cpu()
+        n = main[3].item() or math.nan
+        out = {"loss": main[0].item() / n, "accuracy": main[1].item() / n, "aux_loss": main[2].item() / n}
+        nk = mtp[:, 2].masked_fill(mtp[:, 2] == 0, math.nan)
+        out["mtp_loss"] = (mtp[:, 0] / nk).tolist()
+        out["mtp_accuracy"] = (mtp[:, 1] / nk).tolist()
         return out
 
 
-def expert_load_ratios(model: torch.nn.Module) -> list[float]:
-    """max/mean of tokens_per_expert for each MoE layer that saw tokens (1.0 = perfectly balanced),
-    read from the device in one transfer. Call after the loads are reduced over the data-parallel
-    group, before the bias update resets them."""
+def expert_load_ratios(model: torch.nn.Module) -> torch.Tensor:
+    """max/mean of tokens_per_expert for each MoE layer (1.0 = perfectly balanced; NaN for a layer that
+    saw no tokens), on the device. Call after the loads are reduced over the data-parallel group,
+    before the bias update resets them."""
     loads = [moe.tokens_per_expert for moe in moe_layers(model)]
     if not loads:
-        return []
+        return torch.zeros(0, dtype=torch.float64)
     stacked = torch.stack(loads).double()
-    ratios = (stacked.max(dim=1).values / stacked.mean(dim=1)).tolist()
-    return [r for r in ratios if math.isfinite(r)]  # a layer without tokens gives 0/0
+    return stacked.max(dim=1).values / stacked.mean(dim=1)
 
 
-def expert_load_imbalance(model: torch.nn.Module) -> tuple[float, float]:
-    """expert_load_ratios summarized over layers as (mean, max)."""
+def expert_load_imbalance(model: torch.nn.Module) -> torch.Tensor:
+    """expert_load_ratios over the layers that saw tokens, summarized as [mean, max] on the device
+    (NaN, NaN when none did)."""
     ratios = expert_load_ratios(model)
-    if not ratios:
-        return float("nan"), float("nan")
-    return sum(ratios) / len(ratios), max(ratios)
+    seen = torch.isfinite(ratios)
+    if not seen.numel():
+        return torch.full((2,), math.nan, dtype=torch.float64)
+    worst = torch.where(seen, ratios, -math.inf).amax()
+    return torch.stack([ratios.nanmean(), torch.where(seen.any(), worst, math.nan)])
 
 
-@dataclass
 class IntervalMeter:
-    """Everything one log record summarizes: the optimizer steps since the last record."""
+    """Everything one log record summarizes: the optimizer steps since the last record.
 
-    depth: int
-    sums: LossSums = None  # type: ignore[assignment]
-    grad_norms: list[float] = field(default_factory=list)
-    imbalance_means: list[float] = field(default_factory=list)
-    imbalance_maxes: list[float] = field(default_factory=list)
-    skipped: int = 0
-    tokens: int = 0  # every token consumed, skipped steps included
-    seconds: float = 0.0
+    Per-step statistics arrive as device tensors (or floats) and are read in one transfer when asked
+    for, so a step never waits for the device. Throughput is tokens over the wall time from the
+    meter's creation to `record()`, which reads the device and so includes all the queued work.
+    """
 
-    def __post_init__(self):
-        self.sums = LossSums(self.depth)
+    def __init__(self, depth: int, device: torch.device | str | None = None):
+        self.sums = LossSums(depth, device)
+        self.device = device
+        self.tokens = 0  # every token consumed, skipped steps included
+        self.started = time.perf_counter()
+        self.seconds = math.nan  # set by record()
+        self._steps: list[torch.Tensor] = []  # per step: [grad norm, imbalance mean, imbalance max, skipped]
+        self._read: list[list[float]] = []
+        self._reported = 0
 
-    def add_step(self, step_sums: LossSums, tokens: int, seconds: float, grad_norm: float,
-                 imbalance: tuple[float, float], skipped: bool) -> None:
-        """One optimizer step; a skipped (non-finite) step contributes only its count, tokens and time."""
+    def add_step(self, step_sums: LossSums, tokens: int, grad_norm, imbalance, skipped) -> None:
+        """One optimizer step; a skipped (non-finite) step contributes only its count and tokens."""
         self.tokens += tokens
-        self.seconds += seconds
-        if skipped:
-            self.skipped += 1
-            return
-        self.sums.merge(step_sums)
-        self.grad_norms.append(grad_norm)
-        self.imbalance_means.append(imbalance[0])
-        self.imbalance_maxes.append(imbalance[1])
+        self.sums.merge(step_sums, skipped)
+        as_t = lambda x: torch.as_tensor(x, dtype=torch.float64, device=self.device).reshape(-1)  # noqa: E731
+        self._steps.append(torch.cat([as_t(grad_norm), as_t(imbalance), as_t(skipped)]))
+
+    def steps(self) -> list[list[float]]:
+        """[grad norm, imbalance mean, imbalance max, skipped] of every step so far, on the host."""
+        if len(self._read) < len(self._steps):
+            self._read += torch.stack(self._steps[len(self._read):]).cpu().tolist()
+        return self._read
+
+    def new_skip_flags(self) -> list[bool]:
+        """Whether each step added since the last call was skipped (reads the device)."""
+        flags = [bool(row[3]) for row in self.steps()[self._reported:]]
+        self._reported = len(self._read)
+        return flags
 
     def record(self) -> dict:
         """The averaged interval (sums must already be reduced over data-parallel ranks)."""
         rec = self.sums.averages()
+        applied = [row for row in self.steps() if not row[3]]
+        self.seconds = time.perf_counter() - self.started
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-        rec.update(grad_norm=mean(self.grad_norms), expert_imbalance_mean=mean(self.imbalance_means),
-                   expert_imbalance_max=max(self.imbalance_maxes, default=float("nan")),
-                   skipped_steps=self.skipped,
+        rec.update(grad_norm=mean([r[0] for r in applied]),
+                   expert_imbalance_mean=mean([r[1] for r in applied]),
+                   expert_imbalance_max=max((r[2] for r in applied), default=float("nan")),
+                   skipped_steps=len(self._read) - len(applied),
                    tokens_per_second=self.tokens / self.seconds if self.seconds > 0 else float("nan"))
         return rec
 

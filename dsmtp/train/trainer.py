@@ -6,6 +6,12 @@ The loop is split so a distributed engine can replace one piece at a time:
     data-parallel batch (collectives in dsmtp.parallel);
   - `train_step`: one optimizer step of `grad_accum` micro-batches, returning its statistics;
   - `run`: logging, evaluation and checkpoint orchestration.
+
+A step never waits for the device: its losses, gradient norm, load imbalance and whether it was
+skipped stay device tensors (a non-finite step is dropped inside the fused optimizer kernel) and
+are read once per log interval, or before a checkpoint. A host read per step would drain the GPU's
+queue every step (about 2% of an H100 step for small.yaml). So a run of non-finite steps is noticed
+at the next log or checkpoint step, at most `log_interval - 1` steps late; those steps changed nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -26,12 +31,12 @@ from tqdm import tqdm
 
 from dsmtp.config import Config, ConfigError, load_config
 from dsmtp.data.errors import DataError
-from dsmtp.model import DeepSeekV3, ModelOutput, fp8, moe_layers, update_expert_bias
-from dsmtp.parallel import collectives, topology
+from dsmtp.model import DeepSeekV3, ModelOutput, fp8, update_expert_bias
+from dsmtp.parallel import topology
 from dsmtp.train import checkpoint, report, schedules
 from dsmtp.train.flops import mfu
 from dsmtp.train.metrics import IntervalMeter, LossSums, MetricsLog, expert_load_imbalance
-from dsmtp.train.optim import build_optimizer
+from dsmtp.train.optim import build_optimizer, clipped_step
 
 
 class BatchStream(Protocol):
@@ -107,10 +112,9 @@ class TrainingStopped(RuntimeError):
 class StepResult:
     sums: LossSums  # token-weighted losses of this step's micro-batches (this rank)
     tokens: int  # tokens consumed by the step over all data-parallel ranks
-    seconds: float
-    grad_norm: float
-    imbalance: tuple[float, float]  # expert load max/mean: mean and max over MoE layers
-    skipped: bool
+    grad_norm: torch.Tensor | float
+    imbalance: torch.Tensor | tuple[float, float]  # expert load max/mean: mean and max over MoE layers
+    skipped: torch.Tensor | bool
 
 
 class Trainer:
@@ -177,50 +181,42 @@ class Trainer:
         (out.loss * loss_scale).backward()
         return out
 
-    def optimizer_step(self, lr: float, gamma: float, finite_loss: bool) -> tuple[float, tuple[float, float], bool]:
-        """Clip and apply the accumulated gradients, then update the router biases from the global
-        batch's expert loads. Non-finite loss or gradients: no update at all. Returns
-        (grad norm, load imbalance, skipped)."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        skipped = collectives.any_rank(not (finite_loss and math.isfinite(grad_norm)))
-        collectives.reduce_expert_loads(self.model)
+    def optimizer_step(self, lr: float, gamma: float, finite_loss: torch.Tensor):
+        """Clip and apply the accumulated gradients, then update the router biases from the batch's
+        expert loads. Non-finite loss or gradients: no update at all, decided on the device. Returns
+        (grad norm, load imbalance [mean, max], skipped) as device tensors."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        grad_norm, skipped = clipped_step(self.optimizer, self.model.parameters(), self.cfg.train.grad_clip,
+                                          skip=~finite_loss)
         imbalance = expert_load_imbalance(self.model)
-        if skipped:
-            for moe in moe_layers(self.model):
-                moe.tokens_per_expert.zero_()
-        else:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-            update_expert_bias(self.model, gamma)
+        update_expert_bias(self.model, gamma * ~skipped)  # a skipped step only resets the counts
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, imbalance, skipped
 
-    def accumulate_gradients(self, mtp_weight: float) -> tuple[LossSums, bool]:
+    def accumulate_gradients(self, mtp_weight: float) -> tuple[LossSums, torch.Tensor]:
         """Forward and backward of grad_accum micro-batches: (their loss sums, all losses finite)."""
         t = self.cfg.train
-        sums = LossSums(self.cfg.model.mtp_depth)
+        sums = LossSums(self.cfg.model.mtp_depth, self.device)
         for _ in range(t.grad_accum):
             sums.add(self.forward_backward(next(self.data.train), mtp_weight, 1.0 / t.grad_accum))
-        # The loss is the sum of these terms: finite exactly when they are, read from the host copy
-        # the sums already made (no second device read per micro-batch).
-        return sums, sums.is_finite()
+        return sums, sums.is_finite()  # the loss is the sum of these terms: finite exactly when they are
 
     def train_step(self) -> StepResult:
         t = self.cfg.train
-        begin = time.perf_counter()
         lam = schedules.mtp_weight(t, self.tokens)
         sums, finite = self.accumulate_gradients(lam)
         grad_norm, imbalance, skipped = self.optimizer_step(
             schedules.learning_rate(t, self.step), schedules.bias_update_rate(t, self.tokens), finite)
         self.step += 1
         self.tokens += self.tokens_per_step
-        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
-        self.total_skips += int(skipped)
-        seconds = time.perf_counter() - begin
-        return StepResult(sums, self.tokens_per_step, seconds, grad_norm, imbalance, skipped)
+        return StepResult(sums, self.tokens_per_step, grad_norm, imbalance, skipped)
+
+    def count_skips(self, meter: IntervalMeter) -> None:
+        """Bring consecutive_skips and total_skips up to date with the steps the meter holds."""
+        for skipped in meter.new_skip_flags():
+            self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+            self.total_skips += int(skipped)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -275,12 +271,15 @@ class Trainer:
             self.log.append(record)
             tqdm.write(line)
 
-    def log_interval(self, meter: IntervalMeter) -> None:
+    def log_interval(self, meter: IntervalMeter) -> dict:
         t = self.cfg.train
         meter.sums.all_reduce()
+        rec = meter.record()
+        self.train_seconds += meter.seconds
+        self.trained_tokens += meter.tokens
         rec = {"kind": "train", "step": self.step, "tokens": self.tokens, "lr": schedules.learning_rate(t, self.step - 1),
                "mtp_weight": schedules.mtp_weight(t, self.tokens - self.tokens_per_step),
-               "bias_rate": schedules.bias_update_rate(t, self.tokens - self.tokens_per_step), **meter.record()}
+               "bias_rate": schedules.bias_update_rate(t, self.tokens - self.tokens_per_step), **rec}
         if self.device.type == "cuda":
             rec["mfu"] = mfu(rec["tokens_per_second"], self.cfg.model, t.seq_len, torch.distributed.get_world_size())
             rec["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -293,6 +292,7 @@ class Trainer:
         if "mfu" in rec:
             line += f" | MFU {rec['mfu']:.1%} | mem {rec['peak_memory_gib']:.1f} GiB"
         self.write(rec, line)
+        return rec
 
     def log_eval(self) -> dict:
         rec = self.evaluate()
@@ -307,24 +307,24 @@ class Trainer:
         end = t.steps if stop_after is None else min(stop_after, t.steps)
         if self.step == 0:
             self.log_eval()
-        meter = IntervalMeter(self.cfg.model.mtp_depth)
+        meter = IntervalMeter(self.cfg.model.mtp_depth, self.device)
         bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", disable=not self.is_writer,
                    dynamic_ncols=True, mininterval=1.0)
         with bar:
             while self.step < end:
                 result = self.train_step()
-                self.train_seconds += result.seconds
-                self.trained_tokens += result.tokens
-                meter.add_step(result.sums, result.tokens, result.seconds, result.grad_norm, result.imbalance,
-                               result.skipped)
+                meter.add_step(result.sums, result.tokens, result.grad_norm, result.imbalance, result.skipped)
                 bar.update(1)
-                bar.set_postfix(loss=f"{result.sums.averages()['loss']:.3f}",
-                                tok_s=f"{result.tokens / result.seconds:,.0f}")
                 last = self.step == end
-                if self.step % t.log_interval == 0 or last or self.consecutive_skips >= t.max_skipped_steps:
-                    self.log_interval(meter)
-                    meter = IntervalMeter(self.cfg.model.mtp_depth)
-                if self.consecutive_skips >= t.max_skipped_steps:
+                log_due = self.step % t.log_interval == 0 or last
+                save_due = self.step % t.save_interval == 0 or last
+                if log_due or save_due:  # the only places the loop reads the device
+                    self.count_skips(meter)
+                stopping = self.consecutive_skips >= t.max_skipped_steps
+                if log_due or stopping:
+                    rec = self.log_interval(meter)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_second']:,.0f}")
+                if stopping:
                     good = checkpoint.latest_checkpoint(self.out_dir)
                     raise TrainingStopped(
                         f"stopped at step {self.step}: {self.consecutive_skips} consecutive steps had a non-finite "
@@ -334,8 +334,10 @@ class Trainer:
                 if self.step % t.eval_interval == 0 or self.step == t.steps:
                     self.log_eval()
                 # Never checkpoint inside a run of skipped steps: the last good checkpoint stays `latest`.
-                if (self.step % t.save_interval == 0 or last) and self.consecutive_skips == 0:
+                if save_due and self.consecutive_skips == 0:
                     self.save()
+                if log_due:  # the next interval's clock starts after this one's evaluation and checkpoint
+                    meter = IntervalMeter(self.cfg.model.mtp_depth, self.device)
         if self.step >= t.steps and self.saved_step != self.step and self.consecutive_skips == 0:
             self.save()  # e.g. a resumed run that was already complete but whose last save was lost
 
