@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dsmtp.model import DeepSeekV3, moe_layers, update_expert_bias
-from dsmtp.model.moe import MoE, Router, combine_pairs, gather_pairs, sequence_balance_loss, sort_pairs_by_expert
+from dsmtp.model.moe import (MoE, Router, combine_pairs, descending_rank, gather_pairs, sequence_balance_loss,
+                             sort_pairs_by_expert, top_k_indices)
 from tests.helpers import tiny_model_config
 
 
@@ -46,6 +47,16 @@ def test_router_matches_float64_brute_force(n_experts, n_group, topk_group, top_
         assert len(kept_groups) <= topk_group  # never outside the kept groups
         for e, g in zip(picked, gates[t].tolist()):
             assert g == pytest.approx(ref_gates[t][e], rel=1e-5)
+
+
+def test_descending_rank_by_hand_and_against_topk():
+    x = torch.tensor([[1.0, 3.0, 3.0, float("-inf"), float("-inf"), 2.0]])
+    assert descending_rank(x).tolist() == [[3, 0, 1, 4, 5, 2]]  # ties, -inf included, in index order
+    assert top_k_indices(x, 5).tolist() == [[1, 2, 5, 0, 3]]
+    torch.manual_seed(0)
+    for shape, k in (((300, 32), 6), ((300, 4), 2), ((100, 4, 8), 2)):
+        x = torch.randn(shape)
+        assert torch.equal(top_k_indices(x, k), x.topk(k).indices), shape
 
 
 def test_bias_changes_selection_but_not_gate_values():
