@@ -59,10 +59,14 @@ class DeepSeekV3(nn.Module):
 
         Fuses what eager mode runs as separate memory-bound kernels: RMSNorm, RoPE, SwiGLU, the
         router's scoring, the casts, and the output head's cast + cross-entropy. Layer by layer, so
-        that compile time is that of two layers (dense, MoE) and not of the whole model.
+        that compile time is that of two layers (dense, MoE) and not of the whole model. The norms
+        outside the layers (the trunk's final norm, each MTP module's three) are compiled too: eager,
+        each is a dozen passes over the [tokens, hidden] activations in forward and backward.
         """
         for layer in [*self.layers, *(m.layer for m in self.mtp)]:
             layer.compile()
+        for norm in [self.norm, *(n for m in self.mtp for n in (m.enorm, m.hnorm, m.norm))]:
+            norm.compile()
         self._lm_loss = torch.compile(self._lm_loss)
 
     def set_activation_recompute(self, every: int) -> None:
