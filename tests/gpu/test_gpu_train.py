@@ -1,0 +1,33 @@
+"""The training loop on CUDA: a step queues its work and returns without waiting for the device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsmtp.parallel.topology import ensure_initialized
+from dsmtp.train.trainer import Trainer
+from tests.train_helpers import prepare_tiny_corpus, tiny_config
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def test_training_step_never_waits_for_the_device(tmp_path):
+    """CUDA's sync debug mode raises on any host-device synchronisation (.item(), .cpu(), a blocking
+    copy, nonzero, ...) inside a whole optimizer step: forward, backward, clipping, the skip decision,
+    AdamW, router-bias update. The statistics it returns are read afterwards, once."""
+    ensure_initialized()
+    data = prepare_tiny_corpus(tmp_path / "data")
+    trainer = Trainer(tiny_config(tmp_path / "run", data, steps=4, log_interval=100, save_interval=100,
+                                  eval_interval=100))
+    assert trainer.device.type == "cuda"
+    trainer.train_step()  # the first step creates the optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert result.grad_norm.is_cuda and result.skipped.is_cuda
+    assert not result.skipped.item() and torch.isfinite(result.grad_norm).item()
+    assert result.sums.averages()["loss"] > 0
