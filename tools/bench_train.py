@@ -40,6 +40,10 @@ from dsmtp.train.optim import build_optimizer, clipped_step  # noqa: E402
 
 PEAK_BF16_TFLOPS = 989.0
 CATEGORIES = ("attention", "experts+FFN", "router+dispatch", "rest")
+# GPU time by the op that launched each kernel: unambiguous in compiled runs too, where fused kernels
+# cross the module boundaries CATEGORIES are labelled by. "other": fused elementwise and reduction
+# kernels (norms, RoPE, SwiGLU, casts, dispatch permutation, cross-entropy), sorts, copies.
+FAMILIES = ("attention", "grouped GEMM", "GEMM", "optimizer", "other")
 
 
 def flops_per_token(m, seq_len: int) -> float:
@@ -72,6 +76,39 @@ def label_modules(model: torch.nn.Module) -> None:
         moe.dispatch = _labelled(moe.dispatch, "router+dispatch")
 
 
+def launching_ops(events):
+    """(CPU-side op, GPU microseconds of the kernels it launched itself). Each kernel counts once, on
+    that op: the profiler also lists the kernel itself, and each labelled range again on the GPU side,
+    as device events."""
+    for evt in events:
+        if evt.device_type != torch.autograd.DeviceType.CPU or evt.name.startswith("cat::"):
+            continue
+        t = getattr(evt, "self_device_time_total", None)
+        if t is None:
+            t = evt.self_cuda_time_total
+        if t > 0:
+            yield evt, t
+
+
+def kernel_families(prof, steps: int) -> dict[str, float]:
+    """GPU milliseconds per step in each of FAMILIES."""
+    def family(name: str) -> str:
+        if "attention" in name:
+            return "attention"
+        if name.startswith("aten::") and "grouped_mm" in name:
+            return "grouped GEMM"
+        if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm"):
+            return "GEMM"
+        if "adam" in name or "_foreach_" in name:
+            return "optimizer"
+        return "other"
+
+    totals = dict.fromkeys(FAMILIES, 0.0)
+    for evt, t in launching_ops(prof.events()):
+        totals[family(evt.name)] += t / 1e3 / steps
+    return totals
+
+
 def time_shares(prof) -> tuple[dict[str, float], float]:
     """GPU kernel time per category, as fractions, and the total kernel time in ms.
 
@@ -93,16 +130,7 @@ def time_shares(prof) -> tuple[dict[str, float], float]:
             if label is not None and "Backward" not in evt.name:
                 seq_label.setdefault(evt.sequence_nr, label)
     totals = defaultdict(float)
-    for evt in events:
-        # Each kernel counts once, on the CPU-side op that launched it: the profiler also lists the
-        # kernel itself, and each labelled range again on the GPU side, as device events.
-        if evt.device_type != torch.autograd.DeviceType.CPU or evt.name.startswith("cat::"):
-            continue
-        t = getattr(evt, "self_device_time_total", None)
-        if t is None:
-            t = evt.self_cuda_time_total
-        if t <= 0:
-            continue
+    for evt, t in launching_ops(events):
         label, a = label_of(evt), evt
         while label is None and a is not None:
             if getattr(a, "sequence_nr", -1) >= 0 and a.sequence_nr in seq_label and "Backward" in a.name:
@@ -180,6 +208,7 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
         row["profiled_wall_ms"], row["profiled_kernel_ms"] = wall_ms, kernel_ms / args.profile_steps
         if not args.compile:
             row.update({f"share_{c}": v for c, v in shares.items()})
+        row["kernel_ms"] = kernel_families(prof, args.profile_steps)
         top = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=70)
         with open(Path(args.results).with_suffix(".prof.txt"), "a") as f:
             f.write(f"==== {args.label} D={d} precision={args.precision} compile={args.compile}\n{top}\n")
@@ -199,6 +228,14 @@ def print_table(rows: list[dict]) -> None:
         shares = "".join(f"{r[f'share_{c}'] * 100:>5.0f}%" if f"share_{c}" in r else f"{'-':>6}" for c in CATEGORIES)
         print(f"{r['label'][:21]:<22}{r['precision']:<5}{r['mtp_depth']:>2}{r['tokens_per_s']:>9.0f}{r['step_ms']:>9.1f}"
               f"{r['tflops']:>9.1f}{r['mfu'] * 100:>6.1f}%{r['peak_mem_gib']:>8.1f}{shares}{r['loss']:>8.3f}")
+    profiled = [r for r in rows if "kernel_ms" in r]
+    if profiled:
+        print("GPU time per step by the op that launched it (ms; profiler):")
+        print(f"{'run':<22}{'prec':<5}{'D':>2}" + "".join(f"{f:>14}" for f in FAMILIES) + f"{'sum':>8}")
+        for r in profiled:
+            ms = r["kernel_ms"]
+            print(f"{r['label'][:21]:<22}{r['precision']:<5}{r['mtp_depth']:>2}"
+                  + "".join(f"{ms[f]:>14.1f}" for f in FAMILIES) + f"{sum(ms.values()):>8.1f}")
     by_label = defaultdict(dict)
     for r in rows:
         by_label[r["label"]][r["mtp_depth"]] = r
