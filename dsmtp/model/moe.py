@@ -208,9 +208,10 @@ def moe_layers(model: nn.Module) -> Iterator[MoE]:
 
 
 @torch.no_grad()
-def update_expert_bias(model: nn.Module, gamma: float) -> None:
+def update_expert_bias(model: nn.Module, gamma: float | torch.Tensor) -> None:
     """Aux-loss-free balancing, called after each optimizer step with loads already summed over the
-    whole data-parallel batch: bias += gamma * sign(mean_load - load), then the counts restart."""
+    whole data-parallel batch: bias += gamma * sign(mean_load - load), then the counts restart.
+    `gamma` may be a device scalar (0 for a skipped step, decided without a host read)."""
     for moe in moe_layers(model):
         load = moe.tokens_per_expert
         moe.router.expert_bias += gamma * torch.sign(load.mean() - load)

@@ -7,9 +7,10 @@ The loop is split so a distributed engine can replace one piece at a time:
   - `train_step`: one optimizer step of `grad_accum` micro-batches, returning its statistics;
   - `run`: logging, evaluation and checkpoint orchestration.
 
-A step never waits for the device: its losses, gradient norm, load imbalance and whether it was
-skipped stay device tensors (a non-finite step is dropped inside the fused optimizer kernel) and
-are read once per log interval, or before a checkpoint. A host read per step would drain the GPU's
+In one process a step never waits for the device: its losses, gradient norm, load imbalance and
+whether it was skipped stay device tensors (a non-finite step is dropped inside the fused optimizer
+kernel) and are read once per log interval, or before a checkpoint. (Under torchrun the engines still
+agree on skipping a step on the host.) A host read per step would drain the GPU's
 queue every step (about 2% of an H100 step for small.yaml). So a run of non-finite steps is noticed
 at the next log or checkpoint step, at most `log_interval - 1` steps late; those steps changed nothing.
 """
