@@ -80,11 +80,16 @@ def _grouped_swiglu_cuda(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: t
     # host never waits for the router. Gate and up projections share one GEMM (twice the width).
     if use_fp8:
         x, offsets, rows = fp8.pad_groups(x.to(torch.bfloat16), tokens_per_expert)
-        mm = fp8.grouped_mm
+        mm, weight_dtype = fp8.grouped_mm, w1.dtype  # FP8 scales are taken from the master weights
     else:
         offsets, rows, mm = tokens_per_expert.cumsum(0).to(torch.int32), None, _bf16_grouped_mm
+        weight_dtype = torch.bfloat16
+    # Cast before concatenating: each weight's gradient then arrives as a tensor of its own that `.grad`
+    # takes as is, where autograd copied each slice of one fp32 gradient (24 copies, 1.1 ms of a
+    # small.yaml step on an H100). Quantizing bf16-rounded weights instead of the fp32 ones made the
+    # FP8 training test's loss 7% worse, so the FP8 path keeps fp32.
     inter = w1.shape[1]
-    gate_up = mm(x, torch.cat([w1, w3], dim=1), offsets)
+    gate_up = mm(x, torch.cat([w1.to(weight_dtype), w3.to(weight_dtype)], dim=1), offsets)
     h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
     out = mm(h, w2, offsets)
     return out if rows is None else fp8.unpad_groups(out, rows)
