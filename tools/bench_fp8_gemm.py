@@ -10,6 +10,9 @@ For each hidden width H it times, on the GPU, what one training step runs per la
 Both sides are compiled (as `train.compile` does: the quantization fuses into the neighbouring kernels),
 quantization and casts included. Median of 20 timed forward+backward passes after 5 warm-up ones.
 TFLOP/s counts the three GEMMs (forward, Dgrad, Wgrad): 6 x rows x H x H.
+Times are CUDA-event wall times, so a shape whose GEMMs take less than the host needs to launch them
+(dense below H = 4096 at 16,384 tokens on an H100) measures launches, not kernels: read those rows as
+"no gain", not as a ratio.
 """
 
 from __future__ import annotations
