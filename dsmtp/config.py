@@ -130,7 +130,7 @@ class TrainConfig:
     eval_batches: int = 8
     save_interval: int = 500
     keep_last: int = 2
-    max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops
+    max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops (checked at log and save steps)
     compile: bool = False
 
 
