@@ -186,6 +186,29 @@ def test_device_is_read_only_at_log_and_checkpoint_steps(make_trainer, monkeypat
     assert (trainer.out_dir / "checkpoints/latest").exists() is False
 
 
+def test_evaluation_is_off_the_interval_clock(make_trainer, monkeypatch):
+    """A fake clock: each step takes 1 s, each evaluation 100 s. The evaluation at step 2 falls inside
+    the interval logged at step 4, whose throughput must still be its tokens over 4 s."""
+    import time
+
+    trainer = make_trainer(steps=4, log_interval=4, eval_interval=2, save_interval=100)
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    train_step, log_eval = trainer.train_step, trainer.log_eval
+
+    def tick(seconds, fn):
+        def timed():
+            clock[0] += seconds
+            return fn()
+        return timed
+
+    monkeypatch.setattr(trainer, "train_step", tick(1.0, train_step))
+    monkeypatch.setattr(trainer, "log_eval", tick(100.0, log_eval))
+    trainer.run()
+    (rec,) = train_records(trainer)
+    assert rec["tokens_per_second"] == pytest.approx(4 * trainer.tokens_per_step / 4.0)
+
+
 def test_end_of_run_outputs(make_trainer):
     trainer = make_trainer(steps=3, log_interval=2)
     trainer.run()

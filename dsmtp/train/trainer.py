@@ -332,12 +332,19 @@ class Trainer:
                         f"loss or gradient (train.max_skipped_steps={t.max_skipped_steps}). The last good checkpoint "
                         f"is {good or 'none (no checkpoint was written yet)'}; lower train.lr or raise "
                         "train.warmup_steps and resume from it")
-                if self.step % t.eval_interval == 0 or self.step == t.steps:
-                    self.log_eval()
+                eval_due = self.step % t.eval_interval == 0 or self.step == t.steps
                 # Never checkpoint inside a run of skipped steps: the last good checkpoint stays `latest`.
-                if save_due and self.consecutive_skips == 0:
-                    self.save()
-                if log_due:  # the next interval's clock starts after this one's evaluation and checkpoint
+                save_now = save_due and self.consecutive_skips == 0
+                if eval_due or save_now:  # not training time: off the interval's clock
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()  # the queued training steps still count
+                    paused = time.perf_counter()
+                    if eval_due:
+                        self.log_eval()
+                    if save_now:
+                        self.save()
+                    meter.started += time.perf_counter() - paused
+                if log_due:
                     meter = IntervalMeter(self.cfg.model.mtp_depth, self.device)
         if self.step >= t.steps and self.saved_step != self.step and self.consecutive_skips == 0:
             self.save()  # e.g. a resumed run that was already complete but whose last save was lost
