@@ -8,11 +8,13 @@ data-parallel group before dividing, so a record describes the global batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -43,8 +45,9 @@ class LossSums:
 
     def merge(self, other: "LossSums", skipped: torch.Tensor | bool = False) -> None:
         """Add another's sums, unless `skipped` (a step whose update was dropped; its sums may be NaN)."""
-        self.main += torch.where(torch.as_tensor(skipped, device=self.main.device), 0.0, other.main)
-        self.mtp += torch.where(torch.as_tensor(skipped, device=self.mtp.device), 0.0, other.mtp)
+        skipped = torch.as_tensor(skipped, device=self.main.device)
+        self.main += torch.where(skipped, 0.0, other.main)
+        self.mtp += torch.where(skipped, 0.0, other.mtp)
 
     def all_reduce(self) -> None:
         all_reduce_sum_([self.main, self.mtp])
@@ -120,6 +123,18 @@ class IntervalMeter:
         if len(self._read) < len(self._steps):
             self._read += torch.stack(self._steps[len(self._read):]).cpu().tolist()
         return self._read
+
+    @contextlib.contextmanager
+    def off_the_clock(self) -> Iterator[None]:
+        """Work inside (evaluation, checkpoints) does not count as training time. The device finishes
+        the queued training steps first: their time does count."""
+        if self.device is not None and torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
+        paused = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - paused
 
     def new_skip_flags(self) -> list[bool]:
         """Whether each step added since the last call was skipped (reads the device)."""

@@ -222,7 +222,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.model.eval()
-        sums = LossSums(self.cfg.model.mtp_depth)
+        sums = LossSums(self.cfg.model.mtp_depth, self.device)
         for batch in self.data.val:
             input_ids, labels = self.split(batch)
             with self.autocast():
@@ -335,15 +335,12 @@ class Trainer:
                 eval_due = self.step % t.eval_interval == 0 or self.step == t.steps
                 # Never checkpoint inside a run of skipped steps: the last good checkpoint stays `latest`.
                 save_now = save_due and self.consecutive_skips == 0
-                if eval_due or save_now:  # not training time: off the interval's clock
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()  # the queued training steps still count
-                    paused = time.perf_counter()
-                    if eval_due:
-                        self.log_eval()
-                    if save_now:
-                        self.save()
-                    meter.started += time.perf_counter() - paused
+                if eval_due or save_now:
+                    with meter.off_the_clock():
+                        if eval_due:
+                            self.log_eval()
+                        if save_now:
+                            self.save()
                 if log_due:
                     meter = IntervalMeter(self.cfg.model.mtp_depth, self.device)
         if self.step >= t.steps and self.saved_step != self.step and self.consecutive_skips == 0:
