@@ -91,8 +91,9 @@ def test_fp8_vs_bf16_tail_means_hand_computed(tmp_path):
 
 
 def test_kernel_families_count_each_kernel_once_on_its_launching_op():
-    """Hand-made profiler events: device-side kernel events and labelled ranges are not counted again;
-    compiled Triton kernels named after a fused grouped_mm cast are not grouped GEMMs."""
+    """Hand-made profiler events: device-side kernel events, labelled ranges and the runtime's "Command
+    Buffer Full" waits are not counted again; compiled Triton kernels named after a fused grouped_mm
+    cast are not grouped GEMMs."""
     from types import SimpleNamespace
 
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
@@ -100,6 +101,7 @@ def test_kernel_families_count_each_kernel_once_on_its_launching_op():
         ("aten::_cudnn_attention_backward", cpu, 3000), ("cudnn_generated_fort_native_sdpa_bprop", cuda, 3000),
         ("aten::_grouped_mm", cpu, 2000), ("triton_poi_fused__grouped_mm__to_copy_cat", cpu, 500),
         ("aten::mm", cpu, 1000), ("aten::_fused_adamw_", cpu, 800), ("aten::_foreach_norm", cpu, 200),
-        ("cat::attention", cpu, 9999), ("aten::sort", cpu, 100), ("aten::add", cpu, 0)]]
+        ("cat::attention", cpu, 9999), ("aten::sort", cpu, 100), ("aten::add", cpu, 0),
+        ("Command Buffer Full", cpu, 5000)]]
     ms = bench_train.kernel_families(SimpleNamespace(events=lambda: events), steps=2)
     assert ms == {"attention": 1.5, "grouped GEMM": 1.0, "GEMM": 0.5, "optimizer": 0.5, "other": 0.3}

@@ -140,21 +140,23 @@ def test_aux_loss_enters_the_loss_when_alpha_positive():
 
 
 def test_pair_gather_and_combine_match_a_per_token_loop():
-    """Sorted-pair dispatch (gather_pairs' gather-and-sum backward, combine_pairs) against a float64
-    loop over tokens and their k experts, values and gradients."""
+    """Sorted-pair dispatch (gather_pairs' and combine_pairs' hand-written gather backwards) against a
+    float64 loop over tokens and their k experts: values, and gradients of the tokens and the gates."""
     torch.manual_seed(0)
     t, k, h, e = 11, 3, 5, 4
     expert_ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
-    gates = torch.rand(t, k, dtype=torch.float64)
+    gates = torch.rand(t, k, dtype=torch.float64, requires_grad=True)
     scale = torch.randn(e, h, dtype=torch.float64)  # expert j multiplies its rows by scale[j]
     x = torch.randn(t, h, dtype=torch.float64, requires_grad=True)
     order, inverse = sort_pairs_by_expert(expert_ids)
     assert torch.equal(order[inverse], torch.arange(t * k))
     rows = gather_pairs(x, order, inverse)
-    out = combine_pairs(rows * scale[expert_ids.flatten()[order]], order, gates)
-    x_ref = x.detach().clone().requires_grad_()
-    ref = torch.stack([sum(gates[i, j] * x_ref[i] * scale[expert_ids[i, j]] for j in range(k)) for i in range(t)])
+    out = combine_pairs(rows * scale[expert_ids.flatten()[order]], order, inverse, gates)
+    x_ref, gates_ref = (v.detach().clone().requires_grad_() for v in (x, gates))
+    ref = torch.stack([sum(gates_ref[i, j] * x_ref[i] * scale[expert_ids[i, j]] for j in range(k)) for i in range(t)])
     grad = torch.randn(t, h, dtype=torch.float64)
     out.backward(grad)
     ref.backward(grad)
-    assert torch.allclose(out, ref, atol=1e-12) and torch.allclose(x.grad, x_ref.grad, atol=1e-12)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gates.grad, gates_ref.grad, atol=1e-12, rtol=0)

@@ -79,9 +79,11 @@ def label_modules(model: torch.nn.Module) -> None:
 def launching_ops(events):
     """(CPU-side op, GPU microseconds of the kernels it launched itself). Each kernel counts once, on
     that op: the profiler also lists the kernel itself, and each labelled range again on the GPU side,
-    as device events."""
+    as device events. The CUDA runtime's "Command Buffer Full" (the host waited for room in the launch
+    queue) carries device time of kernels that other ops launched: not counted either."""
     for evt in events:
-        if evt.device_type != torch.autograd.DeviceType.CPU or evt.name.startswith("cat::"):
+        if evt.device_type != torch.autograd.DeviceType.CPU or evt.name.startswith("cat::") \
+                or evt.name == "Command Buffer Full":
             continue
         t = getattr(evt, "self_device_time_total", None)
         if t is None:
@@ -209,7 +211,7 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
         if not args.compile:
             row.update({f"share_{c}": v for c, v in shares.items()})
         row["kernel_ms"] = kernel_families(prof, args.profile_steps)
-        top = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=70)
+        top = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=90, max_name_column_width=200)
         with open(Path(args.results).with_suffix(".prof.txt"), "a") as f:
             f.write(f"==== {args.label} D={d} precision={args.precision} compile={args.compile}\n{top}\n")
     del model, opt

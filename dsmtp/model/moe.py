@@ -136,12 +136,38 @@ def gather_pairs(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) ->
     return _GatherPairs.apply(x, order, inverse)
 
 
-def combine_pairs(y: torch.Tensor, order: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+class _CombinePairs(torch.autograd.Function):
+    """Expert outputs y [T*k, H] in `order` -> sum_j gates[t, j] * y[inverse[t*k + j]] per token [T, H].
+
+    Both directions are gathers: forward reads each output row where its token needs it (compiled, one
+    fused gather-multiply-sum kernel: y is read once and nothing [T*k, H] is written); backward sends
+    each token's gradient to its k rows by `order`. Putting y back in pair order first (index_copy_)
+    wrote and re-read a second [T*k, H] copy in each direction.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(y, order, inverse, gates)
+        t, k = gates.shape
+        # Elementwise, not bmm: a [1, k] x [k, H] product per token is k FLOPs per output, memory-bound.
+        return (y.index_select(0, inverse).view(t, k, -1) * gates.to(y.dtype).unsqueeze(-1)).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, order, inverse, gates = ctx.saved_tensors
+        t, k = gates.shape
+        grad_y = grad_gates = None
+        if ctx.needs_input_grad[0]:
+            grad_y = grad.index_select(0, order // k) * gates.to(y.dtype).flatten()[order].unsqueeze(-1)
+        if ctx.needs_input_grad[3]:
+            per_pair = y.index_select(0, inverse).view(t, k, -1)
+            grad_gates = (per_pair * grad.unsqueeze(1)).sum(dim=-1).to(gates.dtype)
+        return grad_y, None, None, grad_gates
+
+
+def combine_pairs(y: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """Expert outputs y [T*k, H] in `order` -> the gate-weighted sum over each token's k pairs [T, H]."""
-    t, k = gates.shape
-    y = torch.empty_like(y).index_copy_(0, order, y).view(t, k, -1)
-    # Elementwise, not bmm: a [1, k] x [k, H] product per token is k FLOPs per output, memory-bound.
-    return (y * gates.to(y.dtype).unsqueeze(-1)).sum(dim=1)
+    return _CombinePairs.apply(y, order, inverse, gates)
 
 
 def dispatch_local(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, experts: RoutedExperts) -> torch.Tensor:
@@ -153,7 +179,7 @@ def dispatch_local(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tenso
     """
     order, inverse = sort_pairs_by_expert(expert_ids)
     y = experts(gather_pairs(compute_dtype(x), order, inverse), count_tokens(expert_ids, experts.num_experts))
-    return combine_pairs(y, order, gates).to(x.dtype)
+    return combine_pairs(y, order, inverse, gates).to(x.dtype)
 
 
 def sequence_balance_loss(scores: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:

@@ -86,4 +86,4 @@ def dispatch_all_to_all(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.
     y = experts(received[by_expert], recv_matrix.sum(0))
     y = torch.empty_like(y).index_copy(0, by_expert, y)  # back to arrival order (differentiable in y)
     y = all_to_all(y, recv_splits, send_splits, group)
-    return combine_pairs(y, order, gates).to(x.dtype)
+    return combine_pairs(y, order, inverse, gates).to(x.dtype)

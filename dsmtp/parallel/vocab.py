@@ -4,18 +4,40 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as _megatron_vocab_ce
 
 
+class _CrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy over the whole vocabulary: logits [..., V], targets [...] -> loss [...].
+
+    Computes in float32 (at least) but keeps only the logits as they came (bf16 under autocast) and one
+    log-sum-exp per row for backward, which rebuilds the softmax from them. F.cross_entropy on
+    logits.float() saved its float32 log-softmax instead: twice the logits' bytes written in forward and
+    read again in backward (1 GB of bf16 logits per output head at small.yaml).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        lse = torch.logsumexp(x, dim=-1)
+        ctx.save_for_backward(logits, targets, lse)
+        return lse - x.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        probs = torch.exp(logits.to(lse.dtype) - lse.unsqueeze(-1))
+        # softmax - one_hot(target), as a comparison with the column index so it fuses into one kernel
+        is_target = torch.arange(logits.shape[-1], device=logits.device) == targets.unsqueeze(-1)
+        return ((probs - is_target.to(probs.dtype)) * grad.unsqueeze(-1)).to(logits.dtype), None
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy in float32; `logits` hold this rank's vocabulary slice."""
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        # Whole vocabulary here: PyTorch's fused kernels make two passes over the logits where
-        # megatron's vocab-parallel version makes about ten.
-        return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
+        return _CrossEntropy.apply(logits, targets)
     return _megatron_vocab_ce(logits.float(), targets)
 
 
