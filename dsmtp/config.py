@@ -16,6 +16,9 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import yaml
 
 
+MAX_EXPERTS = 2**15 - 1  # routed expert ids are sorted as int16 (dsmtp.model.moe.sort_pairs_by_expert)
+
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field and the fix."""
 
@@ -311,7 +314,9 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.aux_loss_alpha >= 0, f"model.aux_loss_alpha={m.aux_loss_alpha} must be >= 0")
     if m.num_moe_layers == 0 and m.mtp_depth == 0:
         return
-    _require(m.n_routed_experts > 0, f"model.n_routed_experts={m.n_routed_experts} must be positive")
+    _require(0 < m.n_routed_experts <= MAX_EXPERTS,
+             f"model.n_routed_experts={m.n_routed_experts} must be between 1 and {MAX_EXPERTS} (expert ids are "
+             f"sorted as int16)")
     _require(m.n_shared_experts >= 0, f"model.n_shared_experts={m.n_shared_experts} must be >= 0")
     _require(m.n_group > 0 and m.n_routed_experts % m.n_group == 0,
              f"model.n_routed_experts={m.n_routed_experts} is not divisible by model.n_group={m.n_group}: "

@@ -33,6 +33,7 @@ def test_671b_schedule_reads_exponent_numbers():
     ({"model": {"num_heads": 6}, "parallel": {"tp": 4}}, "model.num_heads=6 is not divisible by parallel.tp=4"),
     ({"model": {"n_routed_experts": 12, "n_group": 5}}, "not divisible by model.n_group=5"),
     ({"model": {"n_routed_experts": 32}, "parallel": {"ep": 3}}, "not divisible by parallel.ep=3"),
+    ({"model": {"n_routed_experts": 40000, "n_group": 1, "topk_group": 1}}, "must be between 1 and 32767"),
     ({"model": {"topk_group": 5, "n_group": 4}}, "model.topk_group=5"),
     ({"model": {"num_experts_per_tok": 17, "n_routed_experts": 32, "n_group": 4, "topk_group": 2}},
      "model.num_experts_per_tok=17 exceeds the 16 experts"),

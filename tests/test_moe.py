@@ -149,6 +149,7 @@ def test_pair_gather_and_combine_match_a_per_token_loop():
     scale = torch.randn(e, h, dtype=torch.float64)  # expert j multiplies its rows by scale[j]
     x = torch.randn(t, h, dtype=torch.float64, requires_grad=True)
     order, inverse = sort_pairs_by_expert(expert_ids)
+    assert torch.equal(order, expert_ids.flatten().argsort(stable=True))  # ties (one token's pairs) kept in order
     assert torch.equal(order[inverse], torch.arange(t * k))
     rows = gather_pairs(x, order, inverse)
     out = combine_pairs(rows * scale[expert_ids.flatten()[order]], order, inverse, gates)
