@@ -135,6 +135,9 @@ class TrainConfig:
     keep_last: int = 2
     max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops (checked at log and save steps)
     compile: bool = False
+    # Replay each step's forward and backward as one CUDA graph (dsmtp.train.cuda_graph; one process on
+    # CUDA): the host launches one graph instead of thousands of kernels, so the GPU never waits for it.
+    cuda_graph: bool = False
 
 
 @dataclass
@@ -395,6 +398,9 @@ def validate(cfg: Config) -> None:
              f"train.activation_recompute_every={t.activation_recompute_every} must be >= 0 (0: keep all "
              "activations, 1: recompute every layer, N: every N-th layer)")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    _require(not t.cuda_graph or p.tp == p.pp == p.ep == 1,
+             f"train.cuda_graph=true replays the single-process step, not a tp={p.tp} pp={p.pp} ep={p.ep} layout: "
+             "set train.cuda_graph=false or parallel.tp, pp and ep to 1")
     validate_schedule("mtp_weight_schedule", t.mtp_weight_schedule)
     validate_schedule("bias_update_schedule", t.bias_update_schedule)
     _require(all(e[1] >= 0 for e in t.bias_update_schedule), "train.bias_update_schedule values must be >= 0")

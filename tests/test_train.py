@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from dsmtp.config import ConfigError, config_from_dict
 from dsmtp.model import ModelOutput, moe_layers
 from dsmtp.train import report
 from dsmtp.train.metrics import LossSums, expert_load_imbalance
@@ -207,6 +208,15 @@ def test_evaluation_is_off_the_interval_clock(make_trainer, monkeypatch):
     trainer.run()
     (rec,) = train_records(trainer)
     assert rec["tokens_per_second"] == pytest.approx(4 * trainer.tokens_per_step / 4.0)
+
+
+def test_cuda_graph_is_refused_where_it_cannot_run(make_trainer, tmp_path, data_dir):
+    """train.cuda_graph needs CUDA and the single-process step: refused before any work, naming the fix
+    (the replay itself is compared with eager training in tests/gpu/test_gpu_train.py)."""
+    with pytest.raises(ConfigError, match="train.cuda_graph=true needs a CUDA device"):
+        make_trainer(cuda_graph=True)
+    with pytest.raises(ConfigError, match="set train.cuda_graph=false or parallel.tp, pp and ep to 1"):
+        config_from_dict({"train": {"cuda_graph": True}, "parallel": {"tp": 2}})
 
 
 def test_end_of_run_outputs(make_trainer):

@@ -2,7 +2,7 @@
 where the GPU time goes (PyTorch profiler), at the configured MTP depth and at D=0.
 
     python tools/bench_train.py --config configs/small.yaml [--set k=v ...] [--steps 20] [--warmup 5]
-        [--precision bf16|fp8] [--compile] [--disable grouped_mm] [--label NAME] [--results FILE]
+        [--precision bf16|fp8] [--compile] [--cuda-graph] [--disable grouped_mm] [--label NAME] [--results FILE]
     python tools/bench_train.py --table FILE      # print the table of every row FILE holds
 
 The step is what `dsmtp train` does: forward under bf16 autocast (fp32 parameters, bf16 GEMMs),
@@ -36,6 +36,7 @@ from dsmtp.config import load_config  # noqa: E402
 from dsmtp.model import DeepSeekV3, kernels, moe_layers, update_expert_bias  # noqa: E402
 from dsmtp.model.params import count_parameters  # noqa: E402
 from dsmtp.parallel.topology import ensure_initialized  # noqa: E402
+from dsmtp.train.cuda_graph import GraphedBackward  # noqa: E402
 from dsmtp.train.optim import build_optimizer, clipped_step  # noqa: E402
 
 PEAK_BF16_TFLOPS = 989.0
@@ -162,15 +163,22 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     batches = [torch.randint(0, cfg.model.vocab_size, (b, s + d + 1), device="cuda", generator=gen) for _ in range(4)]
 
-    def step(i: int) -> torch.Tensor:
-        sample = batches[i % len(batches)]
-        with torch.autocast("cuda", dtype=torch.bfloat16), fp8_context():
-            out = model(sample[:, :s], sample[:, 1:], mtp_weight=0.3)
+    def backward(samples: torch.Tensor, mtp_weight) -> torch.Tensor:
+        (sample,) = samples  # one micro-batch a step
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not args.cuda_graph), fp8_context():
+            out = model(sample[:, :s], sample[:, 1:], mtp_weight=mtp_weight)
         out.loss.backward()
+        return out.loss.detach()
+
+    graphed = GraphedBackward(backward, list(model.parameters())) if args.cuda_graph else None
+
+    def step(i: int) -> torch.Tensor:
+        samples = batches[i % len(batches)][None]
+        loss = (graphed or backward)(samples, 0.3)
         clipped_step(opt, model.parameters(), cfg.train.grad_clip)
         opt.zero_grad(set_to_none=True)
         update_expert_bias(model, 1e-3)
-        return out.loss.detach()
+        return loss
 
     t0 = time.time()
     for i in range(args.warmup):
@@ -189,13 +197,14 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
     step_ms = statistics.median(times)
     tokens = b * s
     fpt = flops_per_token(cfg.model, s)
-    row = dict(label=args.label or "", precision=args.precision, compile=args.compile, mtp_depth=d,
+    row = dict(label=args.label or "", precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph,
+               mtp_depth=d,
                disabled=",".join(args.disable), device=torch.cuda.get_device_name(),
                step_ms=step_ms, step_ms_min=min(times), step_ms_max=max(times), tokens_per_s=tokens / step_ms * 1e3,
                gflop_per_token=fpt / 1e9, tflops=fpt * tokens / step_ms / 1e9,
                mfu=fpt * tokens / step_ms / 1e9 / PEAK_BF16_TFLOPS,
                peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss), warmup_s=warm_s)
-    if args.profile_steps:
+    if args.profile_steps and not args.cuda_graph:  # a graph's kernels have no launching op to count them by
         if not args.compile:  # compiled kernels fuse across the labelled ranges: shares would mislead
             label_modules(model)
         torch.cuda.synchronize()
@@ -256,6 +265,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--cuda-graph", action="store_true", help="replay forward + backward as one CUDA graph "
+                        "(train.cuda_graph; captured during the warm-up, which needs >= 4 steps)")
     parser.add_argument("--disable", action="append", default=[], help="a kernels.backends fast path to switch off")
     parser.add_argument("--no-d0", action="store_true", help="skip the MTP D=0 comparison run")
     parser.add_argument("--label")
@@ -267,6 +278,8 @@ def main(argv: list[str]) -> int:
         return 0
     if not args.config:
         parser.error("--config is required")
+    if args.cuda_graph and args.warmup <= 3:
+        parser.error(f"--warmup={args.warmup}: --cuda-graph captures after 3 eager steps, so warm up for at least 4")
     if args.steps < 20:
         parser.error(f"--steps={args.steps}: time at least 20 steps for a stable median")
     if not torch.cuda.is_available():

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from dsmtp.config import ConfigError
 from dsmtp.model import DeepSeekV3, moe_layers, update_expert_bias
 from dsmtp.parallel import checkpoint as shards
 from dsmtp.parallel import collectives, topology
@@ -45,6 +46,9 @@ def single_process_parameter_order(cfg) -> list[list[str]]:
 
 class DistributedTrainer(Trainer):
     def build_model(self) -> None:
+        if self.cfg.train.cuda_graph:
+            raise ConfigError("train.cuda_graph=true replays the single-process step, not a step under torchrun: "
+                              "set it to false")
         self.layout = topology.layout()
         model, layers = build_model(self.cfg, self.layout, self.cfg.train.seed)
         self.model = model.to(self.device).train()

@@ -36,6 +36,7 @@ from dsmtp.model import DeepSeekV3, ModelOutput, fp8, update_expert_bias
 from dsmtp.parallel import topology
 from dsmtp.train import checkpoint, report, schedules
 from dsmtp.train.flops import mfu
+from dsmtp.train.cuda_graph import GraphedBackward
 from dsmtp.train.metrics import IntervalMeter, LossSums, MetricsLog, expert_load_imbalance
 from dsmtp.train.optim import build_optimizer, clipped_step
 
@@ -74,9 +75,10 @@ def open_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Data:
                 tokenizer_path=tokenizer.model_path, unigram_baseline=val_split.manifest.get("unigram", {}))
 
 
-def autocast_for(precision: str, device: torch.device):
+def autocast_for(precision: str, device: torch.device, weight_cache: bool = True):
     """bf16 autocast on CUDA (or when asked for), full fp32 otherwise; fp8 adds the FP8 GEMM context
-    (Transformer Engine's, when installed) on top of bf16 autocast."""
+    (Transformer Engine's, when installed) on top of bf16 autocast. `weight_cache=False` for a step that
+    a CUDA graph captures: autocast's cache of cast weights does not outlive the capture."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp8" and device.type != "cuda":
@@ -84,15 +86,14 @@ def autocast_for(precision: str, device: torch.device):
                           "use auto, bf16 or fp32 here")
     if precision == "fp32":
         return contextlib.nullcontext
-    if precision == "fp8":
-        return _bf16_and_fp8
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
+    @contextlib.contextmanager
+    def bf16_and_maybe_fp8():
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=weight_cache), \
+                fp8.autocast(precision == "fp8"):
+            yield
 
-@contextlib.contextmanager
-def _bf16_and_fp8():
-    with torch.autocast("cuda", dtype=torch.bfloat16), fp8.autocast(True):
-        yield
+    return bf16_and_maybe_fp8
 
 
 def prepare_model_for_speed(model: DeepSeekV3, t) -> None:
@@ -125,10 +126,14 @@ class Trainer:
         topology.ensure_initialized()
         self.cfg, t = cfg, cfg.train
         self.device = topology.device()
-        self.autocast = autocast_for(t.precision, self.device)
+        if t.cuda_graph and self.device.type != "cuda":
+            raise ConfigError("train.cuda_graph=true needs a CUDA device: set it to false here")
+        self.autocast = autocast_for(t.precision, self.device, weight_cache=not t.cuda_graph)
         self.out_dir = Path(t.out_dir)
         self.is_writer = torch.distributed.get_rank() == 0
         self.build_model()
+        self.graphed_backward = GraphedBackward(self.backward_pass, list(self.model.parameters())) \
+            if t.cuda_graph else None
         self.data = data if data is not None else self.open_data()
         self.log = MetricsLog(self.out_dir / "metrics.jsonl")
         self.step = 0
@@ -175,7 +180,7 @@ class Trainer:
         batch = batch.to(self.device, non_blocking=True)
         return batch[:, :self.cfg.train.seq_len], batch[:, 1:]
 
-    def forward_backward(self, batch: torch.Tensor, mtp_weight: float, loss_scale: float) -> ModelOutput:
+    def forward_backward(self, batch: torch.Tensor, mtp_weight: float | torch.Tensor, loss_scale: float) -> ModelOutput:
         input_ids, labels = self.split(batch)
         with self.autocast():
             out = self.model(input_ids, labels, mtp_weight=mtp_weight)
@@ -197,10 +202,17 @@ class Trainer:
 
     def accumulate_gradients(self, mtp_weight: float) -> tuple[LossSums, torch.Tensor]:
         """Forward and backward of grad_accum micro-batches: (their loss sums, all losses finite)."""
-        t = self.cfg.train
+        batches = torch.stack([next(self.data.train) for _ in range(self.cfg.train.grad_accum)])
+        if self.graphed_backward is not None:
+            return self.graphed_backward(batches, mtp_weight)
+        return self.backward_pass(batches, mtp_weight)
+
+    def backward_pass(self, batches: torch.Tensor, mtp_weight: float | torch.Tensor) -> tuple[LossSums, torch.Tensor]:
+        """accumulate_gradients' device work, on batches [grad_accum, micro_batch, S + D + 1]: what
+        train.cuda_graph captures."""
         sums = LossSums(self.cfg.model.mtp_depth, self.device)
-        for _ in range(t.grad_accum):
-            sums.add(self.forward_backward(next(self.data.train), mtp_weight, 1.0 / t.grad_accum))
+        for batch in batches:
+            sums.add(self.forward_backward(batch, mtp_weight, 1.0 / len(batches)))
         return sums, sums.is_finite()  # the loss is the sum of these terms: finite exactly when they are
 
     def train_step(self) -> StepResult:
