@@ -137,6 +137,7 @@ class TrainConfig:
     compile: bool = False
     # Replay each step's forward and backward as one CUDA graph (dsmtp.train.cuda_graph; one process on
     # CUDA): the host launches one graph instead of thousands of kernels, so the GPU never waits for it.
+    # Not yet run on a GPU: its device test (tests/gpu/test_gpu_train.py) waits for the next device session.
     cuda_graph: bool = False
 
 

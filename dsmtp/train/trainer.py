@@ -4,6 +4,8 @@ The loop is split so a distributed engine can replace one piece at a time:
   - `forward_backward`: one micro-batch, forward under autocast and backward of the scaled loss;
   - `optimizer_step`: clip, skip if non-finite, step, then the router bias update over the
     data-parallel batch (collectives in dsmtp.parallel);
+  - `backward_pass`: forward and backward of a step's micro-batches, which train.cuda_graph captures
+    once and then replays as one CUDA graph (dsmtp.train.cuda_graph);
   - `train_step`: one optimizer step of `grad_accum` micro-batches, returning its statistics;
   - `run`: logging, evaluation and checkpoint orchestration.
 
