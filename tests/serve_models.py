@@ -48,7 +48,7 @@ def train_tokenizer(vocab_size: int) -> bytes:
     return proto.getvalue()
 
 
-def train_checkpoint(out: Path, steps: int = 150, mtp_depth: int = 2, num_layers: int = 2, hidden_size: int = 64,
+def train_checkpoint(out: Path, steps: int = 300, mtp_depth: int = 2, num_layers: int = 2, hidden_size: int = 64,
                      seed: int = 0) -> Path:
     """Train a tiny model on the rotated sentences (documents separated by <eos>) and write a checkpoint
     step directory: model.safetensors, config.yaml, tokenizer.model, manifest.json."""
@@ -63,6 +63,11 @@ def train_checkpoint(out: Path, steps: int = 150, mtp_depth: int = 2, num_layers
     validate(cfg)
     model = DeepSeekV3(cfg.model).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    # Decayed to zero: at a constant 1e-2, where training happens to stop decided how well the MTP modules
+    # draft (first-draft acceptance from 0.6 to 1.0 as the step count or rounding changed) and whether
+    # greedy decoding completes the sentence; decayed over 300 steps, seeds 0-2 all complete it and
+    # accept >= 0.93 of first drafts.
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps)
     seq_len, batch = 48, 16
     for _ in range(steps):
         starts = torch.randint(0, len(data) - seq_len - mtp_depth - 1, (batch,))
@@ -71,6 +76,7 @@ def train_checkpoint(out: Path, steps: int = 150, mtp_depth: int = 2, num_layers
         opt.zero_grad()
         loss.backward()
         opt.step()
+        schedule.step()
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "model.safetensors.tmp"
     # megatron's layers add empty `_extra_state` entries: not part of the checkpoint layout.

@@ -118,7 +118,7 @@ class DeepSeekV3(nn.Module):
         return [h, *mtp_hidden], aux + mtp_aux
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                mtp_weight: float = 0.3) -> torch.Tensor | ModelOutput:
+                mtp_weight: float | torch.Tensor = 0.3) -> torch.Tensor | ModelOutput:
         """Without labels: the main logits [B, S, vocab]. With labels [B, S..S+D]: a ModelOutput."""
         s = input_ids.shape[1]
         cos, sin = self.rope(torch.arange(s, device=input_ids.device))
@@ -140,7 +140,8 @@ class DeepSeekV3(nn.Module):
         return torch.cat([input_ids, labels[:, s - 1:s + depth - 1]], dim=1), labels
 
     def output(self, h: torch.Tensor, emb: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
-               aux: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mtp_weight: float) -> ModelOutput:
+               aux: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               mtp_weight: float | torch.Tensor) -> ModelOutput:
         """Main and MTP losses from the trunk's final (post-norm) hidden state h [B, S, H], the embedded
         `tokens` and the trunk's aux loss (a pipeline's last stage calls this directly)."""
         s, depth = emb.shape[1] - len(self.mtp), len(self.mtp)

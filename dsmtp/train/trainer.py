@@ -37,8 +37,8 @@ from dsmtp.data.errors import DataError
 from dsmtp.model import DeepSeekV3, ModelOutput, fp8, update_expert_bias
 from dsmtp.parallel import topology
 from dsmtp.train import checkpoint, report, schedules
-from dsmtp.train.flops import mfu
 from dsmtp.train.cuda_graph import GraphedBackward
+from dsmtp.train.flops import mfu
 from dsmtp.train.metrics import IntervalMeter, LossSums, MetricsLog, expert_load_imbalance
 from dsmtp.train.optim import build_optimizer, clipped_step
 
