@@ -18,7 +18,6 @@ dense bf16 peak of 989 TFLOP/s (H100 and H200 SXM).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -36,8 +35,9 @@ from dsmtp.config import load_config  # noqa: E402
 from dsmtp.model import DeepSeekV3, kernels, moe_layers, update_expert_bias  # noqa: E402
 from dsmtp.model.params import count_parameters  # noqa: E402
 from dsmtp.parallel.topology import ensure_initialized  # noqa: E402
-from dsmtp.train.cuda_graph import GraphedBackward  # noqa: E402
+from dsmtp.train.cuda_graph import EAGER_STEPS, GraphedBackward  # noqa: E402
 from dsmtp.train.optim import build_optimizer, clipped_step  # noqa: E402
+from dsmtp.train.trainer import autocast_for, prepare_model_for_speed  # noqa: E402
 
 PEAK_BF16_TFLOPS = 989.0
 CATEGORIES = ("attention", "experts+FFN", "router+dispatch", "rest")
@@ -148,15 +148,10 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
     cfg.model.mtp_depth = mtp_depth
     torch.manual_seed(cfg.train.seed)
     model = DeepSeekV3(cfg.model).cuda()
-    fp8_context = lambda: contextlib.nullcontext()  # noqa: E731
-    if args.precision == "fp8":
-        from dsmtp.model import fp8
-        switched = fp8.enable(model)
-        fp8_context = lambda: fp8.autocast(True)  # noqa: E731
-        print(f"  fp8: {len(switched)} modules switched", flush=True)
-    model.set_activation_recompute(cfg.train.activation_recompute_every)  # --set train.activation_recompute_every=N
-    if args.compile:
-        model.compile_layers()
+    # The trainer's own speed set-up and autocast (--set train.activation_recompute_every=N applies too).
+    cfg.train.precision, cfg.train.compile, cfg.train.cuda_graph = args.precision, args.compile, args.cuda_graph
+    prepare_model_for_speed(model, cfg.train)
+    autocast = autocast_for(args.precision, torch.device("cuda"), weight_cache=not args.cuda_graph)
     model.train()
     opt = build_optimizer(model, cfg.train)
     b, s, d = cfg.train.micro_batch_size, cfg.train.seq_len, mtp_depth
@@ -165,7 +160,7 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
 
     def backward(samples: torch.Tensor, mtp_weight) -> torch.Tensor:
         (sample,) = samples  # one micro-batch a step
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not args.cuda_graph), fp8_context():
+        with autocast():
             out = model(sample[:, :s], sample[:, 1:], mtp_weight=mtp_weight)
         out.loss.backward()
         return out.loss.detach()
@@ -198,8 +193,7 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
     tokens = b * s
     fpt = flops_per_token(cfg.model, s)
     row = dict(label=args.label or "", precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph,
-               mtp_depth=d,
-               disabled=",".join(args.disable), device=torch.cuda.get_device_name(),
+               mtp_depth=d, disabled=",".join(args.disable), device=torch.cuda.get_device_name(),
                step_ms=step_ms, step_ms_min=min(times), step_ms_max=max(times), tokens_per_s=tokens / step_ms * 1e3,
                gflop_per_token=fpt / 1e9, tflops=fpt * tokens / step_ms / 1e9,
                mfu=fpt * tokens / step_ms / 1e9 / PEAK_BF16_TFLOPS,
@@ -266,7 +260,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--cuda-graph", action="store_true", help="replay forward + backward as one CUDA graph "
-                        "(train.cuda_graph; captured during the warm-up, which needs >= 4 steps)")
+                        "(train.cuda_graph; captured during the warm-up)")
     parser.add_argument("--disable", action="append", default=[], help="a kernels.backends fast path to switch off")
     parser.add_argument("--no-d0", action="store_true", help="skip the MTP D=0 comparison run")
     parser.add_argument("--label")
@@ -278,8 +272,9 @@ def main(argv: list[str]) -> int:
         return 0
     if not args.config:
         parser.error("--config is required")
-    if args.cuda_graph and args.warmup <= 3:
-        parser.error(f"--warmup={args.warmup}: --cuda-graph captures after 3 eager steps, so warm up for at least 4")
+    if args.cuda_graph and args.warmup <= EAGER_STEPS:
+        parser.error(f"--warmup={args.warmup}: --cuda-graph captures after {EAGER_STEPS} eager steps, so warm up "
+                     f"for at least {EAGER_STEPS + 1}")
     if args.steps < 20:
         parser.error(f"--steps={args.steps}: time at least 20 steps for a stable median")
     if not torch.cuda.is_available():

@@ -29,22 +29,21 @@ import torch
 from torch import nn
 
 Outputs = TypeVar("Outputs")
+EAGER_STEPS = 3  # calls run eagerly before the capture
 
 
 class GraphedBackward(Generic[Outputs]):
     """Runs `backward(batches, mtp_weight)` (forward and backward of one step's micro-batches; returns
-    device tensors) eagerly for `warmup_steps` calls, then captures it once and replays it.
+    device tensors) eagerly for its first EAGER_STEPS calls, then captures it once and replays it.
 
     The eager calls are real training steps: they compile what train.compile compiles and create the
     libraries' workspaces, on a side stream as capture requires (PyTorch's CUDA graphs notes, whole
     network capture). The capture itself runs nothing, so the call that captures also replays.
     """
 
-    def __init__(self, backward: Callable[[torch.Tensor, torch.Tensor], Outputs], params: list[nn.Parameter],
-                 warmup_steps: int = 3):
+    def __init__(self, backward: Callable[[torch.Tensor, torch.Tensor], Outputs], params: list[nn.Parameter]):
         self.backward = backward
         self.params = params
-        self.warmup_steps = warmup_steps
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.batches: torch.Tensor | None = None  # the graph's input buffers
@@ -61,7 +60,7 @@ class GraphedBackward(Generic[Outputs]):
                              f"captured {tuple(self.batches.shape)}")
         self.batches.copy_(batches, non_blocking=True)
         self.mtp_weight.fill_(mtp_weight)
-        if self.calls < self.warmup_steps:
+        if self.calls < EAGER_STEPS:
             self.calls += 1
             return self._eager()
         if self.graph is None:
