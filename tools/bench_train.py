@@ -151,7 +151,7 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
     # The trainer's own speed set-up and autocast (--set train.activation_recompute_every=N applies too).
     cfg.train.precision, cfg.train.compile, cfg.train.cuda_graph = args.precision, args.compile, args.cuda_graph
     prepare_model_for_speed(model, cfg.train)
-    autocast = autocast_for(args.precision, torch.device("cuda"), weight_cache=not args.cuda_graph)
+    autocast = autocast_for(args.precision, torch.device("cuda"))
     model.train()
     opt = build_optimizer(model, cfg.train)
     b, s, d = cfg.train.micro_batch_size, cfg.train.seq_len, mtp_depth
@@ -180,7 +180,8 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
         loss = step(i)
     torch.cuda.synchronize()
     warm_s = time.time() - t0
-    torch.cuda.reset_peak_memory_stats()
+    if not args.cuda_graph:  # a graph allocates its memory once, at capture (in the warm-up): count from there
+        torch.cuda.reset_peak_memory_stats()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps)]
     for i in range(args.steps):

@@ -77,10 +77,14 @@ def open_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Data:
                 tokenizer_path=tokenizer.model_path, unigram_baseline=val_split.manifest.get("unigram", {}))
 
 
-def autocast_for(precision: str, device: torch.device, weight_cache: bool = True):
+def autocast_for(precision: str, device: torch.device):
     """bf16 autocast on CUDA (or when asked for), full fp32 otherwise; fp8 adds the FP8 GEMM context
-    (Transformer Engine's, when installed) on top of bf16 autocast. `weight_cache=False` for a step that
-    a CUDA graph captures: autocast's cache of cast weights does not outlive the capture."""
+    (Transformer Engine's, when installed) on top of bf16 autocast.
+
+    Autocast's cache of cast weights is off: with it, a weight used twice in one forward (the output
+    head, shared by the trunk and the MTP modules) has its two gradients summed in bf16 before the cast
+    back to fp32, without it in fp32; and a CUDA graph's capture cannot keep the cache. Off, a graphed
+    step and an eager one are the same arithmetic."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp8" and device.type != "cuda":
@@ -91,7 +95,7 @@ def autocast_for(precision: str, device: torch.device, weight_cache: bool = True
 
     @contextlib.contextmanager
     def bf16_and_maybe_fp8():
-        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=weight_cache), \
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False), \
                 fp8.autocast(precision == "fp8"):
             yield
 
@@ -130,7 +134,7 @@ class Trainer:
         self.device = topology.device()
         if t.cuda_graph and self.device.type != "cuda":
             raise ConfigError("train.cuda_graph=true needs a CUDA device: set it to false here")
-        self.autocast = autocast_for(t.precision, self.device, weight_cache=not t.cuda_graph)
+        self.autocast = autocast_for(t.precision, self.device)
         self.out_dir = Path(t.out_dir)
         self.is_writer = torch.distributed.get_rank() == 0
         self.build_model()

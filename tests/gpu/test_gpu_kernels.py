@@ -191,27 +191,61 @@ def test_fp8_grouped_mm_forward_and_grads(counts):
     assert rel_err(w.grad, ref_dw) < 1e-2  # Wgrad is bf16
 
 
+def bigram_batches(steps: int, seed: int, tokens: int = 512, successors: int = 2, batch: int = 4,
+                   length: int = 256 + 2) -> list[torch.Tensor]:
+    """A fresh batch each step from one fixed bigram chain over `tokens` of the 4096 ids (each id has
+    `successors` equally likely successors): a model learns it step by step (loss from ln 4096 towards
+    ln 2), and each step's loss is measured on tokens it has not trained on yet."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = torch.randperm(4096, generator=gen)[:tokens]
+    succ = torch.randint(0, tokens, (tokens, successors), generator=gen)
+    out = []
+    for _ in range(steps):
+        state = torch.empty(batch, length, dtype=torch.long)
+        state[:, 0] = torch.randint(0, tokens, (batch,), generator=gen)
+        for t in range(1, length):
+            state[:, t] = succ[state[:, t - 1], torch.randint(0, successors, (batch,), generator=gen)]
+        out.append(vocab[state].cuda())
+    return out
+
+
+def train_losses(model: torch.nn.Module, batches: list[torch.Tensor], lr: float) -> list[float]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=True)
+    losses = []
+    for ids in batches:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(ids[:, :256], ids[:, 1:])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.main_loss.item())
+    return losses
+
+
+FP8_STEPS, FP8_LR, FP8_LATE_LOSS_TOLERANCE = 40, 2e-3, 4e-2
+
+
 def test_training_steps_bf16_and_fp8_agree():
+    """FP8 training follows bf16's loss curve on a stream of fresh batches: both learn, and the mean
+    loss of steps 10-39 agrees within 4%. Calibrated on an H200 (session 5, notes/gpu/NOTES.md): over
+    seeds 0-3 FP8 landed within +0.01..+2.29% of bf16, and bf16 from initial weights perturbed by
+    2^-8 within -0.13..+1.72%; so 4% leaves room for rounding changes and still fails a run that
+    diverges or stops learning. It does not see a wrong FP8 weight gradient (freezing every FP8 layer
+    moved the curve by -1.0..+3.3% here: embedding and head learn this stream alone): the GEMM tests
+    above check those against float64. (Memorising one batch, the old design, was chaotic: its
+    endpoint moved 3-7% when only the initial weights' rounding changed.)"""
     ensure_initialized()
     torch.manual_seed(0)
     base = DeepSeekV3(small_config()).cuda().train()
-    ids = torch.randint(0, 4096, (4, 256 + 2), device="cuda")  # S + D + 1 tokens
-    final = {}
+    batches = bigram_batches(FP8_STEPS, seed=0)
+    curves = {}
     for precision in ("bf16", "fp8"):
         model = clone(base, lambda: DeepSeekV3(small_config())).cuda().train()
         if precision == "fp8":
             assert len(fp8.enable(model)) > 0
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-        losses = []
-        for _ in range(30):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(ids[:, :256], ids[:, 1:])
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(out.main_loss.item())
-        assert losses[-1] < 0.8 * losses[0], (precision, losses)
-        final[precision] = losses
-    first, last = final["bf16"][0], final["bf16"][-1]
-    assert abs(final["fp8"][0] - first) / first < 2e-2
-    assert abs(final["fp8"][-1] - last) / last < 5e-2
+        curves[precision] = train_losses(model, batches, FP8_LR)
+    late = {k: sum(v[10:]) / len(v[10:]) for k, v in curves.items()}
+    for precision, losses in curves.items():
+        assert late[precision] < 0.75 * losses[0], (precision, losses)  # it learns
+    assert abs(curves["fp8"][0] - curves["bf16"][0]) / curves["bf16"][0] < 2e-2
+    assert abs(late["fp8"] - late["bf16"]) / late["bf16"] < FP8_LATE_LOSS_TOLERANCE, curves

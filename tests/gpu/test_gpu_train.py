@@ -33,23 +33,67 @@ def test_training_step_never_waits_for_the_device(tmp_path):
     assert result.sums.averages()["loss"] > 0
 
 
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def test_graphed_backward_gradients_match_eager(tmp_path):
+    """Every call of the trainer's GraphedBackward (3 eager, then capture, then replays) against
+    backward_pass run eagerly on the same weights and micro-batches, with an optimizer step between
+    calls: a replay must read the current weights and the new batch, and hand back fresh gradients."""
+    ensure_initialized()
+    data = prepare_tiny_corpus(tmp_path / "data")
+    trainer = Trainer(tiny_config(tmp_path / "run", data, steps=8, cuda_graph=True))
+    params = list(trainer.model.parameters())
+    worst = 0.0
+    for call in range(7):
+        batches = torch.stack([next(trainer.data.train) for _ in range(trainer.cfg.train.grad_accum)])
+        for p in params:
+            p.grad = None
+        ref_sums, _ = trainer.backward_pass(batches.cuda(), 0.3)
+        ref_grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        sums, finite = trainer.graphed_backward(batches, 0.3)
+        assert finite.item()
+        ref_avg, avg = ref_sums.averages(), sums.averages()
+        for key, value in ref_avg.items():
+            assert avg[key] == pytest.approx(value, rel=1e-4), (call, key)
+        for (name, _), p, ref in zip(trainer.model.named_parameters(), params, ref_grads):
+            assert p.grad is not None, (call, name)
+            err = relative_error(p.grad, ref)
+            worst = max(worst, err)
+            assert err < 1e-2, (call, name, err)
+        trainer.optimizer_step(1e-3, 1e-3, finite)
+    assert trainer.graphed_backward.graph is not None
+    print(f"worst relative gradient error, graphed vs eager: {worst:.2e}")
+
+
 @pytest.mark.parametrize("compile_layers", [False, True])
 def test_cuda_graph_training_matches_eager(tmp_path, compile_layers):
     """train.cuda_graph against the same run launched kernel by kernel: 3 eager warm-up steps, then the
     captured graph replays steps 4-7 (with an evaluation and a checkpoint between replays). Same losses
-    at every step, same weights, same router biases at the end."""
+    at every step; each tensor's total update the same to within rounding that AdamW amplifies where a
+    gradient is tiny (elementwise closeness fails on those, so the update is compared as a whole)."""
     ensure_initialized()
     data = prepare_tiny_corpus(tmp_path / "data")
-    runs = {}
+    runs, initial = {}, {}
     for graph in (False, True):
         trainer = Trainer(tiny_config(tmp_path / f"run-{graph}", data, steps=7, log_interval=1, eval_interval=5,
                                       save_interval=5, cuda_graph=graph, compile=compile_layers))
+        initial[graph] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         trainer.run()
         runs[graph] = trainer
     assert runs[True].graphed_backward.graph is not None  # the later steps really were replays
     losses = {g: [r["loss"] for r in t.log.records() if r["kind"] == "train"] for g, t in runs.items()}
     assert len(losses[True]) == 7
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=2e-3, atol=0)
+    for name, value in initial[False].items():
+        assert torch.equal(initial[True][name], value), name  # both runs start from the same weights
+    start = initial[False]
     eager, graphed = (dict(t.model.state_dict()) for t in (runs[False], runs[True]))
-    for name, value in eager.items():
-        torch.testing.assert_close(graphed[name], value, rtol=2e-2, atol=2e-4, msg=name)
+    errors = {name: relative_error(graphed[name] - start[name], value - start[name])
+              for name, value in eager.items() if value.is_floating_point() and not torch.equal(value, start[name])}
+    assert errors
+    print("largest relative update differences:", sorted(errors.items(), key=lambda kv: -kv[1])[:4])
+    assert max(errors.values()) < 5e-2, errors
