@@ -136,8 +136,8 @@ class TrainConfig:
     max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops (checked at log and save steps)
     compile: bool = False
     # Replay each step's forward and backward as one CUDA graph (dsmtp.train.cuda_graph; one process on
-    # CUDA): the host launches one graph instead of thousands of kernels, so the GPU never waits for it.
-    # Not yet run on a GPU: its device test (tests/gpu/test_gpu_train.py) waits for the next device session.
+    # CUDA): the host launches one graph instead of thousands of kernels. small.yaml on an H200: -1.3%
+    # step time, same arithmetic as eager (tests/gpu/test_gpu_train.py).
     cuda_graph: bool = False
 
 
