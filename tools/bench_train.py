@@ -18,6 +18,7 @@ dense bf16 peak of 989 TFLOP/s (H100 and H200 SXM).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -145,6 +146,9 @@ def time_shares(prof) -> tuple[dict[str, float], float]:
 
 
 def run_one(cfg, args, mtp_depth: int) -> dict:
+    gc.collect()  # the previous run's model, optimizer and graph are gone: its memory must not count here
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     cfg.model.mtp_depth = mtp_depth
     torch.manual_seed(cfg.train.seed)
     model = DeepSeekV3(cfg.model).cuda()
@@ -218,8 +222,6 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
         top = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=90, max_name_column_width=200)
         with open(Path(args.results).with_suffix(".prof.txt"), "a") as f:
             f.write(f"==== {args.label} D={d} precision={args.precision} compile={args.compile}\n{top}\n")
-    del model, opt
-    torch.cuda.empty_cache()
     return row
 
 
