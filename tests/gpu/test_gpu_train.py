@@ -7,6 +7,7 @@ import torch
 
 from dsmtp.parallel.topology import ensure_initialized
 from dsmtp.train.trainer import Trainer
+from tests.distributed.launch import relative_error
 from tests.train_helpers import prepare_tiny_corpus, tiny_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -31,10 +32,6 @@ def test_training_step_never_waits_for_the_device(tmp_path):
     assert result.grad_norm.is_cuda and result.skipped.is_cuda
     assert not result.skipped.item() and torch.isfinite(result.grad_norm).item()
     assert result.sums.averages()["loss"] > 0
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def test_graphed_backward_gradients_match_eager(tmp_path):
@@ -73,8 +70,8 @@ def test_graphed_backward_gradients_match_eager(tmp_path):
 def test_cuda_graph_training_matches_eager(tmp_path, compile_layers):
     """train.cuda_graph against the same run launched kernel by kernel: 3 eager warm-up steps, then the
     captured graph replays steps 4-7 (with an evaluation and a checkpoint between replays). Same losses
-    at every step; each tensor's total update the same to within rounding that AdamW amplifies where a
-    gradient is tiny (elementwise closeness fails on those, so the update is compared as a whole)."""
+    at every step, and each tensor's total update (weights, router biases) the same to 1e-3 relative
+    (H200: 0 with eager layers, 2e-7 compiled; before autocast's weight cache was turned off, 0.26)."""
     ensure_initialized()
     data = prepare_tiny_corpus(tmp_path / "data")
     runs, initial = {}, {}
@@ -96,4 +93,4 @@ def test_cuda_graph_training_matches_eager(tmp_path, compile_layers):
               for name, value in eager.items() if value.is_floating_point() and not torch.equal(value, start[name])}
     assert errors
     print("largest relative update differences:", sorted(errors.items(), key=lambda kv: -kv[1])[:4])
-    assert max(errors.values()) < 5e-2, errors
+    assert max(errors.values()) < 1e-3, errors
