@@ -25,6 +25,7 @@ from dsmtp.serve.generate import main as generate_main
 from dsmtp.serve.loading import completion_text, encode_prompt, load
 from dsmtp.serve.sampling import BatchSampler, SamplingParams, draw
 from dsmtp.serve.server import CompletionServer
+from dsmtp.train.checkpoint import step_dir_name
 from tests.serve_models import random_model, tiny_config, train_checkpoint
 
 RAGGED_PROMPTS = [[3, 4, 5, 6, 7], [9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
@@ -37,7 +38,8 @@ def random_mtp_model(request):
 
 @pytest.fixture(scope="session")
 def trained_ckpt(tmp_path_factory):
-    return train_checkpoint(tmp_path_factory.mktemp("serve") / "step_00000300", steps=300)
+    steps = 300
+    return train_checkpoint(tmp_path_factory.mktemp("serve") / step_dir_name(steps), steps=steps)
 
 
 @pytest.fixture(scope="session")
