@@ -72,8 +72,10 @@ def main(argv: list[str]) -> int:
     device = torch.device(args.device)
     model, cfg, tokenizer = load(args.ckpt, device, getattr(torch, args.dtype) if args.dtype else None)
     prompts = [encode_prompt(tokenizer, p) for p in (args.prompt or DEFAULT_PROMPTS)]
-    ks = [0] + list(range(1, args.max_k + 1)) if cfg.model.mtp_depth else [0]
-    print(f"# {args.ckpt}: {cfg.model.num_layers} layers + {cfg.model.mtp_depth} MTP, hidden {cfg.model.hidden_size}, "
+    max_k = min(args.max_k, model.mtp.max_drafts or args.max_k) if cfg.model.mtp_depth else 0  # parallel heads: K <= D
+    ks = [0] + list(range(1, max_k + 1))
+    print(f"# {args.ckpt}: {cfg.model.num_layers} layers + {cfg.model.mtp_depth} {cfg.model.mtp_kind} MTP, "
+          f"hidden {cfg.model.hidden_size}, "
           f"dtype {next(model.parameters()).dtype}")
     print(f"# machine: {machine(device)}")
     print(f"# greedy, {args.max_new_tokens} new tokens per sequence, best of {args.repeats}; tok/fwd: tokens per "

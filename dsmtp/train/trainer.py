@@ -35,6 +35,7 @@ from tqdm import tqdm
 from dsmtp.config import Config, ConfigError, load_config
 from dsmtp.data.errors import DataError
 from dsmtp.model import DeepSeekV3, ModelOutput, fp8, update_expert_bias
+from dsmtp.model.mtp import depth_weights
 from dsmtp.parallel import topology
 from dsmtp.train import checkpoint, report, schedules
 from dsmtp.train.cuda_graph import GraphedBackward
@@ -102,9 +103,13 @@ def autocast_for(precision: str, device: torch.device):
     return bf16_and_maybe_fp8
 
 
-def prepare_model_for_speed(model: DeepSeekV3, t) -> None:
-    """train.precision=fp8 switches the eligible GEMMs to FP8; train.activation_recompute_every marks
-    layers for recomputation; train.compile compiles layer by layer."""
+def apply_train_settings(model: DeepSeekV3, t) -> None:
+    """The train section's settings that live on the model: the MTP depth weights (and, for parallel
+    heads, one-at-a-time backward); train.precision=fp8 switches the eligible GEMMs to FP8;
+    train.activation_recompute_every marks layers for recomputation; train.compile compiles layer by layer."""
+    model.mtp.depth_weights = depth_weights(t.mtp_depth_weights, model.cfg.mtp_depth)
+    if t.mtp_heads_one_at_a_time:
+        model.mtp.one_at_a_time = True
     if t.precision == "fp8":
         fp8.enable(model)
     model.set_activation_recompute(t.activation_recompute_every)
@@ -166,7 +171,7 @@ class Trainer:
         """self.model and self.optimizer (a distributed trainer builds this rank's part instead)."""
         torch.manual_seed(self.cfg.train.seed)
         self.model = DeepSeekV3(self.cfg.model).to(self.device).train()
-        prepare_model_for_speed(self.model, self.cfg.train)
+        apply_train_settings(self.model, self.cfg.train)
         self.optimizer = build_optimizer(self.model, self.cfg.train)
 
     def open_data(self) -> Data:
