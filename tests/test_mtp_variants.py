@@ -349,3 +349,32 @@ def test_trainer_applies_the_depth_settings(tmp_path):
     model = DeepSeekV3(cfg.model)
     apply_train_settings(model, cfg.train)
     assert model.mtp.depth_weights == [1, 0.5, 0.25] and model.mtp.one_at_a_time
+
+
+def test_train_command_logs_every_parallel_head(tmp_path):
+    """`dsmtp train` with three parallel heads trained one at a time: metrics.jsonl holds three depths'
+    losses and accuracies in every train and eval record."""
+    from dsmtp.cli import main as dsmtp
+    from tests.test_train_cli import write_config
+    from tests.train_helpers import prepare_tiny_corpus
+
+    config = write_config(tmp_path, prepare_tiny_corpus(tmp_path / "data"), steps=2, log_interval=1, eval_interval=2,
+                          save_interval=2)
+    sets = ["model.mtp_kind=parallel", "model.mtp_depth=3", "train.mtp_heads_one_at_a_time=true",
+            "train.mtp_depth_weights=linear"]
+    assert dsmtp(["train", "--config", config, *[a for s in sets for a in ("--set", s)]]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["eval", "train", "train", "eval"]
+    assert all(len(r["mtp_loss"]) == len(r["mtp_accuracy"]) == 3 and all(v > 0 for v in r["mtp_loss"])
+               for r in records)
+
+
+def test_flops_count_each_design_once():
+    """A parallel head is a sequential module without enorm, hnorm and eh_proj: 6 x (2h^2 + 2h) fewer
+    FLOPs per token and depth; both add one layer's attention per depth."""
+    from dsmtp.train.flops import flops_per_token
+
+    seq = load_config("configs/small.yaml", ["model.mtp_depth=3"]).model
+    par = load_config("configs/small.yaml", ["model.mtp_depth=3", "model.mtp_kind=parallel"]).model
+    h = seq.hidden_size
+    assert flops_per_token(seq, 4096) - flops_per_token(par, 4096) == 3 * 6 * (2 * h * h + 2 * h)
