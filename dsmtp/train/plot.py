@@ -37,6 +37,7 @@ def plot_runs(runs: dict[str, list[dict]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     depth = max((len(r["mtp_loss"]) for records in runs.values() for r in records), default=0)
     fig, axes = plt.subplots(2 if depth else 1, 2, figsize=(13, 9 if depth else 4.5), squeeze=False)
@@ -44,7 +45,7 @@ def plot_runs(runs: dict[str, list[dict]], path: Path) -> None:
         color = f"C{i}"
         for col, kind in enumerate(("train", "eval")):
             rs = [r for r in records if r["kind"] == kind]
-            tokens = [r["tokens"] / 1e6 for r in rs]
+            tokens = [r["tokens"] for r in rs]
             marker = "o" if kind == "eval" else None
             axes[0][col].plot(tokens, [r["loss"] for r in rs], color=color, marker=marker, label=label)
             for k in range(len(rs[0]["mtp_loss"]) if rs else 0):
@@ -52,7 +53,8 @@ def plot_runs(runs: dict[str, list[dict]], path: Path) -> None:
                                   linestyle=DEPTH_STYLES[k % len(DEPTH_STYLES)], label=f"{label} depth {k + 1}")
     for row, what in enumerate(("main (next token)", "MTP")[:len(axes)]):
         for col, split in enumerate(("train", "val")):
-            axes[row][col].set(xlabel="tokens (M)", ylabel="cross-entropy (nats/token)", title=f"{split} loss, {what}")
+            axes[row][col].set(xlabel="tokens", ylabel="cross-entropy (nats/token)", title=f"{split} loss, {what}")
+            axes[row][col].xaxis.set_major_formatter(EngFormatter())  # 500k, 2M, 1G: any run length
     save_figure(fig, path)
 
 
