@@ -3,6 +3,7 @@ tool's own reader; bad names and missing packages are refused before any work.""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 
@@ -33,6 +34,9 @@ def test_tensorboard_holds_every_scalar_of_metrics_jsonl_across_a_resume(tmp_pat
     step-3 checkpoint. metrics.jsonl drops its records of steps 4-5 and so must TensorBoard (purge_step):
     afterwards both hold each step once, with the resumed run's values."""
     cfg = tiny_config(tmp_path / "run", data_dir, trackers=["jsonl", "tensorboard"], **RUN)
+    handed = []
+    append = trackers.TensorBoardWriter.append
+    monkeypatch.setattr(trackers.TensorBoardWriter, "append", lambda w, record: handed.append(record) or append(w, record))
     first = Trainer(cfg)
     save = first.save
     monkeypatch.setattr(first, "save", lambda: save() if first.step == 3 else None)
@@ -40,12 +44,20 @@ def test_tensorboard_holds_every_scalar_of_metrics_jsonl_across_a_resume(tmp_pat
     assert_tensorboard_matches_jsonl(first.out_dir)
     assert [s for s, _ in jsonl_scalars(first.out_dir)["train/loss"]] == [1, 2, 3, 4, 5]
 
+    first_run = len(handed)
     resumed = Trainer(cfg)
     assert resumed.step == 3
     resumed.run()
     assert [s for s, _ in jsonl_scalars(resumed.out_dir)["train/loss"]] == [1, 2, 3, 4, 5, 6]
     assert_tensorboard_matches_jsonl(resumed.out_dir)
     assert len(list((resumed.out_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per run
+    # The tracker was handed the very records metrics.jsonl holds, as Python numbers (nothing left on the
+    # device for it to read).
+    kept = [r for r in handed[:first_run] if r["step"] <= 3] + handed[first_run:]
+    assert json.loads(json.dumps(kept)) == resumed.log.records()
+    numbers = [v for r in handed for key, value in r.items() if key != "kind"
+               for v in (value if isinstance(value, list) else [value])]
+    assert numbers and all(type(v) in (int, float) for v in numbers)
 
     # The run's config is attached: as hparams (the HParams dashboard) and as YAML text.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
