@@ -36,7 +36,8 @@ def test_tensorboard_holds_every_scalar_of_metrics_jsonl_across_a_resume(tmp_pat
     cfg = tiny_config(tmp_path / "run", data_dir, trackers=["jsonl", "tensorboard"], **RUN)
     handed = []
     append = trackers.TensorBoardWriter.append
-    monkeypatch.setattr(trackers.TensorBoardWriter, "append", lambda w, record: handed.append(record) or append(w, record))
+    monkeypatch.setattr(trackers.TensorBoardWriter, "append",
+                        lambda writer, record: handed.append(record) or append(writer, record))
     first = Trainer(cfg)
     save = first.save
     monkeypatch.setattr(first, "save", lambda: save() if first.step == 3 else None)
@@ -76,7 +77,8 @@ def test_tensorboard_holds_every_scalar_of_metrics_jsonl_across_a_resume(tmp_pat
 def test_wandb_offline_run_holds_every_scalar_of_metrics_jsonl(tmp_path, data_dir, monkeypatch):
     for name, value in dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_ERROR_REPORTING="false",
                             WANDB_CONFIG_DIR=tmp_path / "config", WANDB_CACHE_DIR=tmp_path / "cache",
-                            WANDB_DATA_DIR=tmp_path / "data").items():
+                            WANDB_DATA_DIR=tmp_path / "data",
+                            WANDB_BASE_URL="http://127.0.0.1:9").items():  # were it to try a server: none there
         monkeypatch.setenv(name, str(value))
     cfg = tiny_config(tmp_path / "run", data_dir, trackers=["wandb"], **RUN)
     trainer = Trainer(cfg)
