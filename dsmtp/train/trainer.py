@@ -331,9 +331,8 @@ class Trainer:
         first_record_step = self.step + 1 if self.step else 0  # records past a resumed checkpoint are new
         tracking = trackers.opened(self.cfg, self.out_dir, first_record_step) if self.is_writer \
             else contextlib.nullcontext([])
-        bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", disable=not self.is_writer,
-                   dynamic_ncols=True, mininterval=1.0)
-        with tracking as self.trackers, bar:
+        with tracking as self.trackers, tqdm(total=t.steps, initial=self.step, desc="train", unit="step",
+                                             disable=not self.is_writer, dynamic_ncols=True, mininterval=1.0) as bar:
             if self.step == 0:
                 self.log_eval()
             meter = IntervalMeter(self.cfg.model.mtp_depth, self.device)
