@@ -19,6 +19,7 @@ import yaml
 MTP_KINDS = ("sequential", "parallel")
 MTP_DEPTH_WEIGHT_SCHEMES = ("uniform", "linear", "exponential")
 MAX_EXPERTS = 2**15 - 1  # routed expert ids are sorted as int16 (dsmtp.model.moe.sort_pairs_by_expert)
+TRACKERS = ("jsonl", "tensorboard", "wandb")  # train.trackers' names (writers: dsmtp.train.trackers)
 
 
 class ConfigError(ValueError):
@@ -150,6 +151,9 @@ class TrainConfig:
     # CUDA): the host launches one graph instead of thousands of kernels. small.yaml on an H200: -1.3%
     # step time, same arithmetic as eager (tests/gpu/test_gpu_train.py).
     cuda_graph: bool = False
+    # Where the training and eval records go: metrics.jsonl always; "tensorboard" and "wandb" add writers
+    # of the same records (dsmtp.train.trackers; pip install 'dsmtp[tracking]').
+    trackers: list[str] = field(default_factory=lambda: ["jsonl"])
 
 
 @dataclass
@@ -442,6 +446,10 @@ def validate(cfg: Config) -> None:
     _require(not t.cuda_graph or p.tp == p.pp == p.ep == 1,
              f"train.cuda_graph=true replays the single-process step, not a tp={p.tp} pp={p.pp} ep={p.ep} layout: "
              "set train.cuda_graph=false or parallel.tp, pp and ep to 1")
+    for i, name in enumerate(t.trackers):
+        _require(name in TRACKERS, f"train.trackers[{i}]={name!r} is not a tracker: choose from "
+                                   f"{', '.join(TRACKERS)} (jsonl is always written)")
+        _require(name not in t.trackers[:i], f"train.trackers lists {name!r} twice: list each tracker once")
     validate_schedule("mtp_weight_schedule", t.mtp_weight_schedule)
     validate_mtp_training(m, t)
     validate_schedule("bias_update_schedule", t.bias_update_schedule)

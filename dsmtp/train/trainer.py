@@ -37,7 +37,7 @@ from dsmtp.data.errors import DataError
 from dsmtp.model import DeepSeekV3, ModelOutput, fp8, update_expert_bias
 from dsmtp.model.mtp import depth_weights
 from dsmtp.parallel import topology
-from dsmtp.train import checkpoint, report, schedules
+from dsmtp.train import checkpoint, report, schedules, trackers
 from dsmtp.train.cuda_graph import GraphedBackward
 from dsmtp.train.flops import mfu
 from dsmtp.train.metrics import IntervalMeter, LossSums, MetricsLog, expert_load_imbalance
@@ -136,6 +136,7 @@ class Trainer:
         fails when there is none."""
         topology.ensure_initialized()
         self.cfg, t = cfg, cfg.train
+        trackers.require_packages(t.trackers)
         self.device = topology.device()
         if t.cuda_graph and self.device.type != "cuda":
             raise ConfigError("train.cuda_graph=true needs a CUDA device: set it to false here")
@@ -147,6 +148,7 @@ class Trainer:
             if t.cuda_graph else None
         self.data = data if data is not None else self.open_data()
         self.log = MetricsLog(self.out_dir / "metrics.jsonl")
+        self.trackers: list = []  # train.trackers' writers beside self.log while run() runs (logging rank)
         self.step = 0
         self.tokens = 0
         self.consecutive_skips = 0
@@ -291,8 +293,10 @@ class Trainer:
     # Orchestration
 
     def write(self, record: dict, line: str) -> None:
+        """The one path of every record: metrics.jsonl and each tracker get the same dict."""
         if self.is_writer:
-            self.log.append(record)
+            for writer in (self.log, *self.trackers):
+                writer.append(record)
             tqdm.write(line)
 
     def log_interval(self, meter: IntervalMeter) -> dict:
@@ -329,12 +333,14 @@ class Trainer:
         """Train to train.steps (or stop after step `stop_after`, saving a checkpoint there)."""
         t = self.cfg.train
         end = t.steps if stop_after is None else min(stop_after, t.steps)
-        if self.step == 0:
-            self.log_eval()
-        meter = IntervalMeter(self.cfg.model.mtp_depth, self.device)
-        bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", disable=not self.is_writer,
-                   dynamic_ncols=True, mininterval=1.0)
-        with bar:
+        first_record_step = self.step + 1 if self.step else 0  # records past a resumed checkpoint are new
+        tracking = trackers.opened(self.cfg, self.out_dir, first_record_step) if self.is_writer \
+            else contextlib.nullcontext([])
+        with tracking as self.trackers, tqdm(total=t.steps, initial=self.step, desc="train", unit="step",
+                                             disable=not self.is_writer, dynamic_ncols=True, mininterval=1.0) as bar:
+            if self.step == 0:
+                self.log_eval()
+            meter = IntervalMeter(self.cfg.model.mtp_depth, self.device)
             while self.step < end:
                 result = self.train_step()
                 meter.add_step(result.sums, result.tokens, result.grad_norm, result.imbalance, result.skipped)
@@ -348,6 +354,9 @@ class Trainer:
                 if log_due or stopping:
                     rec = self.log_interval(meter)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_second']:,.0f}")
+                    # The next interval's clock starts where this one stopped: writing the record (trackers
+                    # included) counts as training time, so its cost shows in tokens/s.
+                    meter = IntervalMeter(self.cfg.model.mtp_depth, self.device, started=meter.stopped)
                 if stopping:
                     good = checkpoint.latest_checkpoint(self.out_dir)
                     raise TrainingStopped(
@@ -364,8 +373,6 @@ class Trainer:
                             self.log_eval()
                         if save_now:
                             self.save()
-                if log_due:
-                    meter = IntervalMeter(self.cfg.model.mtp_depth, self.device)
         if self.step >= t.steps and self.saved_step != self.step and self.consecutive_skips == 0:
             self.save()  # e.g. a resumed run that was already complete but whose last save was lost
 
