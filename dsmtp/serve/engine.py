@@ -112,7 +112,7 @@ class Batch:
         for row, r in enumerate(requests):
             self.seq[row, :len(r.prompt)] = torch.tensor(r.prompt)
         self.n = torch.zeros(b, dtype=torch.long, device=engine.device)  # set by the prefill
-        self.cache = ModelCache(model.cfg, b, capacity, engine.dtype, engine.device)
+        self.cache = ModelCache.empty(model.cfg, b, capacity, engine.dtype, engine.device)
         # Hidden states by position: the trunk's, and those of the MTP depths that draft (inputs of the
         # next depth and the drafts' logits); only the trunk's without speculation.
         depths = min(len(model.mtp), engine.k)
@@ -327,4 +327,4 @@ class Engine:
             if not result.finish_reason:
                 keep.append(row)
         if len(keep) < batch.size:
-            batch.keep(torch.tensor(keep, dtype=torch.long, device=batch.n.device))
+            batch.keep(torch.tensor(keep, dtype=torch.long, device=self.device))
