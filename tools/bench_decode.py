@@ -3,6 +3,7 @@
     python tools/bench_decode.py --ckpt runs/tiny [--device cuda] [--max-new-tokens 128] [--engine static|dynamic]
     python tools/bench_decode.py --config configs/small.yaml --device cuda    # random weights: speed only
     python tools/bench_decode.py --ckpt RUN --hf HF_EXPORT                   # and transformers' generate
+    python tools/bench_decode.py --table FILE [FILE ...]                     # the rows --results files hold
 
 On CUDA the static engine (dsmtp.serve.static: a preallocated cache, each step one CUDA graph) is the
 default; `--engine dynamic` measures the dynamic engine. `--hf` times HF transformers' `generate` on an
@@ -111,8 +112,26 @@ def hf_rates(hf_dir: str, prompts: list[list[int]], batch_sizes: list[int], new_
     return rates
 
 
+def print_table(rows: list[dict]) -> None:
+    """One line per measurement, grouped by label (a run); speedups against the run's plain decoding."""
+    print(f"{'run':<32}{'engine':<22}{'batch':>5}{'mode':>7}{'tokens/s':>10}{'speedup':>9}{'tok/fwd':>8}{'same':>5}"
+          "  acceptance per draft position")
+    for r in rows:
+        mode = "HF" if r["engine"] == "hf-transformers" else (f"K={r['k']}" if r["k"] else "plain")
+        dtype = "bf16" if r["engine"] == "hf-transformers" or r["model"].endswith("bfloat16") else "fp32"
+        engine = f"{r['engine']}{' compiled' if r.get('compile') else ''} {dtype}"
+        extra = "" if "speedup" not in r else (f"{r['speedup']:>8.2f}x{r['tokens_per_forward']:>8.3f}"
+                                               f"{'yes' if r['same'] else 'NO':>5}  " + " ".join(
+                                                   f"{a:.3f}" for a in r["acceptance"]))
+        print(f"{r['label'][:31]:<32}{engine:<22}{r['batch']:>5}{mode:>7}{r['tokens_per_s']:>10.1f}{extra}")
+    print("machines: " + "; ".join(sorted({r["machine"] for r in rows})))
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    if argv[:1] == ["--table"]:
+        print_table([json.loads(line) for f in argv[1:] for line in Path(f).read_text().splitlines() if line.strip()])
+        return 0
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="checkpoint (step dir, run out_dir or HF export)")
     source.add_argument("--config", help="a config to build with random weights (decoding speed only)")
@@ -127,6 +146,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-k", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt", action="append", help="repeatable; default: a few code openings")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model's layers first")
     parser.add_argument("--hf", help="an HF export of the same model: also time transformers' generate")
     parser.add_argument("--label", default="")
     parser.add_argument("--results", help="append one JSON row per measurement to this file")
@@ -135,6 +155,11 @@ def main(argv: list[str]) -> int:
     device = torch.device(args.device)
     engine_kind = args.engine or ("static" if device.type == "cuda" else "dynamic")
     model, cfg, prompts = load_model(args, device)
+    if args.compile:
+        # Each batch bucket, draft count and prefill width is a shape of its own: past the default limit
+        # of 8 compiled variants a layer would fall back to eager kernels.
+        torch._dynamo.config.cache_size_limit = 64
+        model.compile_layers()
     max_k = min(args.max_k, model.mtp.max_drafts or args.max_k) if cfg.model.mtp_depth else 0  # parallel heads: K <= D
     ks = [0] + list(range(1, max_k + 1))
     described = (f"{args.ckpt or args.config}: {cfg.model.num_layers} layers + {cfg.model.mtp_depth} "
@@ -161,6 +186,7 @@ def main(argv: list[str]) -> int:
         rates, stats, tokens = best_rates(engines, requests, args.repeats, device)
         for k in ks:
             row = dict(label=args.label, model=described, machine=machine(device), engine=engine_kind,
+                       compile=args.compile,
                        batch=batch_size, k=k, tokens_per_s=rates[k], speedup=rates[k] / rates[0],
                        tokens_per_forward=stats[k].tokens_per_forward, same=tokens[k] == tokens[0],
                        acceptance=stats[k].acceptance, new_tokens=args.max_new_tokens)

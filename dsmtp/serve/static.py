@@ -70,7 +70,8 @@ class StaticEngine(Engine):
     def __init__(self, model: DeepSeekV3, speculative_k: int = 0, max_batch: int = 8,
                  max_length: Optional[int] = None, cuda_graphs: Optional[bool] = None):
         """`max_batch` slots of `max_length` positions (default: the model's context); CUDA graphs on CUDA
-        unless `cuda_graphs` is False."""
+        unless `cuda_graphs` is False. A model whose layers are compiled (DeepSeekV3.compile_layers)
+        fuses its elementwise work into fewer kernels per graph."""
         super().__init__(model, speculative_k)
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
@@ -98,6 +99,7 @@ class StaticEngine(Engine):
         self.out = torch.zeros(max_batch, k + 2, dtype=torch.long, device=device)  # accepted, then new tokens
         self.generators: dict[int, torch.Generator] = {}  # per busy slot: its request's random stream
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.views = {b: self.cache.rows(b) for b in self.buckets}  # fixed per bucket: what graphs capture
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     # -- slots and requests
@@ -231,7 +233,7 @@ class StaticEngine(Engine):
         """One step of rows [0, b), all on the device and of fixed shape (what a CUDA graph captures)."""
         model, k, last = self.model, self.k, self.capacity - 1
         n, seq, u = self.n[:b], self.seq[:b], self.uniforms[:b]
-        cache = self.cache.rows(b)
+        cache = self.views[b]
         if k:
             drafts, q = self._draft(b, cache, sampled)
         positions = (n[:, None] + torch.arange(k + 1, device=n.device)).clamp(max=last)
