@@ -17,6 +17,7 @@ import yaml
 
 
 MAX_EXPERTS = 2**15 - 1  # routed expert ids are sorted as int16 (dsmtp.model.moe.sort_pairs_by_expert)
+MAX_SIZE = 2**31 - 1  # any model size: a tensor dimension the kernels index with int32
 
 
 class ConfigError(ValueError):
@@ -139,6 +140,9 @@ class TrainConfig:
     # CUDA): the host launches one graph instead of thousands of kernels. small.yaml on an H200: -1.3%
     # step time, same arithmetic as eager (tests/gpu/test_gpu_train.py).
     cuda_graph: bool = False
+    # Training refuses a run whose estimated memory (dsmtp.model.params.training_memory) exceeds what the
+    # device has free; an expert who knows better (offload, a shared node about to free memory) skips it.
+    skip_memory_check: bool = False
 
 
 @dataclass
@@ -241,7 +245,11 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. model.mtp_depth=2")
         key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({_yaml_problem(e)})") from None
+        _set_path(data, key.strip(), value)
     return data
 
 
@@ -266,7 +274,18 @@ def _upgrade(data: dict) -> dict:
     return data
 
 
+def _yaml_problem(error: yaml.YAMLError, where: bool = False) -> str:
+    """What PyYAML found wrong, on one line; with `where`, the line and column first."""
+    mark = getattr(error, "problem_mark", None)
+    text = getattr(error, "problem", None) or str(error)
+    if where and mark is not None:
+        text = f"line {mark.line + 1}, column {mark.column + 1}: {text}"
+    return " ".join(text.split())
+
+
 def config_from_dict(data: dict) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config is a mapping of sections (model, parallel, data, train, serve), got {data!r}")
     cfg = _from_dict(Config, _upgrade(data), "")
     validate(cfg)
     return cfg
@@ -278,7 +297,10 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML ({_yaml_problem(e, where=True)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, parallel, data, train, serve)")
     data = _merge(data, parse_overrides(overrides or []))
@@ -298,7 +320,10 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _divisors(n: int) -> list[int]:
+def _divisors(n: int) -> list[int] | str:
+    """The divisors of n to suggest in a message (n's own name when there are too many to list)."""
+    if n > 10**6:
+        return f"the divisors of {n}"
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -307,6 +332,12 @@ def validate_model(m: ModelConfig) -> None:
                  "moe_intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim",
                  "max_position_embeddings"):
         _require(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive")
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "moe_intermediate_size",
+                 "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group", "q_lora_rank",
+                 "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+                 "mtp_depth"):
+        value = getattr(m, name)
+        _require(value is None or value <= MAX_SIZE, f"model.{name}={value} must be at most {MAX_SIZE}")
     _require(m.qk_rope_head_dim > 0 and m.qk_rope_head_dim % 2 == 0,
              f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be a positive even number (RoPE rotates pairs)")
     _require(m.mtp_depth >= 0, f"model.mtp_depth={m.mtp_depth} must be >= 0 (0 disables MTP)")
@@ -388,6 +419,7 @@ def validate(cfg: Config) -> None:
         _require(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)} must be >= 1")
     _require(t.seq_len <= m.max_position_embeddings,
              f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    _require(0 <= t.seed < 2**63, f"train.seed={t.seed} must be in [0, 2^63)")
     _require(0 <= t.warmup_steps <= t.steps, f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}]")
     _require(t.lr > 0 and 0 <= t.min_lr <= t.lr, f"train.lr={t.lr} and train.min_lr={t.min_lr} need 0 <= min_lr <= lr, lr > 0")
     _require(t.lr_schedule in ("cosine", "constant_decay"),
@@ -415,6 +447,7 @@ def validate(cfg: Config) -> None:
     _require(1 <= s.port <= 65535, f"serve.port={s.port} must be in [1, 65535]")
     _require(s.max_batch_size >= 1 and s.max_new_tokens >= 1,
              "serve.max_batch_size and serve.max_new_tokens must be >= 1")
+    _require(s.max_body_bytes >= 1, f"serve.max_body_bytes={s.max_body_bytes} must be >= 1")
 
 
 def piecewise(schedule: list[list[float]], tokens: float) -> float:
