@@ -146,14 +146,11 @@ def test_resume_drops_a_torn_last_metrics_line_with_a_warning(tmp_path, data_dir
 
 
 def test_a_damaged_metrics_line_before_the_end_is_named(tmp_path, data_dir, capsys):
-    config = write_config(tmp_path, data_dir, steps=2, log_interval=1, eval_interval=2, save_interval=2)
-    assert dsmtp(["train", "--config", config]) == 0
     metrics = tmp_path / "run" / "metrics.jsonl"
-    lines = metrics.read_text().splitlines()
-    metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
-    capsys.readouterr()
-    code = dsmtp(["train", "--config", config, "--set", "train.steps=3"])
-    one_clear_line(code, capsys.readouterr().err, f"{metrics}:2")
+    metrics.parent.mkdir()
+    metrics.write_text('{"kind": "eval", "step": 0}\ngarbage\n{"kind": "train", "step": 1}\n')
+    code = dsmtp(["train", "--config", write_config(tmp_path, data_dir)])
+    one_clear_line(code, capsys.readouterr().err, f"{metrics}:2", "delete or repair")
 
 
 # ----------------------------------------------------------------------------------------------
