@@ -177,7 +177,7 @@ MALFORMED_CONFIG_JSON = [
     ("missing hidden_size", _without("hidden_size"), "hidden_size"),
     ("a float layer count", {**_hf_config(), "num_hidden_layers": 2.5}, "num_hidden_layers"),
     ("a boolean layer count", {**_hf_config(), "num_hidden_layers": True}, "num_hidden_layers"),
-    ("no heads", {**_hf_config(), "num_attention_heads": 0}, "num_heads"),
+    ("no heads", {**_hf_config(), "num_attention_heads": 0, "num_key_value_heads": 0}, "model.num_heads=0"),
     ("rope_scaling a string", {**_hf_config(), "rope_scaling": "yarn"}, "rope_scaling"),
     ("yarn without its original length", {**_hf_config(), "rope_scaling": {"type": "yarn", "factor": 4.0}},
      "rope_scaling.original_max_position_embeddings"),

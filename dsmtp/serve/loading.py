@@ -26,9 +26,21 @@ class CheckpointError(ValueError):
     """The checkpoint cannot be loaded; the message names the file and the fix."""
 
 
+def utf8_text(text: str, what: str) -> str:
+    """`text`, or a ValueError naming `what` when it holds a lone surrogate, which the tokenizer cannot
+    encode: Python's stand-in for command-line bytes that are not UTF-8, or an unpaired JSON \\ud800 escape."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid UTF-8 text: character {e.start} is the lone surrogate "
+                         f"{text[e.start]!r} (bytes that are not UTF-8, or an unpaired \\ud800-\\udfff escape); "
+                         "pass UTF-8 text") from None
+    return text
+
+
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     """The corpus separates documents with <eos>, so a prompt starts a document after one."""
-    return [tokenizer.eos_id] + tokenizer.encode(text)
+    return [tokenizer.eos_id] + tokenizer.encode(utf8_text(text, "prompt"))
 
 
 def completion_text(tokenizer: Tokenizer, prompt: list[int], completion: list[int]) -> str:

@@ -97,7 +97,10 @@ def parse_completion(raw: bytes, tokenizer: Tokenizer, engine: Engine, limits: S
     except ValueError as e:  # SamplingParams' messages start with "<field>="
         param = str(e).split("=")[0]
         raise RequestError(400, f"'{param}' is out of range: {e}", param) from None
-    ids = encode_prompt(tokenizer, prompt)
+    try:
+        ids = encode_prompt(tokenizer, prompt)
+    except ValueError as e:  # text the tokenizer cannot encode
+        raise RequestError(400, str(e), "prompt") from None
     if len(ids) >= engine.context:
         raise RequestError(400, f"'prompt' is {len(ids)} tokens, the model's context is {engine.context}", "prompt")
     if len(ids) + max_tokens > engine.context:
