@@ -197,8 +197,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= 1e308:
+            raise ConfigError(f"{path}: expected a finite number, got {str(value)[:40]}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -299,6 +299,8 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
             raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
         try:
             data = yaml.safe_load(path.read_text()) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML ({_yaml_problem(e, where=True)})") from None
         if not isinstance(data, dict):

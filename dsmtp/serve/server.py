@@ -58,6 +58,8 @@ def _field(body: dict, name: str, kinds: tuple, default: Any, what: str) -> Any:
     # bool is an int in Python; a JSON true is not a number here.
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise RequestError(400, f"'{name}' must be {what}, got {json.dumps(value)}", name)
+    if float in kinds and not -1e308 <= value <= 1e308:  # NaN, infinities, integers beyond float range
+        raise RequestError(400, f"'{name}' must be {what}, got {str(value)[:40]}", name)
     return value
 
 
