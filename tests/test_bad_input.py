@@ -244,6 +244,8 @@ def test_every_command_refuses_bad_input_in_one_line(tmp_path, capsys):
         (["export-hf", str(tmp_path / "nowhere"), str(tmp_path / "hf")], "nowhere"),
         (["import-hf", str(tmp_path / "nowhere"), str(tmp_path / "ckpt")], "nowhere"),
         (["prepare", "--config", str(bad_yaml)], str(bad_yaml)),
+        (["generate", "--ckpt", str(tmp_path), "--prompt", "x", "--device", "cuda:99"], "--device cuda:99"),
+        (["serve", "--ckpt", str(tmp_path), "--device", "gpu"], "--device gpu"),
     ]
     for argv, needle in cases:
         one_clear_line(dsmtp(argv), capsys.readouterr().err, needle)

@@ -68,13 +68,25 @@ def _load_dsmtp(path: Path, overrides: list[str]) -> tuple[DeepSeekV3, Config, T
     return model.eval(), cfg, Tokenizer.load(ckpt / TOKENIZER_FILE, expected_vocab_size=cfg.model.vocab_size)
 
 
+def inference_device(name: str | torch.device) -> torch.device:
+    """`--device` as a torch.device this machine has, or a ValueError saying what it has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name} is not a device name: use cpu or cuda[:N]") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s): "
+                         "use --device cpu or an index below that")
+    return device
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          overrides: list[str] | None = None) -> tuple[DeepSeekV3, Config, Tokenizer]:
     """(model in eval mode on `device`, its Config with `overrides` applied, tokenizer).
 
     Raises CheckpointError (or the converters' and tokenizer's own ValueError / OSError) naming the
     file at fault."""
-    path = Path(path)
+    path, device = Path(path), inference_device(device)
     if not path.exists():
         raise CheckpointError(f"--ckpt {path} does not exist")
     if (path / "config.json").is_file():
