@@ -285,7 +285,8 @@ def _yaml_problem(error: yaml.YAMLError, where: bool = False) -> str:
 
 def config_from_dict(data: dict) -> Config:
     if not isinstance(data, dict):
-        raise ConfigError(f"a config is a mapping of sections (model, parallel, data, train, serve), got {data!r}")
+        raise ConfigError(f"a config is a mapping of sections (model, parallel, data, train, serve), "
+                          f"got {repr(data)[:80]}")
     cfg = _from_dict(Config, _upgrade(data), "")
     validate(cfg)
     return cfg
@@ -334,12 +335,9 @@ def validate_model(m: ModelConfig) -> None:
                  "moe_intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim",
                  "max_position_embeddings"):
         _require(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive")
-    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "moe_intermediate_size",
-                 "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group", "q_lora_rank",
-                 "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
-                 "mtp_depth"):
-        value = getattr(m, name)
-        _require(value is None or value <= MAX_SIZE, f"model.{name}={value} must be at most {MAX_SIZE}")
+    for f in dataclasses.fields(m):  # every integer of the model is a size or a count
+        value = getattr(m, f.name)
+        _require(not isinstance(value, int) or value <= MAX_SIZE, f"model.{f.name}={value} must be at most {MAX_SIZE}")
     _require(m.qk_rope_head_dim > 0 and m.qk_rope_head_dim % 2 == 0,
              f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be a positive even number (RoPE rotates pairs)")
     _require(m.mtp_depth >= 0, f"model.mtp_depth={m.mtp_depth} must be >= 0 (0 disables MTP)")

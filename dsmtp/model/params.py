@@ -150,7 +150,8 @@ def training_memory(cfg: Config, world_size: int = 1, device_type: str = "cpu") 
     train.compile, whose fused kernels keep fewer intermediates (notes/memory.md has the measurements).
     """
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    model_parallel = p.tp * p.pp
+    tp, pp, ep = (p.tp, p.pp, p.ep) if world_size > 1 else (1, 1, 1)  # one process holds everything
+    model_parallel = tp * pp
     dp = max(world_size // model_parallel, 1)
     experts = routed_expert_parameters(m)
     dense = count_parameters(m).total - experts
@@ -158,7 +159,7 @@ def training_memory(cfg: Config, world_size: int = 1, device_type: str = "cpu") 
     def per_rank(bytes_per_parameter: int, zero_stage_that_shards: int) -> int:
         zero = world_size > 1 and p.zero_stage >= zero_stage_that_shards
         dense_shards = model_parallel * (dp if zero else 1)
-        expert_shards = model_parallel * p.ep * (dp // p.ep if zero else 1)
+        expert_shards = model_parallel * ep * (dp // ep if zero else 1)
         return bytes_per_parameter * (-(-dense // dense_shards) + -(-experts // expert_shards))
 
     precision = t.precision if t.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")

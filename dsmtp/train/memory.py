@@ -9,11 +9,13 @@ is for the expert who knows better (memory another process is about to free, off
 
 from __future__ import annotations
 
+import dataclasses
+
 import psutil
 import torch
 
 from dsmtp.config import Config, ConfigError
-from dsmtp.model.params import GiB, TrainingMemory, count_parameters, training_memory
+from dsmtp.model.params import GiB, TrainingMemory, count_parameters, routed_expert_parameters, training_memory
 
 FIX = ("make the model smaller, lower train.micro_batch_size or train.seq_len, set train.activation_recompute_every, "
        "or spread the run over more devices (parallel.tp, pp, ep, zero_stage); train.skip_memory_check=true skips "
@@ -33,7 +35,7 @@ def largest_part(cfg: Config, need: TrainingMemory) -> str:
     activations), with the config fields that size it."""
     m, t = cfg.model, cfg.train
     c = count_parameters(m)
-    trunk_experts = m.num_moe_layers * m.n_routed_experts * 3 * m.hidden_size * m.moe_intermediate_size
+    trunk_experts = routed_expert_parameters(dataclasses.replace(m, mtp_depth=0))
     embedding = c.embedding + c.output_head
     per_parameter = (need.parameters + need.gradients + need.optimizer) / c.total
     act = need.activations_by_part
