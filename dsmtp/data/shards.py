@@ -110,10 +110,11 @@ def load_manifest(data_dir: Union[str, Path]) -> dict:
         raise DataError(f"{path} has schema {schema}, this dsmtp reads {list(READABLE_SCHEMAS)}: {REBUILD}")
     try:
         itemsize = np.dtype(manifest["dtype"]).itemsize
+        int(manifest["tokenizer"]["vocab_size"])
         shards = [(data_dir / s["tokens"], s["num_tokens"])
                   for split in SPLITS for s in manifest["splits"][split]["shards"]]
     except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{path} is malformed (no {e}): {REBUILD}") from None
+        raise DataError(f"{path} is malformed ({type(e).__name__}: {e}): {REBUILD}") from None
     for tokens, num_tokens in shards:
         expected = num_tokens * itemsize
         actual = tokens.stat().st_size if tokens.is_file() else None
@@ -128,11 +129,16 @@ def verify_split(data_dir: Union[str, Path], manifest: dict, split: str, every_b
     data_dir, rng = Path(data_dir), np.random.default_rng()
     dtype, vocab_size = np.dtype(manifest["dtype"]), manifest["tokenizer"]["vocab_size"]
     for shard in manifest["splits"][split]["shards"]:
+        if not shard["num_tokens"]:
+            continue
         path = data_dir / shard["tokens"]
         tokens = np.memmap(path, dtype=dtype, mode="r")
         checksums = shard.get("checksums")
         block = checksums["block_tokens"] if checksums else BLOCK_TOKENS
         count = -(-len(tokens) // block)
+        if checksums and len(checksums["blocks"]) != count:
+            raise DataError(f"the manifest lists {len(checksums['blocks'])} checksums for the {count} blocks of "
+                            f"{path}: {REBUILD}")
         for b in range(count) if every_block else [int(rng.integers(count))]:
             start = b * block
             part = tokens[start:start + block]
