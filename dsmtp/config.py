@@ -214,10 +214,16 @@ def _parse_number(text: str) -> float | str:
         return text  # not a number: the type check below names the field
 
 
+def _shown(text: Any) -> str:
+    """A user's key or value inside a one-line message: as typed when printable, escaped otherwise."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)
+
+
 def _from_dict(cls: type, data: dict, path: str) -> Any:
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(_shown(key) for key in set(data) - names)
     if unknown:
         prefix = f"{path}." if path else ""
         raise ConfigError(
@@ -234,7 +240,7 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {key} is not a section")
+            raise ConfigError(f"--set {_shown(dotted)}: {_shown(key)} is not a section")
     node[keys[-1]] = value
 
 
@@ -248,7 +254,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item}: the value is not valid YAML ({_yaml_problem(e)})") from None
+            raise ConfigError(f"--set {_shown(item)}: the value is not valid YAML ({_yaml_problem(e)})") from None
         _set_path(data, key.strip(), value)
     return data
 

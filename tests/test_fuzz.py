@@ -17,7 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dsmtp.config import Config, ConfigError, ServeConfig, config_from_dict, load_config
@@ -57,6 +57,8 @@ def assert_clear(error: Exception, names: list[str]) -> None:
 
 
 @given(st.lists(st.tuples(st.sampled_from(CONFIG_FIELDS), VALUES), min_size=1, max_size=4))
+@example([(("model", "routed_scaling_factor"), 10**400)])  # found by the fuzzer: OverflowError
+@example([(("model", "num_heads"), 2**31 - 1), (("parallel", "tp"), 7)])  # a divisor hint over 2^31 candidates
 def test_config_values_give_a_clear_error_or_a_config(pairs):
     data: dict = {}
     for (section, name), value in pairs:
@@ -71,6 +73,7 @@ def test_config_values_give_a_clear_error_or_a_config(pairs):
 
 
 @given(st.sampled_from(CONFIG_FIELDS), st.text(max_size=20), st.text(max_size=30))
+@example(("model", "vocab_size"), "", "\n\t")  # found by the fuzzer: a message over two lines
 def test_set_overrides_give_a_clear_error_or_a_config(field, suffix, raw):
     section, name = field
     for item in (f"{section}.{name}={raw}", f"{section}.{name}{suffix}", raw):
@@ -82,6 +85,9 @@ def test_set_overrides_give_a_clear_error_or_a_config(field, suffix, raw):
 
 @given(st.binary(max_size=60) | st.text(max_size=80).map(str.encode)
        | st.dictionaries(st.sampled_from(SECTIONS), VALUES, max_size=3).map(lambda d: json.dumps(d).encode()))
+@example(b"\x80")  # found by the fuzzer: UnicodeDecodeError
+@example(b'{"model": {"\\n": null}}')  # found by the fuzzer: a message over two lines
+@example(b"{1: 2, a: 3}")  # keys that do not sort together
 def test_config_files_give_a_clear_error_or_a_config(content):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
@@ -146,6 +152,8 @@ BODIES = (st.binary(max_size=80)
 
 
 @given(body=BODIES)
+@example(b'{"prompt": "x", "temperature": 1' + b"0" * 400 + b"}")  # found by the fuzzer: OverflowError
+@example(b'{"prompt": "\\ud800x", "max_tokens": 2}')  # a lone surrogate the tokenizer cannot encode
 def test_request_bodies_give_a_400_or_a_completion(serving, body):
     tokenizer, engine, limits = serving
     try:
