@@ -1,8 +1,14 @@
-"""`dsmtp <command> ...`: one entry point; each command lives in its own module with `main(argv)`."""
+"""`dsmtp <command> ...`: one entry point; each command lives in its own module with `main(argv)`.
+
+Bad input ends here as one line and exit status 2: dsmtp reports it by raising a ValueError (ConfigError,
+DataError, the converters' and loaders' errors) or an OSError (a missing or unwritable file) whose message
+names the field or file and the fix. DSMTP_TRACEBACK=1 shows the traceback instead, for debugging.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -25,7 +31,13 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: dsmtp <command> [args]\n\ncommands:\n" + "\n".join(lines))
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:]) or 0
+    try:
+        return module.main(argv[1:]) or 0
+    except (ValueError, OSError) as e:
+        if os.environ.get("DSMTP_TRACEBACK"):
+            raise
+        print(f"dsmtp {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

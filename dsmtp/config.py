@@ -20,6 +20,7 @@ MTP_KINDS = ("sequential", "parallel")
 MTP_DEPTH_WEIGHT_SCHEMES = ("uniform", "linear", "exponential")
 MAX_EXPERTS = 2**15 - 1  # routed expert ids are sorted as int16 (dsmtp.model.moe.sort_pairs_by_expert)
 TRACKERS = ("jsonl", "tensorboard", "wandb")  # train.trackers' names (writers: dsmtp.train.trackers)
+MAX_SIZE = 2**31 - 1  # any model size: a tensor dimension the kernels index with int32
 
 
 class ConfigError(ValueError):
@@ -154,6 +155,9 @@ class TrainConfig:
     # Where the training and eval records go: metrics.jsonl always; "tensorboard" and "wandb" add writers
     # of the same records (dsmtp.train.trackers; pip install 'dsmtp[tracking]').
     trackers: list[str] = field(default_factory=lambda: ["jsonl"])
+    # Training refuses a run whose estimated memory (dsmtp.model.params.training_memory) exceeds what the
+    # device has free; an expert who knows better (offload, a shared node about to free memory) skips it.
+    skip_memory_check: bool = False
 
 
 @dataclass
@@ -218,8 +222,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= 1e308:
+            raise ConfigError(f"{path}: expected a finite number, got {str(value)[:40]}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -235,10 +239,16 @@ def _parse_number(text: str) -> float | str:
         return text  # not a number: the type check below names the field
 
 
+def _shown(text: Any) -> str:
+    """A user's key or value inside a one-line message: as typed when printable, escaped otherwise."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)
+
+
 def _from_dict(cls: type, data: dict, path: str) -> Any:
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(_shown(key) for key in set(data) - names)
     if unknown:
         prefix = f"{path}." if path else ""
         raise ConfigError(
@@ -255,7 +265,7 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {key} is not a section")
+            raise ConfigError(f"--set {_shown(dotted)}: {_shown(key)} is not a section")
     node[keys[-1]] = value
 
 
@@ -266,7 +276,11 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. model.mtp_depth=2")
         key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {_shown(item)}: the value is not valid YAML ({_yaml_problem(e)})") from None
+        _set_path(data, key.strip(), value)
     return data
 
 
@@ -291,7 +305,19 @@ def _upgrade(data: dict) -> dict:
     return data
 
 
+def _yaml_problem(error: yaml.YAMLError, where: bool = False) -> str:
+    """What PyYAML found wrong, on one line; with `where`, the line and column first."""
+    mark = getattr(error, "problem_mark", None)
+    text = getattr(error, "problem", None) or str(error)
+    if where and mark is not None:
+        text = f"line {mark.line + 1}, column {mark.column + 1}: {text}"
+    return " ".join(text.split())
+
+
 def config_from_dict(data: dict) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config is a mapping of sections (model, parallel, data, train, serve), "
+                          f"got {repr(data)[:80]}")
     cfg = _from_dict(Config, _upgrade(data), "")
     validate(cfg)
     return cfg
@@ -303,7 +329,12 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML ({_yaml_problem(e, where=True)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, parallel, data, train, serve)")
     data = _merge(data, parse_overrides(overrides or []))
@@ -323,7 +354,10 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _divisors(n: int) -> list[int]:
+def _divisors(n: int) -> list[int] | str:
+    """The divisors of n to suggest in a message (n's own name when there are too many to list)."""
+    if n > 10**6:
+        return f"the divisors of {n}"
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -332,6 +366,9 @@ def validate_model(m: ModelConfig) -> None:
                  "moe_intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim",
                  "max_position_embeddings"):
         _require(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive")
+    for f in dataclasses.fields(m):  # every integer of the model is a size or a count
+        value = getattr(m, f.name)
+        _require(not isinstance(value, int) or value <= MAX_SIZE, f"model.{f.name}={value} must be at most {MAX_SIZE}")
     _require(m.qk_rope_head_dim > 0 and m.qk_rope_head_dim % 2 == 0,
              f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be a positive even number (RoPE rotates pairs)")
     _require(m.mtp_depth >= 0, f"model.mtp_depth={m.mtp_depth} must be >= 0 (0 disables MTP)")
@@ -432,6 +469,7 @@ def validate(cfg: Config) -> None:
         _require(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)} must be >= 1")
     _require(t.seq_len <= m.max_position_embeddings,
              f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    _require(0 <= t.seed < 2**63, f"train.seed={t.seed} must be in [0, 2^63)")
     _require(0 <= t.warmup_steps <= t.steps, f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}]")
     _require(t.lr > 0 and 0 <= t.min_lr <= t.lr, f"train.lr={t.lr} and train.min_lr={t.min_lr} need 0 <= min_lr <= lr, lr > 0")
     _require(t.lr_schedule in ("cosine", "constant_decay"),
@@ -464,6 +502,7 @@ def validate(cfg: Config) -> None:
     _require(1 <= s.port <= 65535, f"serve.port={s.port} must be in [1, 65535]")
     _require(s.max_batch_size >= 1 and s.max_new_tokens >= 1,
              "serve.max_batch_size and serve.max_new_tokens must be >= 1")
+    _require(s.max_body_bytes >= 1, f"serve.max_body_bytes={s.max_body_bytes} must be >= 1")
 
 
 def piecewise(schedule: list[list[float]], tokens: float) -> float:

@@ -6,7 +6,7 @@
 
 import sys
 
-from dsmtp.convert.import_hf import main
+from dsmtp.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["import-hf", *sys.argv[1:]]))

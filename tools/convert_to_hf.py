@@ -6,7 +6,7 @@
 
 import sys
 
-from dsmtp.convert.export_hf import main
+from dsmtp.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["export-hf", *sys.argv[1:]]))

@@ -8,6 +8,8 @@ cannot represent exactly.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Optional
 
 from dsmtp.config import ConfigError, ModelConfig, YarnConfig, validate_model
@@ -103,9 +105,43 @@ def _require(ok: bool, field: str, message: str) -> None:
         raise UnsupportedHFConfig(f"config.json: {field}: {message}")
 
 
+_REQUIRED = object()
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object"}
+
+
+def _get(d: dict, key: str, kind: type, default: Any = _REQUIRED, section: str = "") -> Any:
+    """d[key] as `kind`; `default` when it is absent or null (required when no default is given). JSON
+    numbers have their own type, so a string or a fractional count is refused, not parsed."""
+    field, value = f"{section}{key}", d.get(key)
+    if value is None:
+        _require(default is not _REQUIRED, field, "null, a DeepSeek-V3 config.json gives it a value" if key in d
+                 else "missing, a DeepSeek-V3 config.json has it")
+        return default
+    if kind is int:
+        whole_float = isinstance(value, float) and value.is_integer()
+        ok = (isinstance(value, int) and not isinstance(value, bool)) or whole_float
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= 1e308
+    else:
+        ok = isinstance(value, kind)
+    _require(ok, field, f"expected {_KINDS[kind]}, got {json.dumps(value)[:80]}")
+    return kind(value) if kind in (int, float) else value
+
+
+def read_hf_config(path: Path) -> dict[str, Any]:
+    """The JSON object in a config.json, or a ConfigError naming the file."""
+    try:
+        d = json.loads(Path(path).read_bytes())
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}): export the model's config again") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object of model settings, got {json.dumps(d)[:80]}")
+    return d
+
+
 def _yarn(d: dict) -> Optional[YarnConfig]:
-    scaling = d.get("rope_scaling") or d.get("rope_parameters") or {}
     field = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    scaling = _get(d, field, dict, {})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return None
@@ -113,19 +149,23 @@ def _yarn(d: dict) -> Optional[YarnConfig]:
     _require(scaling.get("attention_factor") is None, f"{field}.attention_factor",
              "an explicit attention factor is not supported (dsmtp derives it from mscale / mscale_all_dim)")
     _require(scaling.get("truncate", True), f"{field}.truncate", "only truncated correction ranges are supported")
-    _require(scaling.get("factor") is not None, f"{field}.factor", "YaRN needs a factor")
+    section = f"{field}."
     # Absent mscale / mscale_all_dim mean 0 to transformers (plain YaRN attention factor, no softmax scaling);
     # dsmtp's rope reads 0 the same way.
     return YarnConfig(
-        factor=float(scaling["factor"]),
-        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-        beta_fast=float(scaling.get("beta_fast") or 32), beta_slow=float(scaling.get("beta_slow") or 1),
-        mscale=float(scaling.get("mscale") or 0), mscale_all_dim=float(scaling.get("mscale_all_dim") or 0),
+        factor=_get(scaling, "factor", float, section=section),
+        original_max_position_embeddings=_get(scaling, "original_max_position_embeddings", int, section=section),
+        beta_fast=_get(scaling, "beta_fast", float, 0.0, section) or 32.0,
+        beta_slow=_get(scaling, "beta_slow", float, 0.0, section) or 1.0,
+        mscale=_get(scaling, "mscale", float, 0.0, section),
+        mscale_all_dim=_get(scaling, "mscale_all_dim", float, 0.0, section),
     )
 
 
 def from_hf_config(d: dict[str, Any]) -> tuple[ModelConfig, Optional[dict]]:
-    """(ModelConfig, quantization_config or None) from a config.json dict; raises UnsupportedHFConfig."""
+    """(ModelConfig, quantization_config or None) from a config.json dict; raises UnsupportedHFConfig (a
+    ConfigError) naming the field for anything dsmtp cannot read or represent."""
+    _require(isinstance(d, dict), "(top level)", f"expected a JSON object, got {json.dumps(d)[:80]}")
     _require(d.get("model_type") == "deepseek_v3", "model_type",
              f"{d.get('model_type')!r}: only 'deepseek_v3' checkpoints can be imported")
     _require(d.get("scoring_func", "sigmoid") == "sigmoid", "scoring_func",
@@ -139,38 +179,48 @@ def from_hf_config(d: dict[str, Any]) -> tuple[ModelConfig, Optional[dict]]:
     _require(d.get("rope_interleave", True), "rope_interleave",
              "false (rotate-half rope rows) would need a row permutation dsmtp does not apply")
     _require(d.get("moe_layer_freq", 1) == 1, "moe_layer_freq", f"{d.get('moe_layer_freq')}: only 1 is supported")
-    heads = d["num_attention_heads"]
+    heads = _get(d, "num_attention_heads", int)
     _require(d.get("num_key_value_heads", heads) in (None, heads), "num_key_value_heads",
              f"{d.get('num_key_value_heads')} != num_attention_heads={heads}: MLA has no grouped KV heads")
-    quant = d.get("quantization_config")
+    quant = _get(d, "quantization_config", dict, None)
     if quant is not None:
         ok = (quant.get("quant_method") == "fp8" and quant.get("fmt", "e4m3") == "e4m3"
-              and list(quant.get("weight_block_size") or []) == [128, 128])
+              and quant.get("weight_block_size") == [128, 128])
         _require(ok, "quantization_config", f"{quant}: only block-wise fp8 (quant_method 'fp8', fmt 'e4m3', "
                  "weight_block_size [128, 128]) can be read; dequantize the checkpoint first")
-    mtp_depth = d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0
+    rope_parameters = _get(d, "rope_parameters", dict, {})
+    mtp_depth = _get(d, "num_nextn_predict_layers" if "num_nextn_predict_layers" in d else "num_mtp_layers", int, 0)
     mtp_kind = "sequential"
-    parallel = d.get(PARALLEL_HEADS_KEY)
+    parallel = _get(d, PARALLEL_HEADS_KEY, dict, None)
     if parallel is not None:
-        _require(isinstance(parallel, dict) and isinstance(parallel.get("num_heads"), int) and parallel["num_heads"] > 0,
-                 PARALLEL_HEADS_KEY, f"{parallel!r}: expected {{\"num_heads\": D >= 1, \"file\": ...}}")
+        heads_count = _get(parallel, "num_heads", int, section=f"{PARALLEL_HEADS_KEY}.")
+        _require(heads_count >= 1, f"{PARALLEL_HEADS_KEY}.num_heads", f"{heads_count}: must be >= 1")
         _require(mtp_depth == 0, "num_nextn_predict_layers",
                  f"{mtp_depth} with {PARALLEL_HEADS_KEY}: a model has sequential MTP layers or parallel heads, not both")
-        mtp_kind, mtp_depth = "parallel", parallel["num_heads"]
+        mtp_kind, mtp_depth = "parallel", heads_count
     m = ModelConfig(
-        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"], num_heads=heads,
-        first_k_dense_replace=d.get("first_k_dense_replace") or 0,
-        intermediate_size=d["intermediate_size"], moe_intermediate_size=d["moe_intermediate_size"],
-        n_routed_experts=d["n_routed_experts"], n_shared_experts=d.get("n_shared_experts") or 0,
-        num_experts_per_tok=d["num_experts_per_tok"], n_group=d.get("n_group") or 1,
-        topk_group=d.get("topk_group") or 1, routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
-        norm_topk_prob=bool(d.get("norm_topk_prob", True)), aux_loss_alpha=float(d.get("aux_loss_alpha", 0.0)),
-        q_lora_rank=d.get("q_lora_rank"), kv_lora_rank=d["kv_lora_rank"], qk_nope_head_dim=d["qk_nope_head_dim"],
-        qk_rope_head_dim=d["qk_rope_head_dim"], v_head_dim=d["v_head_dim"],
-        rope_theta=float(d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta") or 10000.0),
-        rope_scaling=_yarn(d), max_position_embeddings=d["max_position_embeddings"],
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), mtp_depth=int(mtp_depth), mtp_kind=mtp_kind,
-        init_std=float(d.get("initializer_range", ModelConfig.init_std)),
+        vocab_size=_get(d, "vocab_size", int), hidden_size=_get(d, "hidden_size", int),
+        num_layers=_get(d, "num_hidden_layers", int), num_heads=heads,
+        first_k_dense_replace=_get(d, "first_k_dense_replace", int, 0),
+        intermediate_size=_get(d, "intermediate_size", int),
+        moe_intermediate_size=_get(d, "moe_intermediate_size", int),
+        n_routed_experts=_get(d, "n_routed_experts", int), n_shared_experts=_get(d, "n_shared_experts", int, 0),
+        num_experts_per_tok=_get(d, "num_experts_per_tok", int), n_group=_get(d, "n_group", int, 0) or 1,
+        topk_group=_get(d, "topk_group", int, 0) or 1,
+        routed_scaling_factor=_get(d, "routed_scaling_factor", float, 1.0),
+        norm_topk_prob=_get(d, "norm_topk_prob", bool, True), aux_loss_alpha=_get(d, "aux_loss_alpha", float, 0.0),
+        q_lora_rank=_get(d, "q_lora_rank", int, None), kv_lora_rank=_get(d, "kv_lora_rank", int),
+        qk_nope_head_dim=_get(d, "qk_nope_head_dim", int), qk_rope_head_dim=_get(d, "qk_rope_head_dim", int),
+        v_head_dim=_get(d, "v_head_dim", int),
+        rope_theta=_get(d, "rope_theta", float, 0.0)
+        or _get(rope_parameters, "rope_theta", float, 0.0, "rope_parameters.") or 10000.0,
+        rope_scaling=_yarn(d), max_position_embeddings=_get(d, "max_position_embeddings", int),
+        rms_norm_eps=_get(d, "rms_norm_eps", float, 1e-6),
+        mtp_depth=mtp_depth, mtp_kind=mtp_kind,
+        init_std=_get(d, "initializer_range", float, ModelConfig.init_std),
     )
-    validate_model(m)
+    try:
+        validate_model(m)
+    except ConfigError as e:
+        raise UnsupportedHFConfig(f"config.json: {e}") from None
     return m, quant

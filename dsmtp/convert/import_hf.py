@@ -29,7 +29,7 @@ from dsmtp.config import (Config, ConfigError, ModelConfig, TrainConfig, _merge,
 from dsmtp.convert import fp8, names
 from dsmtp.convert.checkpoint_io import (MODEL_FILE, TOKENIZER_FILE, SafetensorsSource,
                                         write_checkpoint_metadata)
-from dsmtp.convert.hf_config import from_hf_config
+from dsmtp.convert.hf_config import UnsupportedHFConfig, from_hf_config, read_hf_config
 from dsmtp.convert.safetensors_stream import SafetensorsWriter
 from dsmtp.io import atomic_directory
 
@@ -52,7 +52,13 @@ def hf_weight_files(hf_dir: Path, m: ModelConfig) -> list[Path]:
 def hf_trunk_files(hf_dir: Path) -> list[Path]:
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_bytes())["weight_map"].values()))
+            if not all(isinstance(f, str) for f in files):
+                raise TypeError("file names must be strings")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (a 'weight_map' of tensor name -> file): "
+                             f"{type(e).__name__}: {e}") from None
         missing = [f for f in files if not (hf_dir / f).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} lists shards that are not in {hf_dir}: {missing}")
@@ -68,7 +74,10 @@ def import_config(hf_dir: Path, base_config: Optional[Path], overrides: list[str
     config_json = hf_dir / "config.json"
     if not config_json.is_file():
         raise FileNotFoundError(f"{hf_dir}: no config.json")
-    model, _ = from_hf_config(json.loads(config_json.read_text()))
+    try:
+        model, _ = from_hf_config(read_hf_config(config_json))
+    except UnsupportedHFConfig as e:  # its message names the field after "config.json: "
+        raise UnsupportedHFConfig(f"{hf_dir}/{e}") from None
     base = yaml.safe_load(base_config.read_text()) if base_config else {}
     data = _merge(_merge(base or {}, {"model": dataclasses.asdict(model)}), parse_overrides(overrides))
     # Unless chosen, train on sequences the model's positions cover.
@@ -125,7 +134,7 @@ def write_our_weights(source: SafetensorsSource, m: ModelConfig, path: Path, qua
 def import_hf(hf_dir: Path, out: Path, base_config: Optional[Path] = None, overrides: Optional[list[str]] = None) -> Path:
     hf_dir, out = Path(hf_dir), Path(out)
     cfg = import_config(hf_dir, base_config, overrides or [])
-    quantized = "quantization_config" in json.loads((hf_dir / "config.json").read_text())
+    quantized = "quantization_config" in read_hf_config(hf_dir / "config.json")
     source = SafetensorsSource(hf_weight_files(hf_dir, cfg.model))
     check_hf_tensors(source.shapes(), cfg.model, hf_dir, quantized)
     if out.exists() and any(out.iterdir()):

@@ -32,7 +32,8 @@ from tqdm import tqdm
 from dsmtp.config import ConfigError, DataConfig, load_config
 from dsmtp.data.corpus import SKIP_REASONS, SourceFile, check_file, read_text, resolve_source_dir, scan, split_files
 from dsmtp.data.errors import DataError
-from dsmtp.data.shards import MANIFEST_FILE, SCHEMA_VERSION, SPLITS, ShardWriter, load_manifest, token_dtype
+from dsmtp.data.shards import (MANIFEST_FILE, SCHEMA_VERSION, SPLITS, ShardWriter, load_manifest, token_dtype,
+                               verify_split)
 from dsmtp.data.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
 
 
@@ -79,12 +80,22 @@ def input_fingerprint(root: Path, files: list[SourceFile], data: DataConfig, voc
 
 
 def _is_up_to_date(data_dir: Path, fingerprint: str) -> bool:
+    """The data dir was built from these inputs and is intact: every block of every shard matches its
+    checksum (the one full check; loading samples)."""
     try:
         manifest = load_manifest(data_dir)
         tokenizer_sha = hashlib.sha256((data_dir / MODEL_FILE).read_bytes()).hexdigest()
     except (DataError, OSError):
         return False
-    return manifest.get("fingerprint") == fingerprint and manifest["tokenizer"]["sha256"] == tokenizer_sha
+    if manifest.get("fingerprint") != fingerprint or manifest["tokenizer"]["sha256"] != tokenizer_sha:
+        return False
+    try:
+        for split in SPLITS:
+            verify_split(data_dir, manifest, split, every_block=True)
+    except DataError as e:
+        print(f"{e}: rebuilding {data_dir}", flush=True)
+        return False
+    return True
 
 
 def _check_replaceable(data_dir: Path) -> None:

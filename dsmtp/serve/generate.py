@@ -16,7 +16,7 @@ import time
 import torch
 
 from dsmtp.serve.engine import DecodeStats, Engine, Request
-from dsmtp.serve.loading import completion_text, encode_prompt, load
+from dsmtp.serve.loading import completion_text, encode_prompt, load, utf8_text
 from dsmtp.serve.sampling import SamplingParams
 from dsmtp.serve.static import StaticEngine
 
@@ -51,6 +51,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     try:  # bad arguments or checkpoint: one clear message before any work
+        for prompt in args.prompt:
+            utf8_text(prompt, "--prompt")
         # One random stream per prompt, so a batch of prompts does not share its draws.
         sampling = [SamplingParams(args.temperature, args.top_k, args.top_p, args.seed + i)
                     for i in range(len(args.prompt))]

@@ -26,9 +26,21 @@ class CheckpointError(ValueError):
     """The checkpoint cannot be loaded; the message names the file and the fix."""
 
 
+def utf8_text(text: str, what: str) -> str:
+    """`text`, or a ValueError naming `what` when it holds a lone surrogate, which the tokenizer cannot
+    encode: Python's stand-in for command-line bytes that are not UTF-8, or an unpaired JSON \\ud800 escape."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid UTF-8 text: character {e.start} is the lone surrogate "
+                         f"{text[e.start]!r} (bytes that are not UTF-8, or an unpaired \\ud800-\\udfff escape); "
+                         "pass UTF-8 text") from None
+    return text
+
+
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     """The corpus separates documents with <eos>, so a prompt starts a document after one."""
-    return [tokenizer.eos_id] + tokenizer.encode(text)
+    return [tokenizer.eos_id] + tokenizer.encode(utf8_text(text, "prompt"))
 
 
 def completion_text(tokenizer: Tokenizer, prompt: list[int], completion: list[int]) -> str:
@@ -56,13 +68,25 @@ def _load_dsmtp(path: Path, overrides: list[str]) -> tuple[DeepSeekV3, Config, T
     return model.eval(), cfg, Tokenizer.load(ckpt / TOKENIZER_FILE, expected_vocab_size=cfg.model.vocab_size)
 
 
+def inference_device(name: str | torch.device) -> torch.device:
+    """`--device` as a torch.device this machine has, or a ValueError saying what it has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name} is not a device name: use cpu or cuda[:N]") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s): "
+                         "use --device cpu or an index below that")
+    return device
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          overrides: list[str] | None = None) -> tuple[DeepSeekV3, Config, Tokenizer]:
     """(model in eval mode on `device`, its Config with `overrides` applied, tokenizer).
 
     Raises CheckpointError (or the converters' and tokenizer's own ValueError / OSError) naming the
     file at fault."""
-    path = Path(path)
+    path, device = Path(path), inference_device(device)
     if not path.exists():
         raise CheckpointError(f"--ckpt {path} does not exist")
     if (path / "config.json").is_file():

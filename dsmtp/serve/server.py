@@ -58,6 +58,8 @@ def _field(body: dict, name: str, kinds: tuple, default: Any, what: str) -> Any:
     # bool is an int in Python; a JSON true is not a number here.
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise RequestError(400, f"'{name}' must be {what}, got {json.dumps(value)}", name)
+    if float in kinds and not -1e308 <= value <= 1e308:  # NaN, infinities, integers beyond float range
+        raise RequestError(400, f"'{name}' must be {what}, got {str(value)[:40]}", name)
     return value
 
 
@@ -97,7 +99,10 @@ def parse_completion(raw: bytes, tokenizer: Tokenizer, engine: Engine, limits: S
     except ValueError as e:  # SamplingParams' messages start with "<field>="
         param = str(e).split("=")[0]
         raise RequestError(400, f"'{param}' is out of range: {e}", param) from None
-    ids = encode_prompt(tokenizer, prompt)
+    try:
+        ids = encode_prompt(tokenizer, prompt)
+    except ValueError as e:  # text the tokenizer cannot encode
+        raise RequestError(400, str(e), "prompt") from None
     if len(ids) >= engine.context:
         raise RequestError(400, f"'prompt' is {len(ids)} tokens, the model's context is {engine.context}", "prompt")
     if len(ids) + max_tokens > engine.context:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -181,9 +182,29 @@ class MetricsLog:
             f.write(json.dumps(_finite_or_null(record)) + "\n")
 
     def records(self) -> list[dict]:
+        """Every record. A torn last line (the run stopped while writing it: power loss, a full disk) is
+        dropped with a warning, as checkpoints that cannot be trusted are; a damaged line before the
+        last one is not something a crash does, and is refused with its line number."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = self.path.read_text(errors="replace").splitlines()
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            elif number == len(lines):
+                print(f"warning: {self.path}: dropped its torn last line {line[:40]!r}... (the run stopped while "
+                      "writing it)", file=sys.stderr)
+            else:
+                raise ValueError(f"{self.path}:{number}: {line[:40]!r} is not a JSON record: delete or repair "
+                                 "that line")
+        return records
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step`: on resume they would be logged again by the repeated steps."""

@@ -37,7 +37,7 @@ from dsmtp.data.errors import DataError
 from dsmtp.model import DeepSeekV3, ModelOutput, fp8, update_expert_bias
 from dsmtp.model.mtp import depth_weights
 from dsmtp.parallel import topology
-from dsmtp.train import checkpoint, report, schedules, trackers
+from dsmtp.train import checkpoint, memory, report, schedules, trackers
 from dsmtp.train.cuda_graph import GraphedBackward
 from dsmtp.train.flops import mfu
 from dsmtp.train.metrics import IntervalMeter, LossSums, MetricsLog, expert_load_imbalance
@@ -140,6 +140,8 @@ class Trainer:
         self.device = topology.device()
         if t.cuda_graph and self.device.type != "cuda":
             raise ConfigError("train.cuda_graph=true needs a CUDA device: set it to false here")
+        memory.check_training_memory(cfg, self.device, torch.distributed.get_world_size(),
+                                     int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         self.autocast = autocast_for(t.precision, self.device)
         self.out_dir = Path(t.out_dir)
         self.is_writer = torch.distributed.get_rank() == 0
