@@ -8,7 +8,6 @@ hand.
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 import sys
@@ -115,14 +114,14 @@ def test_n_samples_have_their_own_streams(served):
     engine alone with that sample's seed; the samples differ; a prompt sent alone gets the same samples."""
     client, _, reference, tokenizer, table = served
     sampling = SamplingParams(temperature=3.0, seed=11)
-    answer = client.completions.create(model="tiny", prompt=["the", "dog."], n=3, max_tokens=12, temperature=3.0,
+    answer = client.completions.create(model="tiny", prompt=["the", "over"], n=3, max_tokens=12, temperature=3.0,
                                        seed=11)
     texts = [c.text for c in answer.choices]
     for i, text in enumerate(texts):
-        ids = encode_prompt(tokenizer, ["the", "dog."][i // 3])
+        ids = encode_prompt(tokenizer, ["the", "over"][i // 3])
         assert text == table.decode(generate(reference, ids, 12, sampling.for_sample(i % 3))), i
     assert len(set(texts[:3])) == 3 and len(set(texts[3:])) == 3
-    alone = client.completions.create(model="tiny", prompt="dog.", n=3, max_tokens=12, temperature=3.0, seed=11)
+    alone = client.completions.create(model="tiny", prompt="over", n=3, max_tokens=12, temperature=3.0, seed=11)
     assert [c.text for c in alone.choices] == texts[3:]
 
 
@@ -307,6 +306,16 @@ def test_errors_name_the_field(served):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="tiny", **kwargs)
         assert e.value.param == param, (kwargs, e.value.body)
+    # The body limit; methods a route does not answer (the client's raw calls). A lone surrogate the
+    # client cannot even encode: test_bad_requests_get_json_errors sends one.
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model="tiny", prompt="x" * 9000)
+    assert e.value.status_code == 413 and "serve.max_body_bytes" in e.value.message
+    for call, allowed in ((lambda: client.put("/completions", cast_to=object, body={"prompt": "a"}), "POST"),
+                          (lambda: client.delete("/models", cast_to=object), "GET")):
+        with pytest.raises(openai.APIStatusError) as e:
+            call()
+        assert e.value.status_code == 405 and e.value.response.headers["Allow"] == allowed
     # What stock clients send at no-op values is accepted (LangChain's defaults).
     answer = client.completions.create(model="tiny", prompt="the", max_tokens=3, temperature=0, frequency_penalty=0,
                                        presence_penalty=0, logit_bias={}, n=1, best_of=1, seed=None, logprobs=None)
@@ -401,9 +410,8 @@ def test_load(trained_ckpt, tmp_path):
     log = tmp_path / "serve.log"
     proc, port = load_test_serve.start_server(str(trained_ckpt), "load-test", K, "cpu", log)
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        conn.request("GET", "/v1/models")
-        assert json.loads(conn.getresponse().read())["data"][0]["id"] == "load-test"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["load-test"]
         result = load_test_serve.run_load(port, "load-test", clients=16, duration=20)
     finally:
         proc.terminate()

@@ -5,10 +5,11 @@ malformed requests mixed in. Prints a table naming the machine; exits 1 when any
 
 It starts `dsmtp serve --host 127.0.0.1 --port 0` on the checkpoint, sends every valid request alone
 first (the reference answers), then runs the clients: each sends requests back to back, every third
-one malformed. Checks: no 5xx; every valid request answered (200 and a complete answer: all choices,
-[DONE] at the end of a stream); every deterministic one (temperature 0, or seeded) answered as it was
-alone (logprob values to 1e-4: batched float sums round differently); every malformed one refused
-with a JSON error of the expected status; no traceback in the server's log.
+one malformed (each client's first, so that every kind is tried). Checks: no 5xx; every valid request
+answered (200 and a complete answer: all choices, [DONE] at the end of a stream); every deterministic
+one (temperature 0, or seeded) answered as it was alone (logprob values to 1e-4: batched float sums
+round differently); every malformed one refused with a JSON error of the expected status; no
+traceback in the server's log.
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ def run_load(port: int, model: str, clients: int, duration: float) -> LoadResult
     def client(c: int) -> None:
         i = 0
         while time.monotonic() < deadline:
-            kind = malformed[(c + i // 3) % len(malformed)] if i % 3 == 2 else valid[(c + i) % len(valid)]
+            kind = malformed[(c + i // 3) % len(malformed)] if i % 3 == 0 else valid[(c + i) % len(valid)]
             i += 1
             start = time.perf_counter()
             try:
@@ -275,9 +276,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def table(result: LoadResult, header: list[str]) -> str:
-    lines = [f"# {h}" for h in header]
-    lines.append(f"{'request':<32} {'sent':>5} {'as expected':>11} {'statuses':<16} {'p50 ms':>8} {'p95 ms':>8}")
-    lines.append("-" * len(lines[-1]))
+    columns = f"{'request':<32} {'sent':>5} {'as expected':>11} {'statuses':<16} {'p50 ms':>8} {'p95 ms':>8}"
+    lines = [f"# {h}" for h in header] + [columns, "-" * len(columns)]
     by_kind: dict[str, list[Record]] = {}
     for r in result.records:
         by_kind.setdefault(r.kind.name, []).append(r)
@@ -291,7 +291,7 @@ def table(result: LoadResult, header: list[str]) -> str:
                      f"{percentile(ms, 0.5):>8.0f} {percentile(ms, 0.95):>8.0f}")
     records = result.records
     valid = [r for r in records if r.kind.status == 200]
-    lines.append("-" * len(lines[2]))
+    lines.append("-" * len(columns))
     lines.append(f"{len(records)} requests in {result.seconds:.1f} s from {result.clients} clients "
                  f"({len(records) / result.seconds:.1f}/s); {len(valid)} valid, "
                  f"{sum(r.completion_tokens for r in valid) / result.seconds:.1f} completion tokens/s; "
