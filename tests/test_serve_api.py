@@ -24,6 +24,7 @@ from dsmtp.serve.loading import encode_prompt, load
 from dsmtp.serve.openai_api import CHAT_STOP, TokenTable, chat_prompt
 from dsmtp.serve.sampling import SamplingParams
 from dsmtp.serve.server import CompletionServer, main as serve_main
+from tests.serve_models import random_model, tiny_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import load_test_serve  # noqa: E402
@@ -55,8 +56,9 @@ def generate(model, ids: list[int], max_tokens: int, sampling: SamplingParams = 
 
 @torch.no_grad()
 def log_softmax(model, ids: list[int]) -> torch.Tensor:
-    """[len(ids), V]: row i is the distribution of the token after ids[:i + 1]."""
-    return torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)
+    """[len(ids), V]: row i is the log-distribution of the token after ids[:i + 1] (float32 or wider)."""
+    logits = model(torch.tensor([ids]))[0]
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 def assert_logprobs(logprobs, ids: list[int], first: int, reference: torch.Tensor, table: TokenTable, top_n: int):
@@ -74,6 +76,38 @@ def assert_logprobs(logprobs, ids: list[int], first: int, reference: torch.Tenso
         expected[table.names[token]] = float(row[token])
         assert top.keys() == expected.keys(), (i, top, expected)
         assert all(abs(top[name] - expected[name]) <= TOLERANCE for name in top)
+
+
+# -- the engine's logprobs ------------------------------------------------------------------------
+
+
+def test_engine_logprobs_equal_full_forward():
+    """float64, a random model (so drafts are accepted and rejected): every token that plain and
+    speculative decoding emit carries the log-probability and top 4 of a full forward at its position;
+    Engine.score gives those of every prompt token after the first, for a ragged batch."""
+    model = random_model(tiny_config(mtp_depth=2))
+    prompts = [[3, 4, 5, 6, 7], [9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
+
+    def check(ids: list[int], first: int, logprobs) -> None:
+        rows = log_softmax(model, ids)
+        assert len(logprobs) == len(ids) - first
+        for i, lp in enumerate(logprobs, start=first):
+            row = rows[i - 1]
+            assert abs(lp.logprob - float(row[ids[i]])) <= 1e-6  # cached and full forwards round apart
+            assert [t for t, _ in lp.top] == row.topk(len(lp.top)).indices.tolist()
+            assert all(abs(v - float(row[t])) <= 1e-6 for t, v in lp.top)
+
+    for k in (0, 3):
+        requests = [Request(p, 12, SamplingParams(temperature=1.0, seed=i), logprobs=4) for i, p in enumerate(prompts)]
+        results, stats = Engine(model, k).generate(requests)
+        if k:
+            assert 0.05 < stats.acceptance[0] < 0.95
+        for p, r in zip(prompts, results):
+            check(p + r.tokens, len(p), r.logprobs)
+            assert all(len(lp.top) == 4 for lp in r.logprobs)
+    for p, scored in zip(prompts, Engine(model).score(prompts, top_n=2)):
+        check(p, 1, scored)
+    assert Engine(model).generate([Request(prompts[0], 3)])[0][0].logprobs == []  # only when asked for
 
 
 # -- models, prompt forms, n ---------------------------------------------------------------------

@@ -79,9 +79,9 @@ class Tokenizer:
         return self._sp.id_to_piece(int(token_id))
 
     def token_bytes(self) -> list[bytes]:
-        """Every token's bytes in decoded text, by id: `decode(ids)` is their concatenation read as UTF-8,
-        except that sentencepiece drops a space at the very start. Control tokens (<pad>, <s>, </s>)
-        have none; byte-fallback pieces are their byte."""
+        """Every token's bytes in decoded text, by id: `decode(ids)` is their concatenation read as UTF-8
+        (a sentencepiece model with a dummy prefix, unlike dsmtp's, also drops a space at the very start).
+        Control tokens (<pad>, <s>, </s>) have none; byte-fallback pieces are their byte."""
         table = []
         for i in range(self.vocab_size):
             piece = self._sp.id_to_piece(i)
