@@ -334,9 +334,9 @@ class CompletionHandler(BaseHTTPRequestHandler):
         try:
             echoes = self._echoes(request, events, cancelled)
             text_start = [len(echo.text) if echo else 0 for echo in echoes]
+            generated = len(request.prompts) * request.n if request.max_tokens else 0  # 0: scoring only
             jobs = [Job(request, i, server.table, server.tokenizer.eos_id, events, cancelled,
-                        text_start[i // request.n]) for i in range(len(request.prompts) * request.n)]
-            jobs = jobs if request.max_tokens else []
+                        text_start[i // request.n]) for i in range(generated)]
             for job in jobs:
                 server.worker.jobs.put(job)
             (self._stream if request.stream else self._respond)(request, echoes, jobs, events)
