@@ -163,10 +163,12 @@ class TrainConfig:
 @dataclass
 class ServeConfig:
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = 8000  # 0: any free port (the server prints the one it got)
     max_batch_size: int = 8
     max_new_tokens: int = 512
     max_body_bytes: int = 1_000_000
+    max_choices: int = 64  # per request: prompts x n
+    served_model_name: Optional[str] = None  # the model's name in the API; None: the --ckpt path
 
 
 @dataclass
@@ -499,10 +501,13 @@ def validate(cfg: Config) -> None:
     _require(len(d.include) > 0, "data.include must list at least one glob, e.g. ['**/*.py']")
 
     s = cfg.serve
-    _require(1 <= s.port <= 65535, f"serve.port={s.port} must be in [1, 65535]")
+    _require(0 <= s.port <= 65535, f"serve.port={s.port} must be in [0, 65535] (0: any free port)")
     _require(s.max_batch_size >= 1 and s.max_new_tokens >= 1,
              "serve.max_batch_size and serve.max_new_tokens must be >= 1")
     _require(s.max_body_bytes >= 1, f"serve.max_body_bytes={s.max_body_bytes} must be >= 1")
+    _require(s.max_choices >= 1, f"serve.max_choices={s.max_choices} must be >= 1")
+    _require(s.served_model_name is None or s.served_model_name.strip() == s.served_model_name != "",
+             f"serve.served_model_name={s.served_model_name!r} must be a non-empty name without surrounding spaces")
 
 
 def piecewise(schedule: list[list[float]], tokens: float) -> float:

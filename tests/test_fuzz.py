@@ -25,7 +25,7 @@ from dsmtp.convert.hf_config import from_hf_config, read_hf_config, to_hf_config
 from dsmtp.data.tokenizer import Tokenizer
 from dsmtp.model.params import summary, training_memory
 from dsmtp.serve.engine import Engine
-from dsmtp.serve.server import FIELDS, Completion, RequestError, parse_completion
+from dsmtp.serve.openai_api import COMPLETION_FIELDS, CompletionRequest, RequestError, parse_request
 from tests.serve_models import random_model, tiny_config, train_tokenizer
 
 settings.register_profile("ci", max_examples=150, deadline=timedelta(seconds=2), derandomize=True, database=None)
@@ -142,7 +142,7 @@ def serving(tmp_path_factory):
 
 BODIES = (st.binary(max_size=80)
           | st.builds(lambda d: json.dumps(d).encode(),
-                      st.dictionaries(st.sampled_from(list(FIELDS) + ["n", "echo"]),
+                      st.dictionaries(st.sampled_from(list(COMPLETION_FIELDS)),
                                       VALUES | TEXT | st.integers(0, 40), max_size=5))
           | st.builds(lambda prompt, body: json.dumps({"prompt": prompt, **body}).encode(),
                       TEXT, st.fixed_dictionaries({}, optional={"max_tokens": st.integers(-1, 40),
@@ -157,10 +157,10 @@ BODIES = (st.binary(max_size=80)
 def test_request_bodies_give_a_400_or_a_completion(serving, body):
     tokenizer, engine, limits = serving
     try:
-        completion = parse_completion(body, tokenizer, engine, limits, "tiny")
+        completion = parse_request(body, False, tokenizer, engine, limits, "tiny")
     except RequestError as e:
         assert 400 <= e.status < 500 and e.message and "\n" not in e.message
         return
-    assert isinstance(completion, Completion)
-    assert 1 <= completion.max_tokens <= limits.max_new_tokens
-    assert len(completion.prompt_ids) + completion.max_tokens <= engine.context
+    assert isinstance(completion, CompletionRequest)
+    assert 0 <= completion.max_tokens <= limits.max_new_tokens
+    assert all(len(prompt) + completion.max_tokens <= engine.context for prompt in completion.prompts)

@@ -78,6 +78,23 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))
 
+    def token_bytes(self) -> list[bytes]:
+        """Every token's bytes in decoded text, by id: `decode(ids)` is their concatenation read as UTF-8
+        (a sentencepiece model with a dummy prefix, unlike dsmtp's, also drops a space at the very start).
+        Control tokens (<pad>, <s>, </s>) have none; byte-fallback pieces are their byte."""
+        table = []
+        for i in range(self.vocab_size):
+            piece = self._sp.id_to_piece(i)
+            if self._sp.is_control(i):
+                table.append(b"")
+            elif self._sp.is_byte(i):  # "<0xAB>"
+                table.append(bytes([int(piece[3:5], 16)]))
+            elif self._sp.is_unknown(i):
+                table.append(self._sp.decode([i]).encode())
+            else:
+                table.append(piece.replace(SPACE_MARK, " ").encode())
+        return table
+
 
 def training_sentences(texts: Iterable[str]) -> Iterator[str]:
     """Cut documents into chunks of whole lines (newlines kept) of at most SENTENCE_CHARS characters."""

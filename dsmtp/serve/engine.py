@@ -31,6 +31,7 @@ import torch
 from dsmtp.model import DeepSeekV3
 from dsmtp.serve import speculative
 from dsmtp.serve.cache import ModelCache
+from dsmtp.serve.logprobs import TokenLogprob, token_logprobs
 from dsmtp.serve.sampling import BatchSampler, SamplingParams, draw
 
 
@@ -40,14 +41,17 @@ class Request:
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_ids: tuple[int, ...] = ()  # generation ends at these tokens (not returned)
-    # Called with each step's new tokens; returning False ends this sequence (client gone, stop string).
-    on_tokens: Optional[Callable[[list[int]], bool]] = None
+    # Called with each step's new tokens and their logprobs (empty without `logprobs`); returning False
+    # ends this sequence (client gone, stop string).
+    on_tokens: Optional[Callable[[list[int], list[TokenLogprob]], bool]] = None
+    logprobs: Optional[int] = None  # give each new token's log-probability and this many top alternatives
 
 
 @dataclass
 class Result:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str = ""  # "stop" (a stop token), "length" (max_new_tokens), "aborted" (on_tokens said so)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token when the request asked
 
 
 @dataclass
@@ -170,13 +174,19 @@ class Engine:
         weight = model.embed.weight
         self.dtype, self.device = weight.dtype, weight.device
 
+    def check_prompt(self, prompt: list[int]) -> None:
+        """Raise ValueError naming the field when the model cannot read `prompt`."""
+        vocab = self.model.cfg.vocab_size
+        if not prompt:
+            raise ValueError("prompt is empty: give at least one token")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt holds token ids outside [0, {vocab})")
+        if len(prompt) > self.context:
+            raise ValueError(f"prompt is {len(prompt)} tokens, the model's context is {self.context}: shorten it")
+
     def check(self, request: Request) -> None:
         """Raise ValueError naming the field when a request cannot run."""
-        vocab = self.model.cfg.vocab_size
-        if not request.prompt:
-            raise ValueError("prompt is empty: give at least one token")
-        if min(request.prompt) < 0 or max(request.prompt) >= vocab:
-            raise ValueError(f"prompt holds token ids outside [0, {vocab})")
+        self.check_prompt(request.prompt)
         if request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={request.max_new_tokens} must be >= 1")
         if len(request.prompt) + request.max_new_tokens > self.context:
@@ -204,6 +214,31 @@ class Engine:
         results = batch.results
         self._prefill(batch)
         return batch, results
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[int]], top_n: int) -> list[list[TokenLogprob]]:
+        """Per prompt, the log-probability of each token after the first given the tokens before it, with
+        its `top_n` alternatives: trunk forwards without a cache, each over as many prompts as fit in the
+        tokens of one full-context sequence."""
+        for prompt in prompts:
+            self.check_prompt(prompt)
+        scored: list[list[TokenLogprob]] = []
+        start = 0
+        while start < len(prompts):
+            end = start + 1
+            while end < len(prompts) and (end + 1 - start) * max(map(len, prompts[start:end + 1])) <= self.context:
+                end += 1
+            scored += self._score(prompts[start:end], top_n)
+            start = end
+        return scored
+
+    def _score(self, prompts: list[list[int]], top_n: int) -> list[list[TokenLogprob]]:
+        width = max(map(len, prompts))  # right-padded: causal attention never sees the padding
+        tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
+        cos, sin = self.model.rope(torch.arange(width, device=self.device))
+        h, _ = self.model.trunk(self.model.embed(tokens), cos, sin)
+        return [token_logprobs(self.model.logits(h[row, :len(p) - 1]), tokens[row, 1:len(p)], top_n)
+                for row, p in enumerate(prompts)]
 
     @torch.no_grad()
     def step(self, batch: Batch, stats: DecodeStats) -> None:
@@ -250,11 +285,12 @@ class Engine:
         batch.cache.trunk.truncate(lengths)
         batch.hidden[0][:, :h.shape[1]] = h
         last = _gather(h, (lengths - 1)[:, None])
-        p = batch.sampler.probabilities(self.model.logits(last))[:, 0]
+        logits = self.model.logits(last)
+        p = batch.sampler.probabilities(logits)[:, 0]
         token = draw(p, batch.sampler.uniforms(1)[:, 0])
         batch.n = lengths.clone()
         batch.seq.scatter_(1, batch.n[:, None], token[:, None])
-        self._emit(batch, [[t] for t in token.tolist()])
+        self._emit(batch, [[t] for t in token.tolist()], logits)
 
     def _draft(self, batch: Batch, k: int, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Propose t_{n+1} .. t_{n+k} (written into batch.seq) with the MTP modules; returns the drafts
@@ -294,7 +330,8 @@ class Engine:
         positions = n[:, None] + torch.arange(k + 1, device=n.device)
         h = self._trunk(batch, batch.seq.gather(1, positions))
         _scatter(batch.hidden[0], positions, h)
-        p = batch.sampler.probabilities(self.model.logits(h))
+        logits = self.model.logits(h)
+        p = batch.sampler.probabilities(logits)
         accepted, token = speculative.accept(drafts, q, p, u[:, k:])
         new_n = n + accepted + 1
         batch.seq.scatter_(1, new_n[:, None], token[:, None])
@@ -305,13 +342,16 @@ class Engine:
         window = batch.seq.gather(1, positions + 1)
         host = torch.cat([accepted[:, None], window], dim=1).tolist()
         stats.record([row[0] for row in host], k)
-        self._emit(batch, [row[1:row[0] + 2] for row in host])
+        self._emit(batch, [row[1:row[0] + 2] for row in host], logits)
 
-    def _emit(self, batch: Batch, new_tokens: list[list[int]]) -> None:
-        """Hand each sequence its new tokens, cut at a stop token or max_new_tokens; drop finished rows."""
+    def _emit(self, batch: Batch, new_tokens: list[list[int]], logits: torch.Tensor) -> None:
+        """Hand each sequence its new tokens (logits [B, w, V]: the distributions they were drawn from,
+        for the requests that ask for logprobs), cut at a stop token or max_new_tokens; drop finished rows."""
         keep = []
         for row, tokens in enumerate(new_tokens):
             request, result = batch.requests[batch.index[row]], batch.results[batch.index[row]]
+            logprobs = [] if request.logprobs is None else token_logprobs(
+                logits[row, :len(tokens)], torch.tensor(tokens, device=logits.device), request.logprobs)
             emitted = []
             for token in tokens:
                 if token in request.stop_ids:
@@ -321,8 +361,10 @@ class Engine:
                 if len(result.tokens) + len(emitted) == request.max_new_tokens:
                     result.finish_reason = "length"
                     break
+            logprobs = logprobs[:len(emitted)]
             result.tokens.extend(emitted)
-            if emitted and request.on_tokens is not None and request.on_tokens(emitted) is False:
+            result.logprobs.extend(logprobs)
+            if emitted and request.on_tokens is not None and request.on_tokens(emitted, logprobs) is False:
                 result.finish_reason = result.finish_reason or "aborted"
             if not result.finish_reason:
                 keep.append(row)

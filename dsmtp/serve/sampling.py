@@ -6,6 +6,8 @@ run one code path for greedy and sampled sequences alike, and greedy stays exact
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import secrets
 from dataclasses import dataclass
 from typing import Optional
@@ -27,6 +29,15 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+    def for_sample(self, index: int) -> "SamplingParams":
+        """The settings of sample `index` of several drawn for one prompt (the OpenAI API's `n`): each
+        has a random stream of its own. Sample 0 keeps the seed; the others' seeds are hashed from it and
+        the index (without a seed every sequence gets a fresh random one anyway)."""
+        if index == 0 or self.seed is None:
+            return self
+        digest = hashlib.blake2b(f"{self.seed}/{index}".encode(), digest_size=8).digest()
+        return dataclasses.replace(self, seed=int.from_bytes(digest, "little") >> 1)
 
 
 class BatchSampler:

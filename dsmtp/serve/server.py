@@ -1,17 +1,20 @@
-"""`dsmtp serve`: an OpenAI-compatible completion server: POST /v1/completions (SSE streaming with
-"stream": true) and GET /health, bound to 127.0.0.1 unless serve.host says otherwise.
+"""`dsmtp serve`: an OpenAI-compatible server: POST /v1/completions and /v1/chat/completions (SSE
+streaming with "stream": true), GET /v1/models and /health, bound to 127.0.0.1 unless told otherwise.
 
-    dsmtp serve --ckpt runs/tiny --speculative 2 --set serve.port=8000
+    dsmtp serve --ckpt runs/tiny --speculative 2 --port 8000 --served-model-name tiny
 
-HTTP threads only parse, validate and stream. One engine worker thread runs the model: between
-decoding steps it lets waiting requests join the running batch (up to serve.max_batch_size
-sequences), so sequences never mix (each batch row has its own cache and random stream). A
-streaming client that goes away is noticed at its next token and its row leaves the batch.
+HTTP threads (the standard library's ThreadingHTTPServer, one per connection) only parse, validate and
+stream; dsmtp.serve.openai_api knows the request and response layouts. One engine worker thread runs
+the model: between decoding steps it scores prompts (echo with logprobs) and lets waiting choices join
+the running batch (up to serve.max_batch_size sequences), so sequences never mix (each batch row has its
+own cache and random stream). A streaming client that goes away is noticed at its next token and its
+rows leave the batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import queue
@@ -20,156 +23,104 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
 import torch
 
 from dsmtp.config import ServeConfig
-from dsmtp.serve.engine import Batch, DecodeStats, Engine, Request, Result
 from dsmtp.data.tokenizer import Tokenizer
-from dsmtp.serve.loading import completion_text, encode_prompt, load
-from dsmtp.serve.sampling import SamplingParams
+from dsmtp.serve.engine import Batch, DecodeStats, Engine, Request, Result
+from dsmtp.serve.loading import load
+from dsmtp.serve.logprobs import TokenLogprob
+from dsmtp.serve.openai_api import (CompletionRequest, Piece, RequestError, TokenTable, answer, choice,
+                                    parse_request, prompt_piece, usage)
+from dsmtp.serve.static import StaticEngine
 
-FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "stream", "seed")
-MAX_STOP_STRINGS = 4
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-
-@dataclass
-class Completion:
-    prompt_ids: list[int]
-    max_tokens: int
-    sampling: SamplingParams
-    stop: list[str]
-    stream: bool
-    model: str
-
-
-def _field(body: dict, name: str, kinds: tuple, default: Any, what: str) -> Any:
-    if name not in body:
-        return default
-    value = body[name]
-    # bool is an int in Python; a JSON true is not a number here.
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise RequestError(400, f"'{name}' must be {what}, got {json.dumps(value)}", name)
-    if float in kinds and not -1e308 <= value <= 1e308:  # NaN, infinities, integers beyond float range
-        raise RequestError(400, f"'{name}' must be {what}, got {str(value)[:40]}", name)
-    return value
-
-
-def parse_completion(raw: bytes, tokenizer: Tokenizer, engine: Engine, limits: ServeConfig,
-                     model_name: str) -> Completion:
-    """Validate a /v1/completions body; raise RequestError naming the offending field."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(400, f"request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise RequestError(400, "request body must be a JSON object")
-    unknown = sorted(set(body) - set(FIELDS))
-    if unknown:
-        raise RequestError(400, f"unknown field(s) {unknown}; supported: {list(FIELDS)}", unknown[0])
-    if "prompt" not in body:
-        raise RequestError(400, "'prompt' is required", "prompt")
-    prompt = _field(body, "prompt", (str,), "", "a string")
-    max_tokens = _field(body, "max_tokens", (int,), 16, "an integer")
-    if not 1 <= max_tokens <= limits.max_new_tokens:
-        raise RequestError(400, f"'max_tokens' must be in [1, {limits.max_new_tokens}], got {max_tokens}", "max_tokens")
-    temperature = _field(body, "temperature", (int, float), 1.0, "a number >= 0")
-    top_p = _field(body, "top_p", (int, float), 1.0, "a number in (0, 1]")
-    top_k = _field(body, "top_k", (int,), 0, "an integer >= 0")
-    if top_k >= 2 ** 31:
-        raise RequestError(400, f"'top_k' must be below 2^31, got {top_k}", "top_k")
-    seed = _field(body, "seed", (int, type(None)), None, "an integer in [0, 2^63)")
-    if seed is not None and not 0 <= seed < 2 ** 63:
-        raise RequestError(400, f"'seed' must be in [0, 2^63), got {seed}", "seed")
-    stream = _field(body, "stream", (bool,), False, "true or false")
-    stop = _field(body, "stop", (str, list, type(None)), None, "a string or a list of strings")
-    stop = [stop] if isinstance(stop, str) else (stop or [])
-    if len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError(400, f"'stop' must be up to {MAX_STOP_STRINGS} non-empty strings", "stop")
-    try:
-        sampling = SamplingParams(float(temperature), top_k, float(top_p), seed)
-    except ValueError as e:  # SamplingParams' messages start with "<field>="
-        param = str(e).split("=")[0]
-        raise RequestError(400, f"'{param}' is out of range: {e}", param) from None
-    try:
-        ids = encode_prompt(tokenizer, prompt)
-    except ValueError as e:  # text the tokenizer cannot encode
-        raise RequestError(400, str(e), "prompt") from None
-    if len(ids) >= engine.context:
-        raise RequestError(400, f"'prompt' is {len(ids)} tokens, the model's context is {engine.context}", "prompt")
-    if len(ids) + max_tokens > engine.context:
-        raise RequestError(400, f"prompt ({len(ids)} tokens) + 'max_tokens' ({max_tokens}) exceeds the model's "
-                                f"context of {engine.context} tokens", "max_tokens")
-    try:  # anything else the engine would refuse (e.g. token ids the model does not have)
-        engine.check(Request(ids, max_tokens, sampling))
-    except ValueError as e:
-        raise RequestError(400, str(e), "prompt") from None
-    model = _field(body, "model", (str,), model_name, "a string")
-    return Completion(ids, max_tokens, sampling, stop, stream, model)
+# path -> the method it answers; GET /v1/models/<name> too
+ROUTES = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET", "/health": "GET"}
 
 
 class Job:
-    """One completion on its way through the engine: tokens in, text deltas and the end out."""
+    """One choice on its way through the engine: tokens in; ("piece", index, Piece) events while
+    streaming, then ("done", index, (last Piece, finish reason)) or ("error", index, message) out, on
+    its request's queue. Only the engine worker touches it once queued."""
 
-    def __init__(self, completion: Completion, tokenizer: Tokenizer):
-        self.completion, self.tokenizer = completion, tokenizer
-        self.id = f"cmpl-{uuid.uuid4().hex}"
+    def __init__(self, request: CompletionRequest, index: int, table: TokenTable, eos_id: int,
+                 events: queue.Queue, cancelled: threading.Event, text_start: int):
+        self.request, self.index, self.table, self.eos_id = request, index, table, eos_id
+        self.events, self.cancelled = events, cancelled  # shared by the request's choices
+        self.text_start = text_start  # characters before the completion in the choice's text (the echo)
         self.tokens: list[int] = []
-        self.events: queue.Queue = queue.Queue()  # ("text", str) ... then ("done", Result) or ("error", str)
-        self.cancelled = threading.Event()  # the client went away
-        self.hit_stop_string = False
-        self._sent = 0  # characters of text already streamed
+        self.logprobs: list[TokenLogprob] = []
+        self.offsets: list[int] = []  # each token's first character in the completion
+        self.chars = 0
+        self.stop_at: Optional[int] = None  # where the first stop string begins
+        self._sent_chars = self._sent_tokens = 0
 
-    def text(self, final: bool) -> str:
-        """The completion text so far, cut at the first stop string. Before the end, hold back what may
-        still turn into a stop string or is an incomplete UTF-8 sequence."""
-        text = completion_text(self.tokenizer, self.completion.prompt_ids, self.tokens)
-        cuts = [i for i in (text.find(s) for s in self.completion.stop) if i >= 0]
+    def engine_request(self) -> Request:
+        r = self.request
+        sampling = r.sampling.for_sample(self.index % r.n)  # each of the n samples has its own random stream
+        return Request(r.prompts[self.index // r.n], r.max_tokens, sampling, (self.eos_id,), self.on_tokens,
+                       r.logprobs)
+
+    def _text(self, final: bool) -> str:
+        """The completion so far, cut at the first stop string. Before the end, hold back what may still
+        turn into a stop string or is an incomplete UTF-8 sequence."""
+        text = self.table.decode(self.tokens)
+        cuts = [i for i in (text.find(s) for s in self.request.stop) if i >= 0]
         if cuts:
-            self.hit_stop_string = True
-            return text[:min(cuts)]
+            self.stop_at = min(cuts)
+            return text[:self.stop_at]
         if not final:
             text = text.rstrip("\ufffd")
-            hold = max((len(s) for s in self.completion.stop), default=1) - 1
+            hold = max((len(s) for s in self.request.stop), default=1) - 1
             text = text[:len(text) - hold] if hold else text
         return text
 
-    def on_tokens(self, tokens: list[int]) -> bool:
+    def _piece(self, text: str, final: bool) -> Piece:
+        """The text not yet sent, with the tokens that begin in it (at the end: all tokens before a stop string)."""
+        end = len(self.tokens) if final and self.stop_at is None else bisect.bisect_left(self.offsets, len(text))
+        start, self._sent_tokens = self._sent_tokens, max(self._sent_tokens, end)
+        piece = Piece(text[self._sent_chars:], self.tokens[start:end], self.logprobs[start:end],
+                      [self.text_start + o for o in self.offsets[start:end]])
+        self._sent_chars = max(self._sent_chars, len(text))
+        return piece
+
+    def on_tokens(self, tokens: list[int], logprobs: list[TokenLogprob]) -> bool:
         """Called by the engine worker; False ends this sequence."""
         if self.cancelled.is_set():
             return False
-        self.tokens.extend(tokens)
-        if self.completion.stream or self.completion.stop:
-            text = self.text(final=False)
-            if self.completion.stream and len(text) > self._sent:
-                self.events.put(("text", text[self._sent:]))
-                self._sent = len(text)
-        return not self.hit_stop_string
+        for token in tokens:
+            self.offsets.append(self.chars)
+            self.chars += self.table.chars[token]
+        self.tokens += tokens
+        self.logprobs += logprobs
+        if self.request.stream or self.request.stop:
+            text = self._text(final=False)
+            if self.request.stream and len(text) > self._sent_chars:
+                self.events.put(("piece", self.index, self._piece(text, final=False)))
+        return self.stop_at is None
 
-    def rest_of_text(self) -> str:
-        text = self.text(final=True)
-        rest, self._sent = text[self._sent:], len(text)
-        return rest
+    def finish(self, result: Result) -> None:
+        reason = "stop" if result.finish_reason == "stop" or self.stop_at is not None else "length"
+        self.events.put(("done", self.index, (self._piece(self._text(final=True), final=True), reason)))
 
-    def request(self) -> Request:
-        c = self.completion
-        return Request(c.prompt_ids, c.max_tokens, c.sampling, (self.tokenizer.eos_id,), self.on_tokens)
 
-    def finish_reason(self, result: Result) -> str:
-        return "stop" if result.finish_reason == "stop" or self.hit_stop_string else "length"
+@dataclass
+class ScoreJob:
+    """Echo with logprobs: the prompts' token log-probabilities, as one ("scored", None, lists) event."""
+
+    prompts: list[list[int]]
+    top_n: int
+    events: queue.Queue
+    cancelled: threading.Event
 
 
 @dataclass
 class Counters:
-    completed: int = 0
+    completed: int = 0  # choices
     aborted: int = 0
     active: int = 0  # sequences in the batch being decoded
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -177,13 +128,13 @@ class Counters:
 
 class EngineWorker(threading.Thread):
     """The one thread that runs the model, with continuous batching: between decoding steps, waiting
-    requests are prefilled and join the running batch (up to max_batch_size sequences), and finished
-    sequences leave it."""
+    prompts are scored, waiting choices are prefilled and join the running batch (up to max_batch_size
+    sequences), and finished sequences leave it."""
 
     def __init__(self, engine: Engine, max_batch_size: int):
         super().__init__(daemon=True, name="engine-worker")
         self.engine, self.max_batch_size = engine, max_batch_size
-        self.jobs: queue.Queue = queue.Queue()  # Job, or None to stop
+        self.jobs: queue.Queue = queue.Queue()  # Job or ScoreJob, or None to stop
         self.counters = Counters()
         self.stats = DecodeStats(engine.k)  # over everything served
 
@@ -197,13 +148,17 @@ class EngineWorker(threading.Thread):
         running: list[tuple[Job, Result]] = []
         stopping = False
         while not (stopping and not running):
-            new = [] if stopping else self._take(block=not running, room=self.max_batch_size - len(running))
-            stopping = stopping or None in new
-            new = [job for job in new if job is not None and not job.cancelled.is_set()]
+            taken = [] if stopping else self._take(block=not running, room=self.max_batch_size - len(running))
+            stopping = stopping or None in taken
+            taken = [job for job in taken if job is not None and not job.cancelled.is_set()]
+            for job in taken:
+                if isinstance(job, ScoreJob):
+                    self._score(job)
+            new = [job for job in taken if isinstance(job, Job)]
             at_risk = [job for job, _ in running] + new
             try:
                 if new:
-                    started, results = self.engine.start([job.request() for job in new])
+                    started, results = self.engine.start([job.engine_request() for job in new])
                     running += zip(new, results)
                     if batch is None or not batch.size:
                         batch = started
@@ -213,20 +168,29 @@ class EngineWorker(threading.Thread):
                     self.engine.step(batch, self.stats)
             except Exception as e:  # keep serving; every client of the batch hears about it
                 for job in at_risk:
-                    job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
+                    job.events.put(("error", job.index, f"generation failed: {type(e).__name__}: {e}"))
+                if batch is not None:
+                    batch.keep(torch.zeros(0, dtype=torch.long))  # drop every row (and a static engine's slots)
                 batch, running = None, []
             self.counters.active = batch.size if batch is not None else 0
             running = self._finish(running)
 
-    def _take(self, block: bool, room: int) -> list[Optional[Job]]:
-        """Up to `room` waiting jobs; waits for one when `block` (nothing is running)."""
-        taken: list[Optional[Job]] = [self.jobs.get()] if block else []
-        while len(taken) < room and None not in taken:
+    def _take(self, block: bool, room: int) -> list[Any]:
+        """Waiting jobs, up to `room` of them choices (scoring takes no batch row); waits for one when
+        `block` (nothing is running)."""
+        taken: list[Any] = [self.jobs.get()] if block else []
+        while sum(isinstance(job, Job) for job in taken) < room and None not in taken:
             try:
                 taken.append(self.jobs.get_nowait())
             except queue.Empty:
                 break
         return taken
+
+    def _score(self, job: ScoreJob) -> None:
+        try:
+            job.events.put(("scored", None, self.engine.score(job.prompts, job.top_n)))
+        except Exception as e:
+            job.events.put(("error", None, f"scoring failed: {type(e).__name__}: {e}"))
 
     def _finish(self, running: list[tuple[Job, Result]]) -> list[tuple[Job, Result]]:
         """Tell the clients of finished sequences; return the others."""
@@ -238,7 +202,7 @@ class EngineWorker(threading.Thread):
             with self.counters.lock:
                 self.counters.completed += 1
                 self.counters.aborted += result.finish_reason == "aborted" and job.cancelled.is_set()
-            job.events.put(("done", result))
+            job.finish(result)
         return still
 
 
@@ -249,6 +213,8 @@ class CompletionServer(ThreadingHTTPServer):
     def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: ServeConfig, model_name: str,
                  host: str, port: int):
         self.engine, self.tokenizer, self.limits, self.model_name = engine, tokenizer, limits, model_name
+        self.table = TokenTable(tokenizer)
+        self.created = int(time.time())
         self.worker = EngineWorker(engine, limits.max_batch_size)
         self.worker.start()
         super().__init__((host, port), CompletionHandler)
@@ -262,55 +228,52 @@ def _finite(x: float) -> Optional[float]:
     return x if math.isfinite(x) else None  # JSON has no NaN
 
 
+class ServerError(Exception):
+    """The engine failed on a request (the worker keeps serving the others)."""
+
+
 class CompletionHandler(BaseHTTPRequestHandler):
     server: CompletionServer
     timeout = 60  # seconds a client may stall a read or a write before it counts as gone
+    _body_read = False
 
     def log_message(self, format: str, *args: Any) -> None:  # one line per request on stderr, no reverse DNS
         sys.stderr.write(f"{self.address_string()} {format % args}\n")
 
-    def _json(self, status: int, payload: dict) -> None:
+    def _json(self, status: int, payload: dict, headers: Optional[dict] = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
-    def _error(self, status: int, message: str, param: Optional[str] = None) -> None:
+    def _error(self, status: int, message: str, param: Optional[str] = None, headers: Optional[dict] = None) -> None:
+        self._discard_body()
         kind = "invalid_request_error" if status < 500 else "server_error"
-        self._json(status, {"error": {"message": message, "type": kind, "param": param, "code": None}})
+        code = "model_not_found" if status == 404 and param == "model" else None
+        self._json(status, {"error": {"message": message, "type": kind, "param": param, "code": code}}, headers)
 
-    def do_GET(self) -> None:
-        if self.path == "/health":
-            worker = self.server.worker
-            c, stats = worker.counters, worker.stats
-            speculative = {"draft_tokens": stats.draft_tokens, "tokens_per_forward": _finite(stats.tokens_per_forward),
-                           "acceptance": [_finite(a) for a in stats.acceptance]}
-            self._json(200, {"status": "ok", "model": self.server.model_name, "queued": worker.jobs.qsize(),
-                             "active": c.active, "completed": c.completed, "aborted": c.aborted,
-                             "speculative": speculative})
-        elif self.path == "/v1/completions":
-            self._error(405, "use POST for /v1/completions")
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """http.server's own errors (a malformed request line or headers, a method no do_* serves) as the
+        API's JSON errors."""
+        self.close_connection = True
+        if code == HTTPStatus.NOT_IMPLEMENTED:
+            self._error(405, f"method {self.command} is not allowed: the API answers GET and POST",
+                        headers={"Allow": "GET, POST"})
         else:
-            self._error(404, f"no route {self.path}: use POST /v1/completions or GET /health")
+            self._error(code, message or HTTPStatus(code).phrase)
 
-    def do_POST(self) -> None:
-        if self.path != "/v1/completions":
-            return self._error(404, f"no route {self.path}: use POST /v1/completions or GET /health")
-        try:
-            completion = parse_completion(self._body(), self.server.tokenizer, self.server.engine, self.server.limits,
-                                          self.server.model_name)
-        except RequestError as e:
-            return self._error(e.status, e.message, e.param)
-        except OSError:  # the client stalled or left while sending
-            return
-        job = Job(completion, self.server.tokenizer)
-        self.server.worker.jobs.put(job)
-        try:
-            self._stream(job) if completion.stream else self._respond(job)
-        except OSError:  # broken pipe, reset or stalled client
-            job.cancelled.set()  # the worker drops its row at the next token
+    def _discard_body(self) -> None:
+        """Read away a body not read yet (when small enough), so that the client can read our answer."""
+        headers = getattr(self, "headers", None)
+        length = headers.get("Content-Length", "") if headers is not None else ""
+        if not self._body_read and length.isdigit() and int(length) <= 4 * self.server.limits.max_body_bytes:
+            self._body_read = True
+            self.rfile.read(int(length))
 
     def _body(self) -> bytes:
         length = self.headers.get("Content-Length")
@@ -320,45 +283,144 @@ class CompletionHandler(BaseHTTPRequestHandler):
             raise RequestError(400, f"bad Content-Length {length!r}")
         limit = self.server.limits.max_body_bytes
         if int(length) > limit:
-            if int(length) <= 4 * limit:  # read it away so the client can read our answer
-                self.rfile.read(int(length))
             raise RequestError(413, f"request body is {length} bytes; the limit is {limit} (serve.max_body_bytes)")
+        self._body_read = True
         return self.rfile.read(int(length))
 
-    def _payload(self, job: Job, text: str, finish_reason: Optional[str]) -> dict:
-        return {"id": job.id, "object": "text_completion", "created": int(time.time()),
-                "model": job.completion.model,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+    def _route(self) -> None:
+        path = self.path.split("?", 1)[0]
+        allowed = ROUTES.get(path, "GET" if path.startswith("/v1/models/") else None)
+        if allowed is None:
+            routes = ", ".join(f"{method} {route}" for route, method in ROUTES.items())
+            return self._error(404, f"no route {path}: the routes are {routes}")
+        if self.command != allowed:
+            return self._error(405, f"use {allowed} for {path}", headers={"Allow": allowed})
+        if path == "/health":
+            self._health()
+        elif path.startswith("/v1/models"):
+            self._models(path)
+        else:
+            self._complete(chat=path == "/v1/chat/completions")
 
-    def _usage(self, job: Job) -> dict:
-        prompt = len(job.completion.prompt_ids)
-        return {"prompt_tokens": prompt, "completion_tokens": len(job.tokens), "total_tokens": prompt + len(job.tokens)}
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _route
 
-    def _respond(self, job: Job) -> None:
-        while True:
-            kind, value = job.events.get()
+    def _health(self) -> None:
+        worker = self.server.worker
+        c, stats = worker.counters, worker.stats
+        speculative = {"draft_tokens": stats.draft_tokens, "tokens_per_forward": _finite(stats.tokens_per_forward),
+                       "acceptance": [_finite(a) for a in stats.acceptance]}
+        self._json(200, {"status": "ok", "model": self.server.model_name, "queued": worker.jobs.qsize(),
+                         "active": c.active, "completed": c.completed, "aborted": c.aborted,
+                         "speculative": speculative})
+
+    def _models(self, path: str) -> None:
+        name = self.server.model_name
+        model = {"id": name, "object": "model", "created": self.server.created, "owned_by": "dsmtp",
+                 "max_model_len": self.server.engine.context}
+        if path == "/v1/models":
+            return self._json(200, {"object": "list", "data": [model]})
+        if path != f"/v1/models/{name}":
+            return self._error(404, f"model {path[len('/v1/models/'):]!r} is not served here; this server serves "
+                                    f"{name!r}", "model")
+        self._json(200, model)
+
+    def _complete(self, chat: bool) -> None:
+        server = self.server
+        try:
+            request = parse_request(self._body(), chat, server.tokenizer, server.engine, server.limits,
+                                    server.model_name)
+        except RequestError as e:
+            return self._error(e.status, e.message, e.param)
+        except OSError:  # the client stalled or left while sending
+            return
+        events, cancelled = queue.Queue(), threading.Event()
+        try:
+            echoes = self._echoes(request, events, cancelled)
+            text_start = [len(echo.text) if echo else 0 for echo in echoes]
+            generated = len(request.prompts) * request.n if request.max_tokens else 0  # 0: scoring only
+            jobs = [Job(request, i, server.table, server.tokenizer.eos_id, events, cancelled,
+                        text_start[i // request.n]) for i in range(generated)]
+            for job in jobs:
+                server.worker.jobs.put(job)
+            (self._stream if request.stream else self._respond)(request, echoes, jobs, events)
+        except ServerError as e:
+            cancelled.set()
+            self._error(500, str(e))
+        except OSError:  # broken pipe, reset or stalled client
+            cancelled.set()  # the worker drops the request's rows at their next token
+
+    def _echoes(self, request: CompletionRequest, events: queue.Queue,
+                cancelled: threading.Event) -> list[Optional[Piece]]:
+        """Per prompt, its echo (scored first when logprobs are asked for), or None without echo."""
+        if not request.echo:
+            return [None] * len(request.prompts)
+        scored: list[Optional[list[TokenLogprob]]] = [None] * len(request.prompts)
+        if request.logprobs is not None:
+            self.server.worker.jobs.put(ScoreJob(request.prompts, request.logprobs, events, cancelled))
+            kind, _, value = events.get()
             if kind == "error":
-                return self._error(500, value)
-            if kind == "done":
-                payload = self._payload(job, job.rest_of_text(), job.finish_reason(value))
-                return self._json(200, payload | {"usage": self._usage(job)})
+                raise ServerError(value)
+            scored = value
+        return [prompt_piece(ids, lp, self.server.table) for ids, lp in zip(request.prompts, scored)]
 
-    def _stream(self, job: Job) -> None:
+    def _outcomes(self, jobs: list[Job], events: queue.Queue):
+        """Yield (index, piece, finish reason or None) as the choices' events arrive, until all are done."""
+        done = 0
+        while done < len(jobs):
+            kind, index, value = events.get()
+            if kind == "error":
+                raise ServerError(value)
+            if kind == "piece":
+                yield index, value, None
+            else:
+                done += 1
+                yield index, *value
+
+    def _respond(self, request: CompletionRequest, echoes: list[Optional[Piece]], jobs: list[Job],
+                 events: queue.Queue) -> None:
+        count = len(request.prompts) * request.n
+        pieces = [echoes[i // request.n] or Piece() for i in range(count)]
+        reasons = ["length"] * count  # max_tokens 0: the prompt alone
+        completion_tokens = 0
+        for index, piece, reason in self._outcomes(jobs, events):
+            pieces[index] = pieces[index] + piece
+            reasons[index] = reason or reasons[index]
+            completion_tokens += len(piece.tokens)
+        choices = [choice(request, i, pieces[i], reasons[i], self.server.table) for i in range(count)]
+        prompt_tokens = sum(map(len, request.prompts))
+        self._json(200, answer(request, f"cmpl-{uuid.uuid4().hex}", int(time.time()), choices,
+                               usage(prompt_tokens, completion_tokens)))
+
+    def _stream(self, request: CompletionRequest, echoes: list[Optional[Piece]], jobs: list[Job],
+                events: queue.Queue) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
-        while True:
-            kind, value = job.events.get()
-            if kind == "text":
-                self._event(self._payload(job, value, None))
-            elif kind == "error":
-                self._event({"error": {"message": value, "type": "server_error", "param": None, "code": None}})
-                break
-            else:
-                final = self._payload(job, job.rest_of_text(), job.finish_reason(value))
-                self._event(final | {"usage": self._usage(job)})
-                break
+        request_id, created, started = f"cmpl-{uuid.uuid4().hex}", int(time.time()), set()
+
+        def send(index: int, piece: Piece, reason: Optional[str]) -> None:
+            kind = "next" if index in started else "first"
+            started.add(index)
+            chunk = choice(request, index, piece, reason, self.server.table, kind)
+            self._event(answer(request, request_id, created, [chunk], chunk=True))
+
+        count = len(request.prompts) * request.n
+        for index in range(count):
+            if echoes[index // request.n] is not None:
+                send(index, echoes[index // request.n], None if jobs else "length")
+        completion_tokens = 0
+        try:
+            for index, piece, reason in self._outcomes(jobs, events):
+                send(index, piece, reason)
+                completion_tokens += len(piece.tokens)
+        except ServerError as e:
+            self._event({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        else:
+            if request.include_usage:
+                prompt_tokens = sum(map(len, request.prompts))
+                self._event(answer(request, request_id, created, [], usage(prompt_tokens, completion_tokens),
+                                   chunk=True))
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
@@ -372,18 +434,36 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ckpt", required=True, help="checkpoint step dir, run out_dir, or HF export dir")
     parser.add_argument("--speculative", type=int, default=0, metavar="K", help="draft K tokens with the MTP modules")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--host", help="address to bind (serve.host; default 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, help="port (serve.port; default 8000, 0: any free port)")
+    parser.add_argument("--served-model-name", help="the model's name in the API (serve.served_model_name; "
+                                                    "default: the --ckpt path)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. serve.port=8001 or serve.max_batch_size=16")
+    parser.add_argument("--engine", choices=["static", "dynamic"], default=None,
+                        help="static: CUDA-graphed steps over a preallocated cache of serve.max_batch_size slots "
+                             "(default on CUDA); dynamic: the reference engine (default elsewhere)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the layers first: fewer, fused kernels per step (minutes of compiling)")
     args = parser.parse_args(argv)
+    # The flags are --set overrides (applied last, so they win), validated with the rest of the config.
+    flags = {"host": args.host, "port": args.port, "served_model_name": args.served_model_name}
+    overrides = args.set + [f"serve.{name}={json.dumps(value)}" for name, value in flags.items() if value is not None]
     try:
-        model, cfg, tokenizer = load(args.ckpt, args.device, overrides=args.set)
-        engine = Engine(model, args.speculative)
+        model, cfg, tokenizer = load(args.ckpt, args.device, overrides=overrides)
+        if args.compile:
+            model.compile_layers()
+        if (args.engine or ("static" if model.embed.weight.is_cuda else "dynamic")) == "static":
+            engine = StaticEngine(model, args.speculative, max_batch=cfg.serve.max_batch_size)
+        else:
+            engine = Engine(model, args.speculative)
     except (ValueError, OSError) as e:
         print(f"dsmtp serve: error: {e}", file=sys.stderr)
         return 2
-    server = CompletionServer(engine, tokenizer, cfg.serve, str(args.ckpt), cfg.serve.host, cfg.serve.port)
-    print(f"serving {args.ckpt} on http://{cfg.serve.host}:{server.server_address[1]} "
-          f"(speculative K={args.speculative})", flush=True)
+    name = cfg.serve.served_model_name or str(args.ckpt)
+    server = CompletionServer(engine, tokenizer, cfg.serve, name, cfg.serve.host, cfg.serve.port)
+    print(f"serving {args.ckpt} as {name!r} on http://{cfg.serve.host}:{server.server_address[1]} "
+          f"({type(engine).__name__}, speculative K={args.speculative})", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -97,6 +97,7 @@ class StaticEngine(Engine):
         self.top_p = torch.ones(max_batch, dtype=torch.float64, device=device)
         self.uniforms = torch.zeros(max_batch, 2 * k + 1, dtype=torch.float64, device=device)
         self.out = torch.zeros(max_batch, k + 2, dtype=torch.long, device=device)  # accepted, then new tokens
+        self.logits = torch.zeros(max_batch, k + 1, cfg.vocab_size, dtype=self.dtype, device=device)  # for logprobs
         self.generators: dict[int, torch.Generator] = {}  # per busy slot: its request's random stream
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.views = {b: self.cache.rows(b) for b in self.buckets}  # fixed per bucket: what graphs capture
@@ -140,7 +141,11 @@ class StaticEngine(Engine):
                              "wait for some to finish or raise max_batch")
         slots, self.free = self.free[:len(requests)], self.free[len(requests):]
         batch = SlotBatch(self, requests, slots)
-        self._prefill(batch)
+        try:
+            self._prefill(batch)
+        except BaseException:
+            batch.keep(torch.zeros(0, dtype=torch.long))
+            raise
         return batch, batch.results
 
     def _prefill(self, batch: SlotBatch) -> None:
@@ -158,7 +163,8 @@ class StaticEngine(Engine):
         n = torch.tensor(lengths, device=self.device)
         sampler = BatchSampler([r.sampling for r in batch.requests], self.device)
         last = h.gather(1, (n - 1).view(-1, 1, 1).expand(-1, 1, h.shape[-1]))
-        token = draw(sampler.probabilities(model.logits(last))[:, 0], sampler.uniforms(1)[:, 0])
+        logits = model.logits(last)
+        token = draw(sampler.probabilities(logits)[:, 0], sampler.uniforms(1)[:, 0])
         prompts.scatter_(1, n[:, None], token[:, None])
         hidden = [h]
         for depth in range(1, self.depths + 1):  # every depth over the prompt, as far as it reaches
@@ -178,7 +184,7 @@ class StaticEngine(Engine):
         self.temperature[slots] = sampler.temperature
         self.top_k[slots] = sampler.top_k
         self.top_p[slots] = sampler.top_p
-        self._emit(batch, [[t] for t in token.tolist()])
+        self._emit(batch, [[t] for t in token.tolist()], logits)
 
     # -- one decoding step
 
@@ -203,7 +209,7 @@ class StaticEngine(Engine):
                 self._step(bucket, sampled)
         out = self.out[batch.slots].tolist()  # the step's one read: accepted count and the new tokens
         stats.record([row[0] for row in out], self.k)
-        self._emit(batch, [row[1:row[0] + 2] for row in out])
+        self._emit(batch, [row[1:row[0] + 2] for row in out], self.logits[batch.slots])
 
     def _graph(self, bucket: int, sampled: bool) -> torch.cuda.CUDAGraph:
         key = (bucket, sampled)
@@ -240,7 +246,9 @@ class StaticEngine(Engine):
         cos, sin = model.rope(cache.trunk.begin_at(positions))
         h = model.trunk(model.embed(seq.gather(1, positions)), cos, sin, cache.trunk.layers)[0]
         self.hidden[0][:b].scatter_(1, positions[..., None].expand_as(h), h)
-        p = self._distributions(model.logits(h), b, sampled)
+        logits = model.logits(h)
+        self.logits[:b] = logits
+        p = self._distributions(logits, b, sampled)
         if k:
             accepted, token = speculative.accept(drafts, q, p, u[:, k:])
         else:
