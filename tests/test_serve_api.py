@@ -12,6 +12,7 @@ import json
 import socket
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 
 import openai
@@ -24,6 +25,7 @@ from dsmtp.serve.loading import encode_prompt, load
 from dsmtp.serve.openai_api import CHAT_STOP, TokenTable, chat_prompt
 from dsmtp.serve.sampling import SamplingParams
 from dsmtp.serve.server import CompletionServer, main as serve_main
+from dsmtp.serve.static import StaticEngine
 from tests.serve_models import random_model, tiny_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -81,10 +83,11 @@ def assert_logprobs(logprobs, ids: list[int], first: int, reference: torch.Tenso
 # -- the engine's logprobs ------------------------------------------------------------------------
 
 
-def test_engine_logprobs_equal_full_forward():
+@pytest.mark.parametrize("engine_class", [Engine, partial(StaticEngine, max_batch=4)], ids=["dynamic", "static"])
+def test_engine_logprobs_equal_full_forward(engine_class):
     """float64, a random model (so drafts are accepted and rejected): every token that plain and
-    speculative decoding emit carries the log-probability and top 4 of a full forward at its position;
-    Engine.score gives those of every prompt token after the first, for a ragged batch."""
+    speculative decoding emit carries the log-probability and top 4 of a full forward at its position
+    (both engines); Engine.score gives those of every prompt token after the first, for a ragged batch."""
     model = random_model(tiny_config(mtp_depth=2))
     prompts = [[3, 4, 5, 6, 7], [9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
 
@@ -99,7 +102,7 @@ def test_engine_logprobs_equal_full_forward():
 
     for k in (0, 3):
         requests = [Request(p, 12, SamplingParams(temperature=1.0, seed=i), logprobs=4) for i, p in enumerate(prompts)]
-        results, stats = Engine(model, k).generate(requests)
+        results, stats = engine_class(model, k).generate(requests)
         if k:
             assert 0.05 < stats.acceptance[0] < 0.95
         for p, r in zip(prompts, results):
@@ -457,3 +460,27 @@ def test_load(trained_ckpt, tmp_path):
     assert sent == {k.name for k in valid + malformed}  # every kind was tried under load
     assert all(r.status is not None and r.status < 500 for r in result.records)
     assert "Traceback" not in log.read_text()
+
+
+def test_a_static_engine_serves_the_same_answers(served, trained_ckpt):
+    """The server on the static engine (the default on CUDA, eager here) answers as on the dynamic one:
+    greedy text with logprobs, and n seeded samples."""
+    client, _, _, _, _ = served
+    model, cfg, tokenizer = load(trained_ckpt)
+    cfg.serve.max_new_tokens, cfg.serve.max_batch_size = 64, 4
+    srv = CompletionServer(StaticEngine(model, K, max_batch=4), tokenizer, cfg.serve, "tiny", "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        static = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key="none",
+                               max_retries=0, timeout=120)
+        for request in ({"prompt": "the quick", "max_tokens": 12, "logprobs": 2},
+                        {"prompt": ["over", "lazy dog"], "max_tokens": 8, "n": 2, "temperature": 1.0, "seed": 5}):
+            want, got = (c.completions.create(model="tiny", **request) for c in (client, static))
+            assert [c.text for c in got.choices] == [c.text for c in want.choices]
+            if request.get("logprobs"):
+                assert got.choices[0].logprobs.tokens == want.choices[0].logprobs.tokens
+                assert got.choices[0].logprobs.token_logprobs == pytest.approx(
+                    want.choices[0].logprobs.token_logprobs, abs=TOLERANCE)
+    finally:
+        srv.shutdown()
+        srv.server_close()
