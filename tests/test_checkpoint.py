@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from dsmtp import checkpoint
+from dsmtp.checkpoint import CheckpointError, load_model
 from dsmtp.model import moe_layers
-from dsmtp.train import checkpoint
-from dsmtp.train.checkpoint import CheckpointError, load_model
 from dsmtp.train.trainer import Trainer
 from tests.train_helpers import prepare_tiny_corpus, tiny_config
 
@@ -40,14 +39,20 @@ def test_layout_and_load_model(tmp_path, trained):
     assert (root / "latest").read_text().strip() == "step_00000004"
     ckpt = root / "step_00000004"
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "config.yaml", "manifest.json", "model.safetensors", "optimizer.pt", "tokenizer.model", "trainer_state.pt"]
+        "config.yaml", "index.json", "manifest.json", "shards", "tokenizer.model", "trainer_state.pt"]
+    assert [p.name for p in (ckpt / "shards").iterdir()] == ["rank00000.safetensors"]  # one process, one shard
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["step"] == 4 and manifest["tokens"] == 4 * 64
     assert manifest["tokenizer_sha256"] == checkpoint.sha256_file(trained.data.tokenizer_path)
-    tensors = load_file(str(ckpt / "model.safetensors"))
+    stored = checkpoint.StoredTensors(ckpt)
+    tensors = {n[len("model/"):]: stored.read(n) for n in stored.tensors if n.startswith("model/")}
     assert "layers.1.ffn.router.expert_bias" in tensors and "mtp.1.layer.ffn.router.expert_bias" in tensors
     assert all(t.dtype == torch.float32 for t in tensors.values())
     assert not any(k.endswith("_extra_state") for k in tensors)
+    # the optimizer state by parameter name, and Adam's step once
+    assert int(stored.read("optim/step")) == 4
+    for name, p in trained.model.named_parameters():
+        assert torch.equal(stored.read(f"optim/{name}/exp_avg"), trained.optimizer.state[p]["exp_avg"]), name
 
     for where in (tmp_path / "run", ckpt):  # a run directory resolves `latest`
         model, cfg = load_model(where)
@@ -75,34 +80,45 @@ def test_refuses_other_tokenizer(tmp_path, make_trainer, trained):
         make_trainer(data=other)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
-def test_refuses_corrupted_checkpoint(tmp_path, make_trainer, trained, damage):
-    target = tmp_path / "run/checkpoints/step_00000004/model.safetensors"
-    data = target.read_bytes()
+def damage_checkpoint(ckpt, damage: str) -> str:
+    """Damage a checkpoint's shard file; returns the error a reader of the damaged part must give."""
+    target = ckpt / "shards/rank00000.safetensors"
+    data = bytearray(target.read_bytes())
+    chunks = json.loads((ckpt / "index.json").read_text())["tensors"]
+    at = {"flip": chunks["model/embed.weight"]["chunks"][0]["begin"] + 5,  # inside a model tensor
+          "flip_optimizer": chunks["optim/embed.weight/exp_avg_sq"]["chunks"][0]["begin"] + 5,
+          "header": 20}.get(damage)  # inside the safetensors header's JSON
     if damage == "truncate":
         target.write_bytes(data[: len(data) // 2])
-    elif damage == "flip":
-        target.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-    else:
+    elif damage == "delete":
         target.unlink()
-    expected = "is missing" if damage == "delete" else "does not match the sha256"
+    else:
+        data[at] ^= 1
+        target.write_bytes(data)
+    return "is missing" if damage == "delete" else "does not match the sha256"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "flip_optimizer", "header", "delete"])
+def test_refuses_corrupted_checkpoint(tmp_path, make_trainer, trained, damage):
+    expected = damage_checkpoint(tmp_path / "run/checkpoints/step_00000004", damage)
     with pytest.raises(CheckpointError, match=expected):
         make_trainer()
-    with pytest.raises(CheckpointError, match=expected):
-        load_model(tmp_path / "run")
+    if damage != "flip_optimizer":  # inference reads the model's tensors only
+        with pytest.raises(CheckpointError, match=expected):
+            load_model(tmp_path / "run")
 
 
 def test_crash_between_files_keeps_previous_checkpoint(tmp_path, make_trainer, trained, monkeypatch):
     write_file = checkpoint.write_file
 
-    def crash_on_optimizer(path, write):
-        if path.name == "optimizer.pt":
+    def crash_on_trainer_state(path, write):
+        if path.name == "trainer_state.pt":
             raise KeyboardInterrupt("simulated crash while writing a checkpoint")
         write_file(path, write)
 
     trainer = make_trainer(steps=6, save_interval=2, eval_interval=100)
     assert trainer.step == 4
-    monkeypatch.setattr(checkpoint, "write_file", crash_on_optimizer)
+    monkeypatch.setattr(checkpoint, "write_file", crash_on_trainer_state)
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
     monkeypatch.undo()

@@ -17,6 +17,7 @@ import urllib.request
 import pytest
 import torch
 
+from dsmtp.checkpoint import CheckpointError, step_dir_name
 from dsmtp.convert.export_hf import export
 from dsmtp.serve import speculative
 from dsmtp.serve.cache import ModelCache
@@ -25,7 +26,6 @@ from dsmtp.serve.generate import main as generate_main
 from dsmtp.serve.loading import completion_text, encode_prompt, load
 from dsmtp.serve.sampling import BatchSampler, SamplingParams, draw
 from dsmtp.serve.server import CompletionServer
-from dsmtp.train.checkpoint import step_dir_name
 from tests.serve_models import random_model, tiny_config, train_checkpoint
 
 RAGGED_PROMPTS = [[3, 4, 5, 6, 7], [9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
@@ -341,7 +341,7 @@ def test_generate_cli(trained_ckpt, capsys):
     (out_dir / "checkpoints" / "latest").write_text(f"../../{trained_ckpt.name}\n")
     model, cfg, _ = load(out_dir)
     assert cfg.model.mtp_depth == 2 and torch.equal(model.head.weight, load(trained_ckpt)[0].head.weight)
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match="not a dsmtp checkpoint"):
         load(trained_ckpt.parent)
 
 

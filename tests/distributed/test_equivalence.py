@@ -2,7 +2,7 @@
 
 Each test runs K=3 optimizer steps of a tiny MoE model (group-limited routing, aux loss on, MTP D=2,
 gradient accumulation 2, clipping active, router bias updates) under torchrun and compares the main
-and per-depth MTP losses, the gradient norm and the consolidated parameters (router biases included)
+and per-depth MTP losses, the gradient norm and the saved parameters (router biases included)
 with `common.reference_run`, a plain single-process PyTorch loop.
 """
 
@@ -72,8 +72,9 @@ def test_layout_matches_single_process(name, reference, reference_after_k, tmp_p
     assert_same_parameters(result["state"], reference_after_k)
 
 
-def test_resume_consolidated_checkpoint_in_another_layout(reference, reference_after_k, tmp_path):
-    """Save at TP=2 x PP=2 after K steps, consolidate, resume at EP=2 x DP=2 for 2 more steps."""
+def test_resume_sharded_checkpoint_in_another_layout(reference, reference_after_k, tmp_path):
+    """Save at TP=2 x PP=2 after K steps (each rank its shard), resume at EP=2 x DP=2 for 2 more steps (each
+    rank reading only its slices)."""
     saved = run_layout(tmp_path / "tp2pp2", 4, {"tp": 2, "pp": 2})
     assert_same_training(saved, reference)
     assert_same_parameters(saved["state"], reference_after_k)
