@@ -130,10 +130,6 @@ def _remove(path: Path) -> None:
     shutil.rmtree(doomed)
 
 
-def _volume(sizes: Sequence[int]) -> int:
-    return math.prod(sizes)
-
-
 # ----------------------------------------------------------------------------------------------
 # What a process holds: chunks of full tensors
 
@@ -163,7 +159,7 @@ def flat_range_boxes(shape: tuple[int, ...], begin: int, end: int) -> list[tuple
         return []
     if len(shape) <= 1:
         return [(begin, (begin,) if shape else (), (end - begin,) if shape else ())]
-    inner = _volume(shape[1:])
+    inner = math.prod(shape[1:])
     boxes = []
     row, col = divmod(begin, inner)
     if col:  # a partial first row
@@ -234,7 +230,7 @@ def _chunk_key(name: str, offsets: Sequence[int]) -> str:
 
 
 def _rows_per_block(sizes: Sequence[int], itemsize: int) -> int:
-    return max(1, BLOCK_BYTES // max(1, itemsize * _volume(sizes[1:])))
+    return max(1, BLOCK_BYTES // max(1, itemsize * math.prod(sizes[1:])))
 
 
 def _row_count(sizes: Sequence[int]) -> int:
@@ -296,9 +292,9 @@ def _check_tiling(name: str, shape: Sequence[int], boxes: list[tuple[Sequence[in
             if all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(a_off, a_size, b_off, b_size)):
                 raise CheckpointError(f"two ranks hold different overlapping chunks of {name} (at {list(a_off)} and "
                                       f"{list(b_off)}): a bug in the engine's checkpoint state")
-    covered = sum(_volume(sizes) for _, sizes in boxes)
-    if covered != _volume(shape):
-        raise CheckpointError(f"the ranks hold {covered} of the {_volume(shape)} values of {name}: a part no rank "
+    covered = sum(math.prod(sizes) for _, sizes in boxes)
+    if covered != math.prod(shape):
+        raise CheckpointError(f"the ranks hold {covered} of the {math.prod(shape)} values of {name}: a part no rank "
                               "holds would be lost (a bug in the engine's checkpoint state)")
 
 
@@ -314,7 +310,7 @@ def _write_item(name: str, chunk: Chunk) -> WriteItem:
 
 
 def _item_bytes(item: WriteItem) -> int:
-    return _volume(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
+    return math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
 
 
 class _SavePlanner(SavePlanner):
@@ -698,7 +694,7 @@ class StoredTensors:
     def _rows(self, name: str, chunk: dict, first: int, stop: int) -> torch.Tensor:
         """Rows [first, stop) of a saved chunk (a 0-d chunk: the value), read in whole blocks, each checked."""
         dtype, sizes = self.dtype(name), chunk["sizes"]
-        row_bytes = _volume(sizes[1:]) * dtype.itemsize
+        row_bytes = math.prod(sizes[1:]) * dtype.itemsize
         per_block, count = chunk["rows_per_block"], _row_count(sizes)
         b0, b1 = first // per_block, -(-stop // per_block)
         begin = chunk["begin"] + b0 * per_block * row_bytes

@@ -201,15 +201,17 @@ def estimate(config: str, ranks: int, pp: int, ep: int, rank_gbps: float, aggreg
         raise SystemExit(f"--ranks {ranks} is not pp x dp with dp a multiple of ep")
     stage_of_layer = {i: s for s in range(pp) for i in stage_layers(m.num_layers, pp, s)}
     per_stage = [0] * pp
-    total = 0
+    total = chunks = blocks = 0
     for name, shape in our_shapes(m).items():
         nbytes = 12 * math.prod(shape)  # fp32 weight, Adam exp_avg and exp_avg_sq
         total += nbytes
+        slices = ep if ".experts.w" in name else 1  # a ZeRO-1 owner holds a whole slice's moments
+        chunks += 3 * slices
+        blocks += 3 * slices * math.ceil(nbytes / 3 / slices / (64 << 20))
         parts = name.split(".")
         stage = stage_of_layer[int(parts[1])] if parts[0] == "layers" else 0 if parts[0] == "embed" else pp - 1
         per_stage[stage] += nbytes  # experts: ep ranks of a stage split them, dp / ep replicas share the writes
     per_rank = max(per_stage) / dp
-    blocks_per_rank = per_rank / (64 << 20)
     write_s = max(per_rank / (rank_gbps * 1e9), total / (aggregate_gbps * 1e9))
     hash_s = per_rank / 1.74e9  # sha256 with SHA-NI, measured on the dev machine, one core per rank
     rows = [("config", config), ("layout", f"{ranks} ranks = PP {pp} x DP {dp}, EP {ep} (TP 1, ZeRO-1)"),
@@ -218,7 +220,8 @@ def estimate(config: str, ranks: int, pp: int, ep: int, rank_gbps: float, aggreg
             ("largest / smallest stage", f"{max(per_stage) / 1e12:.3f} / {min(per_stage) / 1e12:.3f} TB"),
             ("bytes per rank (slowest stage)", f"{per_rank / 1e9:.1f} GB"),
             ("files", f"{ranks} shards + index.json, manifest.json, config.yaml, tokenizer.model, trainer_state.pt"),
-            ("sha256 blocks per rank (64 MiB)", f"{blocks_per_rank:,.0f}"),
+            ("chunks, sha256 blocks (64 MiB) in index.json", f"{chunks:,}, {blocks:,} (about "
+                                                             f"{(chunks * 200 + blocks * 70) / 1e6:.0f} MB of JSON)"),
             (f"write time at {rank_gbps} GB/s per rank, {aggregate_gbps} GB/s in all", f"{write_s:.0f} s"),
             ("hashing (not overlapped with the write)", f"+{hash_s:.0f} s"),
             ("before: rank 0 alone", f"{total / 1e12:.2f} TB through one process")]
