@@ -9,11 +9,12 @@
 
 A MoE model of about 40M parameters (~0.5 GB of fp32 weights and Adam moments) trains one step with
 4 processes in the save layout (DeepSpeed ZeRO-1, EP=2 x DP=4) and saves a checkpoint; a second torchrun
-resumes it in the native engine at TP=2 x PP=2. Each rank resets its peak RSS (Linux VmHWM) right before
-the save and right before the load, and writes a JSON record: RSS before, peak during, seconds, the bytes
-of model and optimizer tensors it holds, and the size of the shard file it wrote (sharded code). The
-table is made from those files. The script drives only the trainer's public methods (train_step, save,
-and the resume its constructor does), so it runs unchanged against the code before sharded checkpoints.
+resumes it in the native engine at TP=2 x PP=2 (the checkpoint lives in a temporary directory). Each rank
+resets its peak RSS (Linux VmHWM) right before the save and right before the load, and writes a JSON
+record to --out: RSS before, peak during, seconds, the bytes of model and optimizer tensors it holds, and
+the size of the shard file it wrote (sharded code). The table is made from those files. The script
+drives only the trainer's public methods (train_step, save, and the resume its constructor does), so it
+runs unchanged against the code before sharded checkpoints.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,7 +71,7 @@ def held_bytes(trainer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def worker(phase: str, out: Path) -> None:
+def worker(phase: str, out: Path, work: Path) -> None:
     from dsmtp.config import load_config
     from dsmtp.parallel import topology
     from dsmtp.train.distributed import DistributedTrainer
@@ -77,7 +79,7 @@ def worker(phase: str, out: Path) -> None:
 
     layout = SAVE_LAYOUT if phase == "save" else RESUME_LAYOUT
     sets = {**{f"model.{k}": v for k, v in MODEL.items()}, **{f"train.{k}": v for k, v in TRAIN.items()},
-            "train.out_dir": str(out / "run"), **layout}
+            "train.out_dir": str(work / "run"), **layout}
     cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()])
     lay = topology.init_distributed(cfg)
     torch.set_num_threads(1)
@@ -107,7 +109,7 @@ def worker(phase: str, out: Path) -> None:
             record.update(peak=status("VmHWM"), seconds=time.perf_counter() - start, held=held_bytes(self))
 
     data = Data(train=RandomBatches(), val=[], val_tokens=torch.zeros(1, dtype=torch.long),
-                tokenizer_path=out / "tokenizer.model", unigram_baseline={})
+                tokenizer_path=work / "tokenizer.model", unigram_baseline={})
     trainer = Measured(cfg, data=data, resume="require" if phase == "resume" else "auto")
     if phase == "save":
         trainer.train_step()
@@ -115,30 +117,33 @@ def worker(phase: str, out: Path) -> None:
         start = time.perf_counter()
         trainer.save()
         record.update(peak=status("VmHWM"), seconds=time.perf_counter() - start)
-        shard = out / "run" / "checkpoints" / "step_00000001" / "shards" / f"rank{lay.rank:05d}.safetensors"
+        shard = work / "run" / "checkpoints" / "step_00000001" / "shards" / f"rank{lay.rank:05d}.safetensors"
         record["shard"] = shard.stat().st_size if shard.is_file() else None
     (out / f"{phase}_rank{lay.rank}.json").write_text(json.dumps(record))
     topology.shutdown()
 
 
 def run(out: Path) -> None:
+    """Both torchruns, with the checkpoint in a temporary directory; the records go to `out`."""
     from dsmtp.config import ModelConfig
     from dsmtp.convert.names import our_shapes
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    (out / "tokenizer.model").write_bytes(b"a stand-in: trainers copy and hash it, nothing reads it")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     code = env.get("PYTHONPATH", "").split(os.pathsep)[0] or "."
     commit = subprocess.run(["git", "-C", code, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
-    for phase in ("save", "resume"):
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-                        __file__, "--phase", phase, "--out", str(out)], env=env, check=True, timeout=1800)
-    files = [p for p in (out / "run" / "checkpoints").rglob("*") if p.is_file()]
-    (out / "run.json").write_text(json.dumps({
-        "code": os.path.abspath(code), "commit": commit.strip(), "machine": machine(),
-        "parameters": sum(math.prod(s) for s in our_shapes(ModelConfig(**MODEL)).values()),
-        "checkpoint_bytes": sum(p.stat().st_size for p in files), "checkpoint_files": len(files)}))
+    with tempfile.TemporaryDirectory(prefix="dsmtp-ckpt-memory-") as work:
+        (Path(work) / "tokenizer.model").write_bytes(b"a stand-in: trainers copy and hash it, nothing reads it")
+        for phase in ("save", "resume"):
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                            __file__, "--phase", phase, "--out", str(out), "--work", work], env=env, check=True,
+                           timeout=1800)
+        files = [p for p in (Path(work) / "run" / "checkpoints").rglob("*") if p.is_file()]
+        (out / "run.json").write_text(json.dumps({
+            "code": os.path.abspath(code), "commit": commit.strip(), "machine": machine(),
+            "parameters": sum(math.prod(s) for s in our_shapes(ModelConfig(**MODEL)).values()),
+            "checkpoint_bytes": sum(p.stat().st_size for p in files), "checkpoint_files": len(files)}))
 
 
 def machine() -> str:
@@ -233,6 +238,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="directory for the run's checkpoint and per-rank records")
     parser.add_argument("--phase", choices=["save", "resume"], help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--table", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
     parser.add_argument("--estimate", metavar="CONFIG")
     parser.add_argument("--ranks", type=int, default=256)
@@ -242,7 +248,7 @@ def main() -> int:
     parser.add_argument("--aggregate-gbps", type=float, default=100.0, help="the file system's total, GB/s")
     args = parser.parse_args()
     if args.phase:
-        worker(args.phase, args.out)
+        worker(args.phase, args.out, args.work)
     elif args.table:
         print(table(*args.table))
     elif args.estimate:
