@@ -151,7 +151,8 @@ def whole(tensor: torch.Tensor) -> Chunk:
     return Chunk(tensor, (0,) * tensor.dim(), tuple(tensor.shape))
 
 
-def flat_range_boxes(shape: tuple[int, ...], begin: int, end: int) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
+def flat_range_boxes(shape: tuple[int, ...], begin: int,
+                     end: int) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
     """The boxes that the flat range [begin, end) of a row-major tensor of `shape` covers, in order, each as
     (flat index where it starts, offsets, sizes): a partial first row, whole rows, a partial last row, the
     partial rows split the same way one dimension down. Each box is contiguous in the flat order."""
@@ -164,7 +165,8 @@ def flat_range_boxes(shape: tuple[int, ...], begin: int, end: int) -> list[tuple
     row, col = divmod(begin, inner)
     if col:  # a partial first row
         stop = min(end, (row + 1) * inner)
-        boxes += [(row * inner + at, (row, *o), (1, *s)) for at, o, s in flat_range_boxes(shape[1:], col, stop - row * inner)]
+        boxes += [(row * inner + at, (row, *o), (1, *s))
+                  for at, o, s in flat_range_boxes(shape[1:], col, stop - row * inner)]
         begin, row = stop, row + 1
     rows = (end - begin) // inner if begin < end else 0
     if rows:
@@ -341,8 +343,9 @@ class _SavePlanner(SavePlanner):
         for rank, plan in enumerate(plans):
             for item in plan.items:
                 if items.setdefault(item.index, item).tensor_data != item.tensor_data:
-                    raise CheckpointError(f"ranks hold different chunks of {item.index.fqn} at {list(item.index.offset)}: "
-                                          f"{items[item.index].tensor_data} vs {item.tensor_data}")
+                    raise CheckpointError(f"ranks hold different chunks of {item.index.fqn} at "
+                                          f"{list(item.index.offset)}: {items[item.index].tensor_data} vs "
+                                          f"{item.tensor_data}")
                 holders.setdefault(item.index, []).append(rank)
         written, writer = [0] * len(plans), {}
         for index in sorted(items, key=lambda i: -_item_bytes(items[i])):
@@ -393,8 +396,8 @@ class _ShardWriter(StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         results = []
         if plan.items:
-            chunks = [(i.index.fqn, tuple(i.index.offset), tuple(i.tensor_data.chunk.sizes), i.tensor_data.properties.dtype)
-                      for i in plan.items]
+            chunks = [(i.index.fqn, tuple(i.index.offset), tuple(i.tensor_data.chunk.sizes),
+                       i.tensor_data.properties.dtype) for i in plan.items]
             shard = _ShardFile(self.folder / SHARDS / plan.storage_data, chunks)
             try:
                 for item in plan.items:  # one chunk on the host at a time
@@ -403,9 +406,8 @@ class _ShardWriter(StorageWriter):
                 shard.abort()
                 raise
             file = shard.close()
-            results = [WriteResult(index=i.index, size_in_bytes=_item_bytes(i),
-                                   storage_data={**shard.records[(i.index.fqn, tuple(i.index.offset))], "file_entry": file})
-                       for i in plan.items]
+            results = [WriteResult(index=i.index, size_in_bytes=_item_bytes(i), storage_data={
+                **shard.records[(i.index.fqn, tuple(i.index.offset))], "file_entry": file}) for i in plan.items]
         future: Future = Future()
         future.set_result(results)
         return future

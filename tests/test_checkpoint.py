@@ -238,7 +238,7 @@ def test_any_chunking_saves_and_loads_any_other(tmp_path, monkeypatch):
     shard.write_bytes(data)
     fresh = checkpoint.StoredTensors(ckpt)
     assert torch.equal(fresh.read("model/a", (0, 0), (3, 5)), full["model/a"][:3])
-    with pytest.raises(CheckpointError, match=r"does not match the sha256 .*block 1 of the chunk of model/a at \[0, 0\]"):
+    with pytest.raises(CheckpointError, match=r"sha256 .*block 1 of the chunk of model/a at \[0, 0\]"):
         fresh.read("model/a", (3, 0), (1, 5))
 
     gap = split(4)

@@ -79,7 +79,8 @@ def test_torchrun_script_trains_like_one_process(corpus, single_process, tmp_pat
     # The saved optimizer state is the single-process one (same parameters, same moments, same step).
     got = checkpoint.StoredTensors(checkpoint.latest_checkpoint(out))
     want = checkpoint.StoredTensors(checkpoint.latest_checkpoint(single_process))
-    assert sorted(n for n in got.tensors if n.startswith("optim/")) == sorted(n for n in want.tensors if n.startswith("optim/"))
+    optim = sorted(n for n in want.tensors if n.startswith("optim/"))
+    assert sorted(n for n in got.tensors if n.startswith("optim/")) == optim
     for name in (n for n in want.tensors if n.endswith("/exp_avg")):
         assert relative_error(got.read(name), want.read(name)) < 1e-4, name
     assert int(got.read("optim/step")) == int(want.read("optim/step")) == STEPS
