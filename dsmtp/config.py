@@ -16,7 +16,10 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import yaml
 
 
+MTP_KINDS = ("sequential", "parallel")
+MTP_DEPTH_WEIGHT_SCHEMES = ("uniform", "linear", "exponential")
 MAX_EXPERTS = 2**15 - 1  # routed expert ids are sorted as int16 (dsmtp.model.moe.sort_pairs_by_expert)
+TRACKERS = ("jsonl", "tensorboard", "wandb")  # train.trackers' names (writers: dsmtp.train.trackers)
 
 
 class ConfigError(ValueError):
@@ -61,7 +64,10 @@ class ModelConfig:
     rope_scaling: Optional[YarnConfig] = None
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-6
-    mtp_depth: int = 1  # D: number of sequential MTP modules; 0 = plain next-token training
+    mtp_depth: int = 1  # D: extra tokens predicted (MTP depths); 0 = plain next-token training
+    # sequential: DeepSeek-V3's modules, depth k fed the embedding of token i+k; parallel: Gloeckle et
+    # al.'s independent heads on the trunk's final hidden state (dsmtp.model.mtp).
+    mtp_kind: str = "sequential"
     init_std: float = 0.006
 
     @property
@@ -123,6 +129,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     # Piecewise-constant schedules over tokens seen: [[from_tokens, value], ...] starting at 0.
     mtp_weight_schedule: list[list[float]] = field(default_factory=lambda: [[0, 0.3]])
+    # Per-depth weights w_k in lambda * sum_k w_k L_k / sum_k w_k: uniform (DeepSeek-V3), linear
+    # (D, D-1, .., 1), exponential (1/2^(k-1)), or a list of model.mtp_depth numbers.
+    mtp_depth_weights: Union[str, list[float]] = "uniform"
+    # Parallel heads only: run each head's forward and backward before the next head's forward, so peak
+    # memory holds one head's activations and logits instead of D (Gloeckle et al., Figure 2).
+    mtp_heads_one_at_a_time: bool = False
     bias_update_schedule: list[list[float]] = field(default_factory=lambda: [[0, 0.001]])
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp8
     # Recompute every N-th transformer layer in backward instead of keeping its activations (0: none,
@@ -139,6 +151,9 @@ class TrainConfig:
     # CUDA): the host launches one graph instead of thousands of kernels. small.yaml on an H200: -1.3%
     # step time, same arithmetic as eager (tests/gpu/test_gpu_train.py).
     cuda_graph: bool = False
+    # Where the training and eval records go: metrics.jsonl always; "tensorboard" and "wandb" add writers
+    # of the same records (dsmtp.train.trackers; pip install 'dsmtp[tracking]').
+    trackers: list[str] = field(default_factory=lambda: ["jsonl"])
 
 
 @dataclass
@@ -166,9 +181,19 @@ class Config:
 def _coerce(value: Any, hint: Any, path: str) -> Any:
     """Turn a YAML value into the annotated type, or raise a ConfigError naming `path`."""
     origin = get_origin(hint)
-    if origin is Union:  # Optional[X]
+    if origin is Union:  # Optional[X], or one of several forms (the first that fits)
         args = [a for a in get_args(hint) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], path)
+        if value is None and len(args) < len(get_args(hint)):
+            return None
+        if len(args) == 1:
+            return _coerce(value, args[0], path)
+        for arg in args:
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError:
+                pass
+        forms = " or ".join("a list" if get_origin(a) is list else f"a {getattr(a, '__name__', a)}" for a in args)
+        raise ConfigError(f"{path}: expected {forms}, got {value!r}")
     if dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
@@ -310,6 +335,7 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.qk_rope_head_dim > 0 and m.qk_rope_head_dim % 2 == 0,
              f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be a positive even number (RoPE rotates pairs)")
     _require(m.mtp_depth >= 0, f"model.mtp_depth={m.mtp_depth} must be >= 0 (0 disables MTP)")
+    _require(m.mtp_kind in MTP_KINDS, f"model.mtp_kind={m.mtp_kind!r} must be one of {', '.join(MTP_KINDS)}")
     _require(0 <= m.first_k_dense_replace <= m.num_layers,
              f"model.first_k_dense_replace={m.first_k_dense_replace} must be in [0, num_layers={m.num_layers}]")
     _require(m.q_lora_rank is None or m.q_lora_rank > 0,
@@ -347,6 +373,24 @@ def validate_schedule(name: str, schedule: list[list[float]]) -> None:
     starts = [e[0] for e in schedule]
     _require(starts[0] == 0, f"train.{name} must start at 0 tokens, got {starts[0]}")
     _require(starts == sorted(starts), f"train.{name} must be sorted by from_tokens, got {starts}")
+
+
+def validate_mtp_training(m: ModelConfig, t: TrainConfig) -> None:
+    weights = t.mtp_depth_weights
+    if isinstance(weights, str):
+        _require(weights in MTP_DEPTH_WEIGHT_SCHEMES,
+                 f"train.mtp_depth_weights={weights!r} must be one of {', '.join(MTP_DEPTH_WEIGHT_SCHEMES)} or a "
+                 f"list of model.mtp_depth={m.mtp_depth} numbers")
+    else:
+        _require(len(weights) == m.mtp_depth,
+                 f"train.mtp_depth_weights has {len(weights)} numbers but model.mtp_depth={m.mtp_depth}: give one "
+                 "weight per depth, or a scheme (uniform, linear, exponential)")
+        _require(all(w >= 0 for w in weights) and (not weights or sum(weights) > 0),
+                 f"train.mtp_depth_weights={weights} must be >= 0 with a positive sum (they are normalised by it)")
+    _require(not t.mtp_heads_one_at_a_time or (m.mtp_kind == "parallel" and m.mtp_depth > 0),
+             f"train.mtp_heads_one_at_a_time=true needs model.mtp_kind=parallel with model.mtp_depth >= 1 (got "
+             f"mtp_kind={m.mtp_kind}, mtp_depth={m.mtp_depth}): sequential depths feed each other, so they cannot "
+             "run one at a time; set it to false")
 
 
 def validate(cfg: Config) -> None:
@@ -402,7 +446,12 @@ def validate(cfg: Config) -> None:
     _require(not t.cuda_graph or p.tp == p.pp == p.ep == 1,
              f"train.cuda_graph=true replays the single-process step, not a tp={p.tp} pp={p.pp} ep={p.ep} layout: "
              "set train.cuda_graph=false or parallel.tp, pp and ep to 1")
+    for i, name in enumerate(t.trackers):
+        _require(name in TRACKERS, f"train.trackers[{i}]={name!r} is not a tracker: choose from "
+                                   f"{', '.join(TRACKERS)} (jsonl is always written)")
+        _require(name not in t.trackers[:i], f"train.trackers lists {name!r} twice: list each tracker once")
     validate_schedule("mtp_weight_schedule", t.mtp_weight_schedule)
+    validate_mtp_training(m, t)
     validate_schedule("bias_update_schedule", t.bias_update_schedule)
     _require(all(e[1] >= 0 for e in t.bias_update_schedule), "train.bias_update_schedule values must be >= 0")
 

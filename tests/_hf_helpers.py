@@ -15,7 +15,8 @@ from dsmtp.parallel.topology import ensure_initialized
 YARN = "{factor: 4.0, original_max_position_embeddings: 32, beta_fast: 32, beta_slow: 1, mscale: 0.9, mscale_all_dim: 1.1}"
 
 
-def tiny_config(q_lora_rank: Optional[int] = 32, yarn: bool = True, mtp_depth: int = 1) -> Config:
+def tiny_config(q_lora_rank: Optional[int] = 32, yarn: bool = True, mtp_depth: int = 1,
+                mtp_kind: str = "sequential") -> Config:
     """3 layers (first dense), 8 routed experts in 4 groups (top-2 groups, top-3 experts): seconds on CPU.
     The YaRN mscale differs from mscale_all_dim so both the cos/sin factor and the softmax scale are exercised."""
     sets = ["model.vocab_size=384", "model.hidden_size=64", "model.num_heads=4", "model.num_layers=3",
@@ -23,7 +24,7 @@ def tiny_config(q_lora_rank: Optional[int] = 32, yarn: bool = True, mtp_depth: i
             "model.n_routed_experts=8", "model.n_group=4", "model.topk_group=2", "model.num_experts_per_tok=3",
             f"model.q_lora_rank={'null' if q_lora_rank is None else q_lora_rank}", "model.kv_lora_rank=32",
             "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
-            "model.max_position_embeddings=128", f"model.mtp_depth={mtp_depth}", "model.init_std=0.05",
+            "model.max_position_embeddings=128", f"model.mtp_depth={mtp_depth}", f"model.mtp_kind={mtp_kind}", "model.init_std=0.05",
             f"model.rope_scaling={YARN if yarn else 'null'}", "train.seq_len=64"]
     return load_config("configs/tiny.yaml", sets)
 

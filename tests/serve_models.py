@@ -18,13 +18,14 @@ WORDS = "the quick brown fox jumps over the lazy dog".split()
 
 
 def tiny_config(vocab_size: int = 64, mtp_depth: int = 1, init_std: float = 0.2, num_layers: int = 2,
-                hidden_size: int = 32, max_positions: int = 128) -> ModelConfig:
+                hidden_size: int = 32, max_positions: int = 128, mtp_kind: str = "sequential") -> ModelConfig:
     return ModelConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=2,
                        first_k_dense_replace=1, intermediate_size=2 * hidden_size,
                        moe_intermediate_size=hidden_size // 2,
                        n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
                        q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-                       max_position_embeddings=max_positions, mtp_depth=mtp_depth, init_std=init_std)
+                       max_position_embeddings=max_positions, mtp_depth=mtp_depth, mtp_kind=mtp_kind,
+                       init_std=init_std)
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float64) -> DeepSeekV3:

@@ -124,9 +124,9 @@ def test_parameter_count_matches_the_built_model(q_lora_rank):
 def test_deepseek_v3_671b_published_figures():
     counts = count_parameters(load_config("configs/deepseek_v3_671b.yaml").model)
     assert counts.trunk_total == pytest.approx(671e9, rel=0.01)
-    assert counts.trunk_total + counts.released_mtp_total == pytest.approx(685e9, rel=0.01)
+    assert counts.trunk_total + counts.exported_mtp_total == pytest.approx(685e9, rel=0.01)
     # "14B" of MTP weights is 685B - 671B, each rounded: we get 13.46B (embedding and head copies included).
-    assert counts.released_mtp_total == pytest.approx(13.46e9, rel=0.001)
+    assert counts.exported_mtp_total == pytest.approx(13.46e9, rel=0.001)
     # "37B activated": 37.55B counting the input embedding, 36.63B without it (a lookup, not a GEMM).
     assert counts.trunk_activated == pytest.approx(37.55e9, rel=0.001)
     assert counts.trunk_activated - counts.embedding < 37e9 < counts.trunk_activated

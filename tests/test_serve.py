@@ -69,7 +69,7 @@ def greedy_tokens(model, prompts, k: int, max_new: int = 16):
 def test_cache_bytes_per_token():
     cfg = tiny_config(mtp_depth=2)
     for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
-        cache = ModelCache(cfg, batch=3, capacity=10, dtype=dtype, device=torch.device("cpu"))
+        cache = ModelCache.empty(cfg, batch=3, capacity=10, dtype=dtype, device=torch.device("cpu"))
         per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * (cfg.num_layers + cfg.mtp_depth) * size
         assert cache.bytes_per_token == per_token
         assert cache.nbytes == 3 * 10 * per_token  # nothing else is stored per token
@@ -84,7 +84,7 @@ def test_absorbed_attention_equals_expanded():
     q_nope, q_rope = mla.query(x, cos, sin)
     kv, k_rope = mla.latent(x, cos, sin)
     expanded = mla.attend(q_nope, q_rope, kv, k_rope)
-    absorbed = mla.attend_absorbed(q_nope, q_rope, kv, k_rope, torch.arange(9).expand(2, 9))
+    absorbed = mla.attend_absorbed(q_nope, q_rope, torch.cat([kv, k_rope], dim=-1), torch.arange(9).expand(2, 9))
     assert torch.allclose(absorbed, expanded, atol=1e-12)
 
 
@@ -102,7 +102,7 @@ def test_incremental_decode_matches_full_forward():
     model = random_model(tiny_config(mtp_depth=1), dtype=torch.float32)
     torch.manual_seed(1)
     seqs = [torch.randint(0, 64, (n,)).tolist() for n in (7, 3, 12)]
-    cache = ModelCache(model.cfg, 3, 40, torch.float32, torch.device("cpu"))
+    cache = ModelCache.empty(model.cfg, 3, 40, torch.float32, torch.device("cpu"))
 
     def check(logits, firsts, widths):
         for row, seq in enumerate(seqs):

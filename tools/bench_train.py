@@ -5,6 +5,10 @@ where the GPU time goes (PyTorch profiler), at the configured MTP depth and at D
         [--precision bf16|fp8] [--compile] [--cuda-graph] [--disable grouped_mm] [--label NAME] [--results FILE]
     python tools/bench_train.py --table FILE      # print the table of every row FILE holds
 
+The MTP design comes from the config: e.g. --set model.mtp_kind=parallel --set model.mtp_depth=3
+[--set train.mtp_heads_one_at_a_time=true]; the table's MTP column reads seq/par and the depth, with
+"1x" for one head at a time.
+
 The step is what `dsmtp train` does: forward under bf16 autocast (fp32 parameters, bf16 GEMMs),
 backward, the trainer's optimizer (fused AdamW on the fp32 parameters with gradient clipping folded in:
 dsmtp.train.optim.clipped_step), router-bias update. Inputs are random tokens
@@ -34,26 +38,18 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # PYTHONPATH may name
 
 from dsmtp.config import load_config  # noqa: E402
 from dsmtp.model import DeepSeekV3, kernels, moe_layers, update_expert_bias  # noqa: E402
-from dsmtp.model.params import count_parameters  # noqa: E402
 from dsmtp.parallel.topology import ensure_initialized  # noqa: E402
 from dsmtp.train.cuda_graph import EAGER_STEPS, GraphedBackward  # noqa: E402
+from dsmtp.train.flops import PEAK_BF16_FLOPS, flops_per_token  # noqa: E402
 from dsmtp.train.optim import build_optimizer, clipped_step  # noqa: E402
-from dsmtp.train.trainer import autocast_for, prepare_model_for_speed  # noqa: E402
+from dsmtp.train.trainer import autocast_for, apply_train_settings  # noqa: E402
 
-PEAK_BF16_TFLOPS = 989.0
+PEAK_BF16_TFLOPS = PEAK_BF16_FLOPS / 1e12
 CATEGORIES = ("attention", "experts+FFN", "router+dispatch", "rest")
 # GPU time by the op that launched each kernel: unambiguous in compiled runs too, where fused kernels
 # cross the module boundaries CATEGORIES are labelled by. "other": fused elementwise and reduction
 # kernels (norms, RoPE, SwiGLU, casts, dispatch permutation, cross-entropy), sorts, copies.
 FAMILIES = ("attention", "grouped GEMM", "GEMM", "optimizer", "other")
-
-
-def flops_per_token(m, seq_len: int) -> float:
-    c = count_parameters(m)
-    d = m.mtp_depth
-    dense = 6 * (c.activated - c.embedding + d * c.output_head)
-    attention = 6 * (m.num_layers + d) * m.num_heads * (m.qk_head_dim + m.v_head_dim) * seq_len / 2
-    return dense + attention
 
 
 def _labelled(fn, label: str):
@@ -154,7 +150,7 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
     model = DeepSeekV3(cfg.model).cuda()
     # The trainer's own speed set-up and autocast (--set train.activation_recompute_every=N applies too).
     cfg.train.precision, cfg.train.compile, cfg.train.cuda_graph = args.precision, args.compile, args.cuda_graph
-    prepare_model_for_speed(model, cfg.train)
+    apply_train_settings(model, cfg.train)
     autocast = autocast_for(args.precision, torch.device("cuda"))
     model.train()
     opt = build_optimizer(model, cfg.train)
@@ -198,7 +194,8 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
     tokens = b * s
     fpt = flops_per_token(cfg.model, s)
     row = dict(label=args.label or "", precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph,
-               mtp_depth=d, disabled=",".join(args.disable), device=torch.cuda.get_device_name(),
+               mtp_depth=d, mtp_kind=cfg.model.mtp_kind, heads_one_at_a_time=cfg.train.mtp_heads_one_at_a_time,
+               disabled=",".join(args.disable), device=torch.cuda.get_device_name(),
                step_ms=step_ms, step_ms_min=min(times), step_ms_max=max(times), tokens_per_s=tokens / step_ms * 1e3,
                gflop_per_token=fpt / 1e9, tflops=fpt * tokens / step_ms / 1e9,
                mfu=fpt * tokens / step_ms / 1e9 / PEAK_BF16_TFLOPS,
@@ -225,32 +222,46 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
     return row
 
 
+def mtp_column(row: dict) -> str:
+    """'seq1', 'par3', 'par3 1x' (one head at a time), '0' for plain next-token training."""
+    if not row["mtp_depth"]:
+        return "0"
+    kind = row.get("mtp_kind", "sequential")[:3]
+    return f"{kind}{row['mtp_depth']}" + (" 1x" if row.get("heads_one_at_a_time") else "")
+
+
 def print_table(rows: list[dict]) -> None:
     devices = sorted({r["device"] for r in rows})
     print(f"device: {', '.join(devices)}; peak {PEAK_BF16_TFLOPS:.0f} TFLOP/s dense bf16; "
           f"step = fwd+bwd+clip+fused AdamW, bf16 autocast over fp32 params")
-    head = (f"{'run':<22}{'prec':<5}{'D':>2}{'tok/s':>9}{'step ms':>9}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>8}"
+    head = (f"{'run':<22}{'prec':<5}{'MTP':>7}{'tok/s':>9}{'step ms':>9}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>8}"
             f"{'attn':>6}{'exp':>6}{'rout':>6}{'rest':>6}{'loss':>8}")
     print(head)
     for r in rows:
         shares = "".join(f"{r[f'share_{c}'] * 100:>5.0f}%" if f"share_{c}" in r else f"{'-':>6}" for c in CATEGORIES)
-        print(f"{r['label'][:21]:<22}{r['precision']:<5}{r['mtp_depth']:>2}{r['tokens_per_s']:>9.0f}{r['step_ms']:>9.1f}"
+        print(f"{r['label'][:21]:<22}{r['precision']:<5}{mtp_column(r):>7}{r['tokens_per_s']:>9.0f}{r['step_ms']:>9.1f}"
               f"{r['tflops']:>9.1f}{r['mfu'] * 100:>6.1f}%{r['peak_mem_gib']:>8.1f}{shares}{r['loss']:>8.3f}")
     profiled = [r for r in rows if "kernel_ms" in r]
     if profiled:
         print("GPU time per step by the op that launched it (ms; profiler):")
-        print(f"{'run':<22}{'prec':<5}{'D':>2}" + "".join(f"{f:>14}" for f in FAMILIES) + f"{'sum':>8}")
+        print(f"{'run':<22}{'prec':<5}{'MTP':>7}" + "".join(f"{f:>14}" for f in FAMILIES) + f"{'sum':>8}")
         for r in profiled:
             ms = r["kernel_ms"]
-            print(f"{r['label'][:21]:<22}{r['precision']:<5}{r['mtp_depth']:>2}"
+            print(f"{r['label'][:21]:<22}{r['precision']:<5}{mtp_column(r):>7}"
                   + "".join(f"{ms[f]:>14.1f}" for f in FAMILIES) + f"{sum(ms.values()):>8.1f}")
-    by_label = defaultdict(dict)
-    for r in rows:
-        by_label[r["label"]][r["mtp_depth"]] = r
-    for label, depths in by_label.items():
-        if 0 in depths and len(depths) > 1:
-            d = max(depths)
-            print(f"MTP overhead ({label}): D={d} step time is {(depths[d]['step_ms'] / depths[0]['step_ms'] - 1) * 100:+.1f}% over D=0")
+    # Each MTP row against a D=0 row: its own label's, else the nearest in the file (rows of one call
+    # compare; machines differ by a few percent).
+    plain = [i for i, r in enumerate(rows) if not r["mtp_depth"]]
+    costs = []
+    for i, r in enumerate(rows):
+        if r["mtp_depth"] and plain:
+            same = [j for j in plain if rows[j]["label"] == r["label"]]
+            base = rows[(same or sorted(plain, key=lambda j: abs(j - i)))[0]]
+            costs.append(f"{r['label'][:21]:<22}{mtp_column(r):>7}{(r['step_ms'] / base['step_ms'] - 1) * 100:>+10.1f}%"
+                         f"{r['peak_mem_gib'] - base['peak_mem_gib']:>+13.1f}")
+    if costs:
+        print(f"MTP cost over D=0:\n{'run':<22}{'MTP':>7}{'step time':>11}{'memory GiB':>13}")
+        print("\n".join(costs))
 
 
 def main(argv: list[str]) -> int:

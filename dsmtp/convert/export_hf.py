@@ -6,7 +6,9 @@ OUT gets config.json, generation_config.json, model-XXXXX-of-YYYYY.safetensors s
 model.safetensors.index.json, and the tokenizer (tokenizer.json, tokenizer_config.json, tokenizer.model).
 Tensors are streamed: each HF tensor (one expert at a time for stacked experts) is read from the source,
 cast and written at its place in a shard laid out in advance, so peak memory is about one tensor.
-MTP depth k becomes model.layers.{L+k-1}, with copies of the shared embedding and head, as released.
+Sequential MTP depth k becomes model.layers.{L+k-1}, with copies of the shared embedding and head, as
+released. Parallel MTP heads go to mtp_heads.safetensors beside the trunk, which transformers, vLLM and
+SGLang then load as a plain DeepSeek-V3 model (dsmtp.convert.names).
 """
 
 from __future__ import annotations
@@ -99,12 +101,22 @@ def shard(tensors: list[PlannedTensor], max_bytes: int) -> list[list[PlannedTens
 
 def write_hf_weights(source: TensorSource, cfg: ModelConfig, out: Path, dtype: torch.dtype, max_shard_bytes: int,
                      quantize_fp8: bool = False) -> None:
-    shards = shard(plan(cfg, dtype, quantize_fp8), max_shard_bytes)
+    planned = plan(cfg, dtype, quantize_fp8)
+    heads = [t for t in planned if names.is_parallel_head(t.hf_name)]
+    shards = shard([t for t in planned if not names.is_parallel_head(t.hf_name)], max_shard_bytes)
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map, total = {}, 0
-    progress = tqdm(total=sum(len(s) for s in shards), desc="export-hf", unit="tensor", file=sys.stderr)
+    write_files(source, out, list(zip(files, shards)) + ([(names.PARALLEL_HEADS_FILE, heads)] if heads else []))
+    # The index lists the trunk's shards only: loaders of the DeepSeek-V3 layout would reject the heads' names.
+    index = {"metadata": {"total_size": sum(t.nbytes for s in shards for t in s)},
+             "weight_map": {t.hf_name: file for file, tensors in zip(files, shards) for t in tensors}}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_files(source: TensorSource, out: Path, files: list[tuple[str, list[PlannedTensor]]]) -> None:
+    """Write each file's planned tensors, in order, streaming one tensor at a time."""
+    progress = tqdm(total=sum(len(tensors) for _, tensors in files), desc="export-hf", unit="tensor", file=sys.stderr)
     scale = None  # block scales of the fp8 weight just written; its scale tensor comes next (maybe in the next shard)
-    for file, tensors in zip(files, shards):
+    for file, tensors in files:
         writer = SafetensorsWriter(out / file, {t.hf_name: (t.dtype, t.shape) for t in tensors}, {"format": "pt"})
         try:
             for t in tensors:
@@ -115,16 +127,12 @@ def write_hf_weights(source: TensorSource, cfg: ModelConfig, out: Path, dtype: t
                 else:
                     tensor = source.read(t.source, t.row).to(t.dtype)
                 writer.write(t.hf_name, tensor)
-                weight_map[t.hf_name] = file
-                total += t.nbytes
                 progress.update()
         except BaseException:
             writer.abort()
             raise
         writer.close()
     progress.close()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def export(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int = 5 * 10**9,

@@ -11,9 +11,13 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from dsmtp.config import ConfigError, ModelConfig, YarnConfig, validate_model
+from dsmtp.convert.names import PARALLEL_HEADS_FILE
 
 # Token ids of our sentencepiece tokenizer (fixed by the data pipeline).
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+# config.json's record of a parallel-head MTP export (Gloeckle et al.; not part of DeepSeek-V3's layout).
+PARALLEL_HEADS_KEY = "dsmtp_parallel_mtp_heads"
 
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp8": "bfloat16"}
 
@@ -44,7 +48,9 @@ def to_hf_config(m: ModelConfig, dtype: str = "bf16") -> dict[str, Any]:
         "intermediate_size": m.intermediate_size,
         "moe_intermediate_size": m.moe_intermediate_size,
         "num_hidden_layers": m.num_layers,
-        "num_nextn_predict_layers": m.mtp_depth,
+        # Parallel MTP heads are not DeepSeek-V3 layers: the trunk is a plain model, the heads are listed
+        # under PARALLEL_HEADS_KEY and stored beside it (dsmtp.convert.names).
+        "num_nextn_predict_layers": m.mtp_depth if m.mtp_kind == "sequential" else 0,
         "num_attention_heads": m.num_heads,
         "num_key_value_heads": m.num_heads,
         "n_shared_experts": m.n_shared_experts,
@@ -80,6 +86,8 @@ def to_hf_config(m: ModelConfig, dtype: str = "bf16") -> dict[str, Any]:
         "attention_bias": False,
         "attention_dropout": 0.0,
         "torch_dtype": TORCH_DTYPE_NAMES[dtype],
+        **({PARALLEL_HEADS_KEY: {"num_heads": m.mtp_depth, "file": PARALLEL_HEADS_FILE}}
+           if m.mtp_kind == "parallel" and m.mtp_depth else {}),
     }
 
 
@@ -141,6 +149,14 @@ def from_hf_config(d: dict[str, Any]) -> tuple[ModelConfig, Optional[dict]]:
         _require(ok, "quantization_config", f"{quant}: only block-wise fp8 (quant_method 'fp8', fmt 'e4m3', "
                  "weight_block_size [128, 128]) can be read; dequantize the checkpoint first")
     mtp_depth = d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0
+    mtp_kind = "sequential"
+    parallel = d.get(PARALLEL_HEADS_KEY)
+    if parallel is not None:
+        _require(isinstance(parallel, dict) and isinstance(parallel.get("num_heads"), int) and parallel["num_heads"] > 0,
+                 PARALLEL_HEADS_KEY, f"{parallel!r}: expected {{\"num_heads\": D >= 1, \"file\": ...}}")
+        _require(mtp_depth == 0, "num_nextn_predict_layers",
+                 f"{mtp_depth} with {PARALLEL_HEADS_KEY}: a model has sequential MTP layers or parallel heads, not both")
+        mtp_kind, mtp_depth = "parallel", parallel["num_heads"]
     m = ModelConfig(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"], num_heads=heads,
         first_k_dense_replace=d.get("first_k_dense_replace") or 0,
@@ -153,7 +169,7 @@ def from_hf_config(d: dict[str, Any]) -> tuple[ModelConfig, Optional[dict]]:
         qk_rope_head_dim=d["qk_rope_head_dim"], v_head_dim=d["v_head_dim"],
         rope_theta=float(d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta") or 10000.0),
         rope_scaling=_yarn(d), max_position_embeddings=d["max_position_embeddings"],
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), mtp_depth=int(mtp_depth),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), mtp_depth=int(mtp_depth), mtp_kind=mtp_kind,
         init_std=float(d.get("initializer_range", ModelConfig.init_std)),
     )
     validate_model(m)

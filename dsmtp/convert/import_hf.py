@@ -5,7 +5,8 @@
 OUT gets a dsmtp checkpoint of the weights (dsmtp.checkpoint: our names, float32, one chunk per expert;
 config.yaml; tokenizer.model when HF_DIR has one; index.json and manifest.json). The model section of the
 config comes from config.json; `--config` and `--set` choose everything else (parallel layout, training,
-data). MTP layers (model.layers.{L..L+D-1}) come in when config.json declares them; block-fp8 checkpoints
+data). MTP layers (model.layers.{L..L+D-1}) come in when config.json declares them, parallel MTP heads
+(mtp_heads.safetensors) when its dsmtp_parallel_mtp_heads entry does; block-fp8 checkpoints
 (the released layout) are dequantized. Unsupported
 config fields and missing or unknown tensors fail before anything is written, naming them.
 """
@@ -35,7 +36,19 @@ from dsmtp.io import atomic_directory
 TRAINING_ONLY_MODEL_FIELDS = {"aux_loss_alpha", "init_std"}
 
 
-def hf_weight_files(hf_dir: Path) -> list[Path]:
+def hf_weight_files(hf_dir: Path, m: ModelConfig) -> list[Path]:
+    """The safetensors files of an HF export: the trunk's shards, and the parallel MTP heads' file."""
+    trunk = hf_trunk_files(hf_dir)
+    if m.mtp_kind != "parallel" or not m.mtp_depth:
+        return trunk
+    heads = hf_dir / names.PARALLEL_HEADS_FILE
+    if not heads.is_file():
+        raise FileNotFoundError(f"{hf_dir}/config.json declares {m.mtp_depth} parallel MTP heads but "
+                                f"{names.PARALLEL_HEADS_FILE} is missing: copy it from the export")
+    return trunk + [heads]
+
+
+def hf_trunk_files(hf_dir: Path) -> list[Path]:
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -118,7 +131,7 @@ def import_hf(hf_dir: Path, out: Path, base_config: Optional[Path] = None, overr
     hf_dir, out = Path(hf_dir), Path(out)
     cfg = import_config(hf_dir, base_config, overrides or [])
     quantized = "quantization_config" in json.loads((hf_dir / "config.json").read_text())
-    source = SafetensorsSource(hf_weight_files(hf_dir))
+    source = SafetensorsSource(hf_weight_files(hf_dir, cfg.model))
     check_hf_tensors(source.shapes(), cfg.model, hf_dir, quantized)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: choose a new output directory")

@@ -15,6 +15,13 @@ time and tests can list the 671B layout without allocating it.
 
 L is num_layers and k the 0-based MTP index (depth k+1). RoPE rows need no permutation: both sides use
 DeepSeek's interleaved layout.
+
+Parallel heads (model.mtp_kind: parallel) have no place in the DeepSeek-V3 layout: the trunk is
+exported as a plain model (num_nextn_predict_layers 0) and the heads go to a file of their own,
+PARALLEL_HEADS_FILE, beside the trunk's shards:
+
+    mtp.{k}.layer.<layer>                 mtp_heads.{k}.<layer'>
+    mtp.{k}.norm.weight                   mtp_heads.{k}.norm.weight
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ _LAYER = {
 _EXPERTS = {"ffn.experts.w1": "gate_proj", "ffn.experts.w3": "up_proj", "ffn.experts.w2": "down_proj"}
 _MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
             "norm.weight": "shared_head.norm.weight"}
+PARALLEL_HEADS_FILE = "mtp_heads.safetensors"
+PARALLEL_HEADS_PREFIX = "mtp_heads."
+
 _TOP = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight", "norm.weight": "model.norm.weight"}
 # Per-MTP-layer copies of the shared embedding and head, as the released checkpoint stores them.
 _SHARED_COPIES = {"embed.weight": "embed_tokens.weight", "head.weight": "shared_head.head.weight"}
@@ -90,15 +100,22 @@ def _layer_targets(suffix: str, prefix: str, cfg: ModelConfig) -> list[HFTarget]
 
 def hf_targets(name: str, cfg: ModelConfig) -> list[HFTarget]:
     """The HF tensors that one of our tensors becomes (several for stacked experts and shared copies)."""
+    sequential = cfg.mtp_kind == "sequential"
     if name in _TOP:
         copies = [HFTarget(f"model.layers.{cfg.num_layers + k}.{_SHARED_COPIES[name]}")
-                  for k in range(cfg.mtp_depth)] if name in _SHARED_COPIES else []
+                  for k in range(cfg.mtp_depth)] if name in _SHARED_COPIES and sequential else []
         return [HFTarget(_TOP[name])] + copies
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
     if m and int(m.group(1)) < cfg.num_layers:
         return _layer_targets(m.group(2), f"model.layers.{m.group(1)}", cfg)
     m = re.fullmatch(r"mtp\.(\d+)\.(.+)", name)
-    if m and int(m.group(1)) < cfg.mtp_depth:
+    if m and int(m.group(1)) < cfg.mtp_depth and not sequential:
+        prefix, suffix = f"{PARALLEL_HEADS_PREFIX}{m.group(1)}", m.group(2)
+        if suffix == "norm.weight":
+            return [HFTarget(f"{prefix}.norm.weight")]
+        if suffix.startswith("layer."):
+            return _layer_targets(suffix[len("layer."):], prefix, cfg)
+    if m and int(m.group(1)) < cfg.mtp_depth and sequential:
         prefix = f"model.layers.{cfg.num_layers + int(m.group(1))}"
         suffix = m.group(2)
         if suffix in _MTP_OWN:
@@ -118,11 +135,17 @@ def from_hf(hf_name: str, cfg: ModelConfig) -> OurSource:
     """An HF checkpoint name -> where it lives in our model."""
     if hf_name in _TOP_INV:
         return OurSource(_TOP_INV[hf_name])
+    m = re.fullmatch(r"mtp_heads\.(\d+)\.(.+)", hf_name)
+    if m and cfg.mtp_kind == "parallel" and int(m.group(1)) < cfg.mtp_depth:
+        head, suffix = m.group(1), m.group(2)
+        if suffix == "norm.weight":
+            return OurSource(f"mtp.{head}.norm.weight")
+        return _from_hf_layer(suffix, f"mtp.{head}.layer.", cfg, hf_name)
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
     if m:
         index, suffix = int(m.group(1)), m.group(2)
         mtp = index - cfg.num_layers
-        if mtp >= cfg.mtp_depth:
+        if mtp >= (cfg.mtp_depth if cfg.mtp_kind == "sequential" else 0):
             raise UnknownTensorError(
                 f"{hf_name!r}: layer {index} is beyond num_hidden_layers={cfg.num_layers} + "
                 f"num_nextn_predict_layers={cfg.mtp_depth}")
@@ -131,11 +154,17 @@ def from_hf(hf_name: str, cfg: ModelConfig) -> OurSource:
             return OurSource(f"mtp.{mtp}.{_MTP_OWN_INV[suffix]}")
         if mtp >= 0 and suffix in _SHARED_COPIES_INV:
             return OurSource(_SHARED_COPIES_INV[suffix], shared_copy=True)
-        if suffix in _LAYER_INV:
-            return OurSource(prefix + _LAYER_INV[suffix])
-        e = re.fullmatch(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", suffix)
-        if e and int(e.group(1)) < cfg.n_routed_experts:
-            return OurSource(prefix + _EXPERTS_INV[e.group(2)], int(e.group(1)))
+        return _from_hf_layer(suffix, prefix, cfg, hf_name)
+    raise UnknownTensorError(f"{hf_name!r} is not a DeepSeek-V3 tensor this converter knows (for this config)")
+
+
+def _from_hf_layer(suffix: str, prefix: str, cfg: ModelConfig, hf_name: str) -> OurSource:
+    """A transformer layer's HF tensor (`suffix` after the layer's prefix) -> ours under `prefix`."""
+    if suffix in _LAYER_INV:
+        return OurSource(prefix + _LAYER_INV[suffix])
+    e = re.fullmatch(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", suffix)
+    if e and int(e.group(1)) < cfg.n_routed_experts:
+        return OurSource(prefix + _EXPERTS_INV[e.group(2)], int(e.group(1)))
     raise UnknownTensorError(f"{hf_name!r} is not a DeepSeek-V3 tensor this converter knows (for this config)")
 
 
@@ -180,7 +209,9 @@ def our_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes["norm.weight"] = (h,)
     shapes["head.weight"] = (cfg.vocab_size, h)
     for k in range(cfg.mtp_depth):
-        shapes.update({f"mtp.{k}.enorm.weight": (h,), f"mtp.{k}.hnorm.weight": (h,), f"mtp.{k}.eh_proj.weight": (h, 2 * h)})
+        if cfg.mtp_kind == "sequential":
+            shapes.update({f"mtp.{k}.enorm.weight": (h,), f"mtp.{k}.hnorm.weight": (h,),
+                           f"mtp.{k}.eh_proj.weight": (h, 2 * h)})
         # An MTP layer is of the same kind as the trunk's last layer.
         shapes.update({f"mtp.{k}.layer.{n}": v for n, v in _layer_shapes(cfg, cfg.num_layers - 1).items()})
         shapes[f"mtp.{k}.norm.weight"] = (h,)
@@ -194,6 +225,11 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         for t in hf_targets(name, cfg):
             out[t.hf_name] = shape if t.expert is None else shape[1:]
     return out
+
+
+def is_parallel_head(hf_name: str) -> bool:
+    """Whether an HF-side tensor belongs in PARALLEL_HEADS_FILE rather than the trunk's shards."""
+    return hf_name.startswith(PARALLEL_HEADS_PREFIX)
 
 
 def is_float32_in_hf(hf_name: str) -> bool:

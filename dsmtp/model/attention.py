@@ -27,9 +27,9 @@ LATENT_NORM_EPS = 1e-6
 class LatentCache(Protocol):
     """What MLA needs from a KV cache when decoding (dsmtp.serve.cache.LayerCache implements it)."""
 
-    def append(self, kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store the new tokens' latents [B, S, kv_lora_rank] and rope keys [B, S, rope_dim]; return all
-        cached latents and rope keys [B, Skv, ...] and the new tokens' positions [B, S]."""
+    def append(self, kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' latents [B, S, kv_lora_rank] and rope keys [B, S, rope_dim]; return the
+        cached keys [latent, rope key] [B, Skv, kv_lora_rank + rope_dim] and the new tokens' positions [B, S]."""
         ...
 
 
@@ -85,21 +85,20 @@ class MLA(nn.Module):
         out = kernels.attention(q, k, v, self.softmax_scale)
         return self.wo(out.flatten(2))
 
-    def attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor,
+    def attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, keys: torch.Tensor,
                         q_positions: torch.Tensor) -> torch.Tensor:
         """Attend straight over cached latents (DeepSeek-V3's "absorb" inference form); returns [B, Sq, H].
 
         wkv_b's key half is folded into the query (q_nope . W_k kv = (W_k^T q_nope) . kv) and its value
         half applied after attention, so per-head keys and values are never built from the cache:
-        every head attends over the same [latent, rope key] of each cached token. Same result as
-        `attend`. q_positions [B, Sq]: each query's position; cached keys past it are masked.
+        every head attends over the same keys [latent, rope key] of each cached token [B, Skv, r + d],
+        with the latents as values. Same result as `attend`. q_positions [B, Sq]: each query's
+        position; cached keys past it are masked.
         """
         w = self.wkv_b.weight.view(self.n_local_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_k, w_v = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         q = torch.cat([torch.einsum("bshd,hdr->bshr", q_nope, w_k), q_rope], dim=-1)
-        k = torch.cat([kv, k_rope], dim=-1).unsqueeze(2).expand(-1, -1, self.n_local_heads, -1)
-        v = kv.unsqueeze(2).expand(-1, -1, self.n_local_heads, -1)
-        latent_out = kernels.attention(q, k, v, self.softmax_scale, q_positions)  # [B, Sq, h, kv_lora_rank]
+        latent_out = kernels.shared_key_attention(q, keys, self.kv_lora_rank, self.softmax_scale, q_positions)
         return self.wo(torch.einsum("bshr,hvr->bshv", latent_out, w_v).flatten(2))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -112,5 +111,5 @@ class MLA(nn.Module):
         kv, k_rope = self.latent(x, cos, sin)
         if cache is None:
             return self.attend(q_nope, q_rope, kv, k_rope)
-        kv, k_rope, q_positions = cache.append(kv, k_rope)
-        return self.attend_absorbed(q_nope, q_rope, kv, k_rope, q_positions)
+        keys, q_positions = cache.append(kv, k_rope)
+        return self.attend_absorbed(q_nope, q_rope, keys, q_positions)

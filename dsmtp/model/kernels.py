@@ -7,7 +7,9 @@ benchmarks that measure what each one buys (tools/bench_train.py --disable NAME)
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,30 +23,61 @@ class Backends:
 
 
 backends = Backends()
+_static_shapes = False
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-              q_positions: torch.Tensor | None = None) -> torch.Tensor:
+@contextlib.contextmanager
+def static_shapes() -> Iterator[None]:
+    """Inside, every kernel keeps the host out of the loop (no reads of device values), so the work can
+    be captured as a CUDA graph (dsmtp.serve.static)."""
+    global _static_shapes
+    before, _static_shapes = _static_shapes, True
+    try:
+        yield
+    finally:
+        _static_shapes = before
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention. q [B, Sq, h, d_qk], k [B, Skv, h, d_qk], v [B, Skv, h, d_v] -> [B, Sq, h, d_v].
 
-    When Sq < Skv (decoding after a cached prefix) the queries are the last Sq positions. With
-    `q_positions` [B, Sq] (a KV cache holding sequences of different lengths) key j is visible to a
-    query at position p iff j <= p: keys past a sequence's own position (padding, stale entries)
-    are masked per sequence.
+    When Sq < Skv (decoding after a cached prefix) the queries are the last Sq positions.
     On an H100 with torch 2.11, SDPA already picks its cuDNN backend for MLA's shapes (q/k head dim
     != v head dim, which the flash backend refuses): forcing that order measured no gain.
     """
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     sq, skv = q.shape[2], k.shape[2]
-    if q_positions is not None:
-        visible = torch.arange(skv, device=q.device)[None, None, :] <= q_positions[:, :, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=scale)
-    elif sq == skv:
+    if sq == skv:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     else:
         visible = torch.arange(skv, device=q.device)[None, :] <= torch.arange(sq, device=q.device)[:, None] + (skv - sq)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
     return out.transpose(1, 2)
+
+
+# Scores one call of shared_key_attention may hold ([B, Sq, h, Skv] elements); longer queries go in chunks.
+SHARED_KEY_SCORES = 2**26
+
+
+def shared_key_attention(q: torch.Tensor, keys: torch.Tensor, value_dim: int, scale: float,
+                         q_positions: torch.Tensor) -> torch.Tensor:
+    """Attention of every head over one set of keys (multi-query attention; MLA's absorbed form):
+    q [B, Sq, h, d] against keys [B, Skv, d] whose first `value_dim` features are also the values.
+    Key j is visible to a query at position p iff j <= p (q_positions [B, Sq]). Returns [B, Sq, h, value_dim].
+
+    Two batched matrix products over the B x (Sq x h) query rows read each sequence's keys once for
+    all heads, where SDPA needs them expanded to every head."""
+    b, sq, h, d = q.shape
+    skv = keys.shape[1]
+    rows = max(1, SHARED_KEY_SCORES // (b * h * skv))
+    if sq > rows:  # a long prefill: bound the scores' memory
+        return torch.cat([shared_key_attention(q[:, i:i + rows], keys, value_dim, scale, q_positions[:, i:i + rows])
+                          for i in range(0, sq, rows)], dim=1)
+    scores = torch.bmm(q.reshape(b, sq * h, d), keys.transpose(1, 2)).view(b, sq, h, skv)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
+    visible = torch.arange(skv, device=q.device) <= q_positions[..., None]  # [B, Sq, Skv]
+    probs = torch.softmax(scores.masked_fill(~visible[:, :, None], float("-inf")), dim=-1)
+    return torch.bmm(probs.to(keys.dtype).view(b, sq * h, skv), keys[..., :value_dim]).view(b, sq, h, value_dim)
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
@@ -63,9 +96,23 @@ def grouped_swiglu(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.T
     # leaves an fp32 model, e.g. an fp32 inference run, at full precision.
     if x.is_cuda and (use_fp8 or (backends.grouped_mm and x.dtype == torch.bfloat16)):
         return _grouped_swiglu_cuda(x, tokens_per_expert, w1, w2, w3, use_fp8)
+    if x.is_cuda and _static_shapes:
+        return _masked_swiglu(x, tokens_per_expert, w1, w2, w3)
     # Reference path: one GEMM per expert; the split sizes need the counts on the host.
     chunks = x.split(tokens_per_expert.tolist())
     return torch.cat([swiglu(chunk, w1[e], w2[e], w3[e]) for e, chunk in enumerate(chunks)])
+
+
+def _masked_swiglu(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                   w3: torch.Tensor) -> torch.Tensor:
+    """The reference path without the host: every expert over every row, each row keeping its own
+    expert's output. num_experts times the work, for the few rows of a decoding step (fp32 on CUDA)."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    expert_of_row = (rows[:, None] >= tokens_per_expert.cumsum(0)[None, :]).sum(dim=1)
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=x.dtype, device=x.device)
+    for e in range(w1.shape[0]):
+        out = torch.where((expert_of_row == e)[:, None], swiglu(x, w1[e], w2[e], w3[e]), out)
+    return out
 
 
 def _bf16_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

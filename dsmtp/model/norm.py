@@ -3,7 +3,7 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in float32 whatever the activation dtype."""
+    """Root-mean-square layer norm, computed in float32 at least (bf16 activations are upcast)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -11,6 +11,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)

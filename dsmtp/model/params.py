@@ -14,18 +14,21 @@ class ParameterCounts:
     output_head: int
     trunk_total: int  # embedding + layers + final norm + output head
     trunk_activated: int  # what one token touches in the trunk: routed experts count top-k only
-    mtp_module: int  # one MTP module, without the shared embedding and head
+    mtp_module: int  # one MTP depth (a sequential module or a parallel head), without the shared embedding and head
     mtp_module_activated: int
     mtp_depth: int
+    mtp_kind: str
 
     @property
     def mtp_total(self) -> int:
         return self.mtp_depth * self.mtp_module
 
     @property
-    def released_mtp_total(self) -> int:
-        """As stored in a released checkpoint, where each depth keeps copies of embedding and head."""
-        return self.mtp_depth * (self.mtp_module + self.embedding + self.output_head)
+    def exported_mtp_total(self) -> int:
+        """As stored in a HuggingFace export: each sequential depth keeps copies of the embedding and head
+        (as released); parallel heads are stored once, beside the trunk (dsmtp.convert.export_hf)."""
+        copies = self.embedding + self.output_head if self.mtp_kind == "sequential" else 0
+        return self.mtp_depth * (self.mtp_module + copies)
 
     @property
     def total(self) -> int:
@@ -65,7 +68,9 @@ def count_parameters(m: ModelConfig) -> ParameterCounts:
     embedding = output_head = m.vocab_size * h
     layers = [_layer(m, i) for i in range(m.num_layers)]
     last_total, last_active = _layer(m, m.num_layers - 1)
-    mtp_extra = 3 * h + 2 * h * h  # enorm, hnorm, final norm, eh_proj
+    # Each depth has a layer of the trunk's last kind and a final norm; a sequential module also has
+    # enorm, hnorm and eh_proj.
+    mtp_extra = h + (2 * h + 2 * h * h if m.mtp_kind == "sequential" else 0)
     return ParameterCounts(
         embedding=embedding,
         output_head=output_head,
@@ -74,6 +79,7 @@ def count_parameters(m: ModelConfig) -> ParameterCounts:
         mtp_module=mtp_extra + last_total,
         mtp_module_activated=mtp_extra + last_active,
         mtp_depth=m.mtp_depth,
+        mtp_kind=m.mtp_kind,
     )
 
 
@@ -81,10 +87,11 @@ def summary(m: ModelConfig) -> str:
     c = count_parameters(m)
     rows = [
         ("trunk (embedding + layers + head)", c.trunk_total, c.trunk_activated),
-        (f"MTP modules (D={c.mtp_depth}, shared embedding/head)", c.mtp_total, c.mtp_depth * c.mtp_module_activated),
-        (f"MTP as released (D={c.mtp_depth}, with embedding/head copies)", c.released_mtp_total, None),
+        (f"MTP {c.mtp_kind} (D={c.mtp_depth}, shared embedding/head)", c.mtp_total, c.mtp_depth * c.mtp_module_activated),
+        (f"MTP as exported (D={c.mtp_depth}{', with embedding/head copies' if c.mtp_kind == 'sequential' else ''})",
+         c.exported_mtp_total, None),
         ("total trained", c.total, c.activated),
-        ("total as released", c.trunk_total + c.released_mtp_total, None),
+        ("total as exported", c.trunk_total + c.exported_mtp_total, None),
     ]
 
     def fmt(n):

@@ -1,7 +1,8 @@
 """Pipeline parallelism: the trunk split into contiguous stages, run with a 1F1B schedule.
 
 Stage 0 holds the embedding and the first layers; the last stage holds its layers, the final norm,
-the D MTP modules, the output head and a tied copy of the embedding (MTP depth k embeds token t_{i+k}).
+the D MTP depths (sequential modules or parallel heads), the output head and a tied copy of the
+embedding (sequential MTP depth k embeds token t_{i+k}).
 The copies' gradients are summed over megatron's embedding group (first and last stage) by the engine,
 so both copies take identical optimizer steps.
 
@@ -60,7 +61,7 @@ def prune_to_stage(model: DeepSeekV3, layout: Layout) -> range:
     if not layout.is_last_stage:
         model.norm = None
         model.head = None
-        model.mtp = nn.ModuleList()
+        del model.mtp[:]
     if not (layout.is_first_stage or layout.is_last_stage):
         model.embed = None
     return mine
@@ -133,7 +134,7 @@ class PipelineSchedule:
             on_aux(aux.detach())
             self._pending.append(dist.isend(x.detach().to(WIRE_DTYPE).contiguous(), dst=self.next))
             return x_in, [x] + ([aux / n] if aux.requires_grad else []), True
-        tokens, labels = model.mtp_tokens(mb.input_ids, mb.labels)
+        tokens, labels = model.mtp.inputs(mb.input_ids, mb.labels)
         emb = model.embed(tokens.clamp(min=0))
         out = model.output(model.norm(x), emb, tokens, labels, aux, cos, sin, mtp_weight)
         on_output(out)

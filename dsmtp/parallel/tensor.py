@@ -155,13 +155,20 @@ def _sum_over_tp(grad: torch.Tensor) -> torch.Tensor:
 
 def reduce_replicated_grads(model: torch.nn.Module) -> None:
     """Under sequence parallelism, sum the gradient of every parameter not split over TP over the TP
-    ranks as backward produces it (before it accumulates into .grad), so every engine sees the full
-    gradient, identical on all TP ranks. No-op otherwise."""
+    ranks as it accumulates into .grad, so every engine sees the full gradient, identical on all TP
+    ranks. No-op otherwise.
+
+    The sum runs where backward accumulates (a pre-hook of the parameter's AccumulateGrad node), not
+    wherever a gradient for the parameter is computed (Tensor.register_hook): torch.autograd.grad
+    inside a forward pass (dsmtp.model.mtp's one-head-at-a-time backward) must not sum too, or a
+    gradient it hands back to backward would be summed twice."""
     if not sequence_parallel():
         return
     for p in model.parameters():
         if p.requires_grad and not getattr(p, "tensor_model_parallel", False):
-            p.register_hook(_sum_over_tp)
+            accumulate = p.view_as(p).grad_fn.next_functions[0][0]
+            accumulate.register_prehook(lambda grads: (_sum_over_tp(grads[0]),))
+            p.accumulate_grad_node = accumulate  # autograd keeps the node only while a graph refers to it
 
 
 @torch.no_grad()

@@ -38,13 +38,15 @@ class _CrossEntropy(torch.autograd.Function):
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy in float32; `logits` hold this rank's vocabulary slice."""
+    """Per-token cross-entropy in float32 (float64 for float64 logits); `logits` hold this rank's
+    vocabulary slice."""
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         if torch.compiler.is_compiling():
             return _CrossEntropy.apply(logits, targets)
         # Eager, PyTorch's own fused kernels are faster: _CrossEntropy's ops one by one made the main
         # job's CPU step 20% slower.
-        return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
+        x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(x.flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
     return _megatron_vocab_ce(logits.float(), targets)
 
 

@@ -2,13 +2,19 @@
 
 Per layer and token MLA needs only what `MLA.latent` returns: the normed KV latent (kv_lora_rank) and
 the rotated RoPE key shared by all heads (qk_rope_head_dim); attention runs over them in the absorbed
-form (`MLA.attend_absorbed`), so per-head keys and values are never stored.
+form (`MLA.attend_absorbed`), so per-head keys and values are never stored. They are stored side by
+side, [latent, rope key], as the keys every head attends over; the latent part is also the values.
 
-One `StackCache` per stack of layers that attends over its own past: the trunk, and each MTP module
+One `StackCache` per stack of layers that attends over its own past: the trunk, and each MTP depth
 (depth k's layer attends over depth k's own earlier positions). Every sequence of a batch has its own
-length: new tokens are written at each sequence's own next positions, a query sees the cached keys up
+length: new tokens are written at each sequence's own positions, a query sees the cached keys up
 to its own position (so right-padding of ragged prompts and stale entries past a length are never
 seen), and rolling back rejected draft tokens is lowering a length.
+
+Two ways to hand out positions: `begin` (the next `width` after each sequence's length; attention
+reads up to the furthest position, which the host reads once per forward pass) and `begin_at`
+(positions given on the device; attention reads the whole capacity, masked per query: static shapes
+for CUDA graphs, dsmtp.serve.static).
 """
 
 from __future__ import annotations
@@ -24,26 +30,35 @@ class LayerCache:
     def __init__(self, stack: "StackCache", index: int):
         self.stack, self.index = stack, index
 
-    def append(self, kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def append(self, kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new tokens' latents [B, w, r] and rope keys [B, w, d] at the positions the stack
-        handed out; return everything cached up to the furthest of them and the new tokens' positions."""
+        handed out; return the cached keys [latent, rope key] up to the furthest position it reads
+        [B, Skv, r + d], and the new tokens' positions [B, w]."""
         pos = self.stack.positions
-        kv_all, rope_all = self.stack.kv[self.index], self.stack.k_rope[self.index]
-        kv_all.scatter_(1, pos[..., None].expand(-1, -1, kv.shape[-1]), kv.to(kv_all.dtype))
-        rope_all.scatter_(1, pos[..., None].expand(-1, -1, k_rope.shape[-1]), k_rope.to(rope_all.dtype))
-        return kv_all[:, :self.stack.end], rope_all[:, :self.stack.end], pos
+        keys = self.stack.keys[self.index]
+        keys.scatter_(1, pos[..., None].expand(-1, -1, keys.shape[-1]), torch.cat([kv, k_rope], dim=-1).to(keys.dtype))
+        return keys[:, :self.stack.end], pos
 
 
 class StackCache:
-    def __init__(self, num_layers: int, batch: int, capacity: int, cfg: ModelConfig, dtype: torch.dtype,
-                 device: torch.device):
-        self.capacity = capacity
-        self.kv = torch.zeros(num_layers, batch, capacity, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.k_rope = torch.zeros(num_layers, batch, capacity, cfg.qk_rope_head_dim, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # tokens cached per sequence
-        self.positions = torch.zeros(batch, 0, dtype=torch.long, device=device)
-        self.end = 0  # one past the furthest position handed out by `begin`
-        self.layers = [LayerCache(self, i) for i in range(num_layers)]
+    def __init__(self, keys: torch.Tensor):
+        """keys [layers, batch, capacity, kv_lora_rank + qk_rope_head_dim]: see `empty`."""
+        self.keys = keys
+        self.capacity = keys.shape[2]
+        self.lengths = torch.zeros(keys.shape[1], dtype=torch.long, device=keys.device)  # tokens cached per sequence
+        self.positions = torch.zeros(keys.shape[1], 0, dtype=torch.long, device=keys.device)
+        self.end = 0  # one past the furthest position attention reads
+        self.layers = [LayerCache(self, i) for i in range(keys.shape[0])]
+
+    @classmethod
+    def empty(cls, num_layers: int, batch: int, capacity: int, cfg: ModelConfig, dtype: torch.dtype,
+              device: torch.device) -> "StackCache":
+        return cls(torch.zeros(num_layers, batch, capacity, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype=dtype,
+                               device=device))
+
+    def rows(self, count: int) -> "StackCache":
+        """A cache over the first `count` sequences' storage (a view: writes go to this cache)."""
+        return StackCache(self.keys[:, :count])
 
     def begin(self, width: int) -> torch.Tensor:
         """Hand out the next `width` positions of every sequence (counted as cached from now on) for
@@ -57,6 +72,13 @@ class StackCache:
         self.lengths = self.lengths + width
         return self.positions
 
+    def begin_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Write the forward pass that follows at `positions` [B, w] (< capacity, on the device) and let
+        attention read the whole capacity, masked per query: nothing is read back to the host."""
+        self.positions = positions
+        self.end = self.capacity
+        return positions
+
     def truncate(self, lengths: torch.Tensor) -> None:
         """Keep only the first `lengths[b]` tokens of sequence b (roll back rejected or padded ones);
         `lengths` never exceeds what is cached. Not checked here: reading the comparison back would
@@ -65,7 +87,7 @@ class StackCache:
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drop the sequences not in `rows` (finished or cancelled), freeing their share of the work."""
-        self.kv, self.k_rope = self.kv[:, rows], self.k_rope[:, rows]
+        self.keys = self.keys[:, rows]
         self.lengths = self.lengths[rows]
 
     def merge(self, other: "StackCache", capacity: int) -> None:
@@ -75,23 +97,31 @@ class StackCache:
             pad = t.new_zeros(t.shape[0], t.shape[1], capacity - t.shape[2], t.shape[3])
             return torch.cat([t, pad], dim=2)
 
-        self.kv = torch.cat([grown(self.kv), grown(other.kv)], dim=1)
-        self.k_rope = torch.cat([grown(self.k_rope), grown(other.k_rope)], dim=1)
+        self.keys = torch.cat([grown(self.keys), grown(other.keys)], dim=1)
         self.lengths = torch.cat([self.lengths, other.lengths])
         self.capacity = capacity
 
     @property
     def bytes_per_token(self) -> int:
         """Bytes one token of one sequence occupies: (kv_lora_rank + qk_rope_head_dim) x layers x dtype size."""
-        return (self.kv[:, 0, 0].nbytes + self.k_rope[:, 0, 0].nbytes)
+        return self.keys[:, 0, 0].nbytes
 
 
 class ModelCache:
-    """The trunk's cache and one per MTP module."""
+    """The trunk's cache and one per MTP depth."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device: torch.device):
-        self.trunk = StackCache(cfg.num_layers, batch, capacity, cfg, dtype, device)
-        self.mtp = [StackCache(1, batch, capacity, cfg, dtype, device) for _ in range(cfg.mtp_depth)]
+    def __init__(self, trunk: StackCache, mtp: list[StackCache]):
+        self.trunk, self.mtp = trunk, mtp
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype,
+              device: torch.device) -> "ModelCache":
+        return cls(StackCache.empty(cfg.num_layers, batch, capacity, cfg, dtype, device),
+                   [StackCache.empty(1, batch, capacity, cfg, dtype, device) for _ in range(cfg.mtp_depth)])
+
+    def rows(self, count: int) -> "ModelCache":
+        """Views over the first `count` sequences (see StackCache.rows)."""
+        return ModelCache(self.trunk.rows(count), [stack.rows(count) for stack in self.mtp])
 
     def stacks(self) -> list[StackCache]:
         return [self.trunk, *self.mtp]
@@ -110,4 +140,4 @@ class ModelCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(stack.kv.nbytes + stack.k_rope.nbytes for stack in self.stacks())
+        return sum(stack.keys.nbytes for stack in self.stacks())

@@ -1,22 +1,23 @@
 """The decoding engine: prefill, KV-cached decoding and MTP self-speculative decoding of a batch.
 
 Notation, per sequence: t_0 .. t_n are its committed tokens (prompt and generated); t_n, the newest,
-has not been through the trunk yet. Between steps:
+has not been through the trunk yet. The model's MTP design (dsmtp.model.mtp) says what feeds depth k:
+the hidden state of depth `source(k)` at position j, and (if it has a `token_offset(k)` = o) the
+embedding of t_{j+o}; depth k's output at position j proposes t_{j+k+1}. Between steps:
   - the trunk's cache holds positions 0 .. n-1, and hidden[0][j] is its output h_0 at position j;
-  - MTP depth 1's cache holds positions 0 .. n-1 (its input at position j is (h_{0,j}, Emb(t_{j+1})),
-    as in training), and hidden[1][n-1] is the output that drafts t_{n+1};
-  - a deeper depth k holds a prefix of positions 0 .. n-k, as far as committed tokens reach; it
-    catches up on the rest when it next drafts (so a depth the drafts do not reach costs nothing).
-    hidden[k][j] is depth k's output h_k at its cached positions.
+  - depth k's cache holds a prefix of the positions whose inputs are committed (j + o <= n for a
+    depth that reads tokens: as far as committed tokens reach); it catches up on the rest when it
+    next drafts, so a depth the drafts do not reach costs nothing. hidden[k][j] is its output h_k.
+Sequential modules (DeepSeek-V3): source k-1, offset k. Parallel heads (Gloeckle et al.): source 0,
+no token, so every head's inputs are committed as soon as the trunk has run.
 One step ("round") with K draft tokens:
-  1. draft: depth k <= D extends its cache to position n-1 (with the drafts so far as tokens) and its
-     output there proposes t_{n+k}; for k > D the last module runs one position further per draft, on
-     its own previous output (as vLLM and SGLang do); then the MTP caches roll back to what the
-     committed tokens determine;
+  1. draft: depth k <= min(K, D) extends its cache to position n-1 (with the drafts so far as tokens)
+     and its output there proposes t_{n+k}; past depth D a sequential design reuses its last module one
+     position further, on its own previous output (as vLLM and SGLang do); then the MTP caches roll
+     back to what the committed tokens determine;
   2. verify: one trunk forward over [t_n, d_1 .. d_K] gives the trunk's distributions p_1 .. p_{K+1};
   3. accept (dsmtp.serve.speculative): the a accepted drafts plus one token from the trunk; the
-     trunk's cache is cut back to n+a+1 positions;
-  4. depth 1 runs over the newly committed positions, which also gives the next step's first draft.
+     trunk's cache is cut back to n+a+1 positions.
 With K = 0 this is plain decoding: one trunk forward per token and no MTP work.
 """
 
@@ -111,7 +112,7 @@ class Batch:
         for row, r in enumerate(requests):
             self.seq[row, :len(r.prompt)] = torch.tensor(r.prompt)
         self.n = torch.zeros(b, dtype=torch.long, device=engine.device)  # set by the prefill
-        self.cache = ModelCache(model.cfg, b, capacity, engine.dtype, engine.device)
+        self.cache = ModelCache.empty(model.cfg, b, capacity, engine.dtype, engine.device)
         # Hidden states by position: the trunk's, and those of the MTP depths that draft (inputs of the
         # next depth and the drafts' logits); only the trunk's without speculation.
         depths = min(len(model.mtp), engine.k)
@@ -159,6 +160,10 @@ class Engine:
         if speculative_k and not len(model.mtp):
             raise ValueError("speculative decoding drafts with the MTP modules, but this model has "
                              "model.mtp_depth=0: use speculative_k=0")
+        limit = model.mtp.max_drafts
+        if limit is not None and speculative_k > limit:
+            raise ValueError(f"speculative_k={speculative_k}: this model's {model.cfg.mtp_kind} MTP drafts at most "
+                             f"{limit} tokens per step (model.mtp_depth={model.cfg.mtp_depth}); use speculative_k <= {limit}")
         self.model = model.eval()
         self.k = speculative_k
         self.context = model.cfg.max_position_embeddings
@@ -212,10 +217,13 @@ class Engine:
         cos, sin = self.model.rope(stack.begin(tokens.shape[1]))
         return self.model.trunk(self.model.embed(tokens), cos, sin, stack.layers)[0]
 
-    def _mtp(self, batch: Batch, module: int, h_prev: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        stack = batch.cache.mtp[module]
-        cos, sin = self.model.rope(stack.begin(tokens.shape[1]))
-        return self.model.mtp[module](h_prev, self.model.embed(tokens), cos, sin, stack.layers[0])[0]
+    def _mtp(self, batch: Batch, depth: int, h_source: torch.Tensor, tokens: Optional[torch.Tensor]) -> torch.Tensor:
+        """Depth `depth` at the next positions of its cache, from its source's hidden states [B, w, H] and
+        (for a design that reads them) the tokens there [B, w]."""
+        stack = batch.cache.mtp[depth - 1]
+        cos, sin = self.model.rope(stack.begin(h_source.shape[1]))
+        embedding = None if tokens is None else self.model.embed(tokens)
+        return self.model.mtp.step(depth, h_source, embedding, cos, sin, stack.layers[0])[0]
 
     def _advance_mtp(self, batch: Batch, depth: int, upto: torch.Tensor) -> None:
         """Run MTP depth `depth` over its next positions up to `upto` [B] (inclusive) of each sequence."""
@@ -227,13 +235,12 @@ class Engine:
             return
         # Sequences with fewer positions to go compute a few extra ones past `upto`; cut off below.
         positions = start[:, None] + torch.arange(width, device=start.device)
-        h = self._mtp(batch, depth - 1, _gather(batch.hidden[depth - 1], positions),
-                      batch.seq.gather(1, positions + depth))
+        mtp = self.model.mtp
+        offset = mtp.token_offset(depth)
+        tokens = None if offset is None else batch.seq.gather(1, positions + offset)
+        h = self._mtp(batch, depth, _gather(batch.hidden[mtp.source(depth)], positions), tokens)
         _scatter(batch.hidden[depth], positions, h)
         stack.truncate(start + count)
-
-    def _catch_up_depth1(self, batch: Batch) -> None:
-        self._advance_mtp(batch, 1, batch.n - 1)
 
     # -- decoding
 
@@ -248,29 +255,29 @@ class Engine:
         batch.n = lengths.clone()
         batch.seq.scatter_(1, batch.n[:, None], token[:, None])
         self._emit(batch, [[t] for t in token.tolist()])
-        if self.k:
-            self._catch_up_depth1(batch)
 
     def _draft(self, batch: Batch, k: int, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Propose t_{n+1} .. t_{n+k} (written into batch.seq) with the MTP modules; returns the drafts
         [B, k] and the distributions they were drawn from [B, k, V]."""
-        n, depths = batch.n, len(self.model.mtp)
+        n, mtp = batch.n, self.model.mtp
         drafts, dists = [], []
         h = None
         for i in range(1, k + 1):
-            if i <= depths:
+            if i <= mtp.depth:
                 self._advance_mtp(batch, i, n - 1)
                 h = _gather(batch.hidden[i], (n - 1)[:, None])
-            else:  # reuse the last module one position further, on its own last output
-                h = self._mtp(batch, depths - 1, h, batch.seq.gather(1, (n + i - 1)[:, None]))
+            else:  # sequential: reuse the last module one position further, on its own last output
+                h = self._mtp(batch, mtp.depth, h, batch.seq.gather(1, (n + i - 1)[:, None]))
             q = batch.sampler.probabilities(self.model.logits(h))[:, 0]
             token = draw(q, u[:, i - 1])
             batch.seq.scatter_(1, (n + i)[:, None], token[:, None])
             drafts.append(token)
             dists.append(q)
-        for depth in range(1, depths + 1):
-            stack = batch.cache.mtp[depth - 1]
-            stack.truncate(torch.minimum(stack.lengths, (n - depth + 1).clamp(min=0)))
+        for depth in range(1, mtp.depth + 1):  # keep what committed tokens determine
+            offset = mtp.token_offset(depth)
+            if offset is not None:
+                stack = batch.cache.mtp[depth - 1]
+                stack.truncate(torch.minimum(stack.lengths, (n - offset + 1).clamp(min=0)))
         return torch.stack(drafts, dim=1), torch.stack(dists, dim=1)
 
     def _step(self, batch: Batch, stats: DecodeStats) -> None:
@@ -299,8 +306,6 @@ class Engine:
         host = torch.cat([accepted[:, None], window], dim=1).tolist()
         stats.record([row[0] for row in host], k)
         self._emit(batch, [row[1:row[0] + 2] for row in host])
-        if self.k:
-            self._catch_up_depth1(batch)
 
     def _emit(self, batch: Batch, new_tokens: list[list[int]]) -> None:
         """Hand each sequence its new tokens, cut at a stop token or max_new_tokens; drop finished rows."""
@@ -322,4 +327,4 @@ class Engine:
             if not result.finish_reason:
                 keep.append(row)
         if len(keep) < batch.size:
-            batch.keep(torch.tensor(keep, dtype=torch.long, device=batch.n.device))
+            batch.keep(torch.tensor(keep, dtype=torch.long, device=self.device))

@@ -3,7 +3,8 @@
     dsmtp generate --ckpt runs/tiny --prompt "def main(" --speculative 2 --max-new-tokens 128
 
 Prints each completion, then tokens/s, the acceptance rate per draft position and the mean number of
-tokens each trunk forward produced.
+tokens each trunk forward produced. On CUDA each decoding step replays a CUDA graph over a preallocated
+cache (dsmtp.serve.static); `--engine dynamic` decodes kernel by kernel instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from dsmtp.serve.engine import DecodeStats, Engine, Request
 from dsmtp.serve.loading import completion_text, encode_prompt, load
 from dsmtp.serve.sampling import SamplingParams
+from dsmtp.serve.static import StaticEngine
 
 
 def describe(stats: DecodeStats, new_tokens: int, seconds: float) -> str:
@@ -41,6 +43,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: as stored")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    parser.add_argument("--engine", choices=["static", "dynamic"], default=None,
+                        help="static: CUDA-graphed steps over a preallocated cache (default on CUDA); dynamic: the "
+                             "reference engine (default elsewhere)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the layers first: fewer, fused kernels per step (minutes of compiling)")
     args = parser.parse_args(argv)
 
     try:  # bad arguments or checkpoint: one clear message before any work
@@ -48,9 +55,16 @@ def main(argv: list[str]) -> int:
         sampling = [SamplingParams(args.temperature, args.top_k, args.top_p, args.seed + i)
                     for i in range(len(args.prompt))]
         model, _, tokenizer = load(args.ckpt, args.device, getattr(torch, args.dtype) if args.dtype else None, args.set)
-        engine = Engine(model, args.speculative)
         requests = [Request(encode_prompt(tokenizer, p), args.max_new_tokens, s, (tokenizer.eos_id,))
                     for p, s in zip(args.prompt, sampling)]
+        if args.compile:
+            model.compile_layers()
+        if (args.engine or ("static" if model.embed.weight.is_cuda else "dynamic")) == "static":
+            longest = max(len(r.prompt) for r in requests) + args.max_new_tokens
+            engine = StaticEngine(model, args.speculative, max_batch=len(requests),
+                                  max_length=min(longest, model.cfg.max_position_embeddings))
+        else:
+            engine = Engine(model, args.speculative)
         for r in requests:
             engine.check(r)
     except (ValueError, OSError) as e:

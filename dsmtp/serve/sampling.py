@@ -70,31 +70,43 @@ class BatchSampler:
         self.generators = self.generators + other.generators
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, ..., V] -> each sequence's next-token distribution (float64), after temperature,
-        top-k and top-p; one-hot on the arg-max for greedy sequences."""
-        logits = logits.double()
-        one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
-        # The filters below sort the whole vocabulary; skip what no sequence of the batch asks for.
-        if self.all_greedy:
-            return one_hot
-        shape = (-1,) + (1,) * (logits.dim() - 1)
-        vocab = logits.shape[-1]
-        greedy = (self.temperature == 0).view(shape)
-        scaled = logits / torch.where(greedy, 1.0, self.temperature.view(shape))
-        if self.any_top_k:  # keep the logits at least as large as the k-th largest
-            k = torch.where(self.top_k > 0, self.top_k, vocab).clamp(max=vocab).view(shape)
-            sorted_logits = scaled.sort(dim=-1, descending=True).values
-            kth = sorted_logits.gather(-1, (k - 1).expand(*scaled.shape[:-1], 1))
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        probs = torch.softmax(scaled, dim=-1)
-        if self.any_top_p:  # keep the most likely tokens until their mass reaches top_p
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-            top_p = self.top_p.view(shape)
-            sorted_probs = sorted_probs.masked_fill((mass_before >= top_p) & (top_p < 1), 0.0)
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-            probs = probs / probs.sum(dim=-1, keepdim=True)
-        return torch.where(greedy, one_hot, probs)
+        """logits [B, ..., V] -> each sequence's next-token distribution (float64): see `distributions`.
+        The filters sort the whole vocabulary: those no sequence of the batch asks for are skipped."""
+        return distributions(logits, self.temperature, self.top_k, self.top_p,
+                             filters=(not self.all_greedy, self.any_top_k, self.any_top_p))
+
+
+def distributions(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  filters: tuple[bool, bool, bool] = (True, True, True)) -> torch.Tensor:
+    """logits [B, ..., V] -> each sequence's next-token distribution (float64), after temperature,
+    top-k and top-p ([B] settings each); one-hot on the arg-max for greedy sequences (temperature 0).
+
+    `filters` (any sampled sequence, any top-k, any top-p) may skip what no sequence needs: the
+    result is the same either way, so a sequence's distribution never depends on its batch."""
+    any_sampled, any_top_k, any_top_p = filters
+    logits = logits.double()
+    one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    if not any_sampled:
+        return one_hot
+    shape = (-1,) + (1,) * (logits.dim() - 1)
+    vocab = logits.shape[-1]
+    greedy = (temperature == 0).view(shape)
+    scaled = logits / torch.where(greedy, 1.0, temperature.view(shape))
+    if any_top_k:  # keep the logits at least as large as the k-th largest
+        k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab).view(shape)
+        sorted_logits = scaled.sort(dim=-1, descending=True).values
+        kth = sorted_logits.gather(-1, (k - 1).expand(*scaled.shape[:-1], 1))
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if any_top_p:  # keep the most likely tokens until their mass reaches top_p
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        cut = top_p.view(shape)
+        sorted_probs = sorted_probs.masked_fill((mass_before >= cut) & (cut < 1), 0.0)
+        filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        # Renormalised only where cut: a sequence without top-p keeps the softmax as it is.
+        probs = torch.where(cut < 1, filtered / filtered.sum(dim=-1, keepdim=True), probs)
+    return torch.where(greedy, one_hot, probs)
 
 
 def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from dsmtp.parallel import collectives, topology
 from dsmtp.parallel.engine import Engine, build_model
 from dsmtp.train.metrics import LossSums, expert_load_ratios
 from dsmtp.train.optim import build_optimizer
-from dsmtp.train.trainer import Data, Trainer, open_data, prepare_model_for_speed
+from dsmtp.train.trainer import Data, Trainer, apply_train_settings, open_data
 
 
 class DistributedTrainer(Trainer):
@@ -38,7 +38,7 @@ class DistributedTrainer(Trainer):
         self.layout = topology.layout()
         model, layers = build_model(self.cfg, self.layout, self.cfg.train.seed)
         self.model = model.to(self.device).train()
-        prepare_model_for_speed(self.model, self.cfg.train)
+        apply_train_settings(self.model, self.cfg.train)
         if self.cfg.parallel.resolved_engine == "deepspeed":
             from dsmtp.parallel.deepspeed_engine import DeepSpeedEngine  # imports DeepSpeed: only when used
 

@@ -97,16 +97,17 @@ class IntervalMeter:
     """Everything one log record summarizes: the optimizer steps since the last record.
 
     Per-step statistics arrive as device tensors (or floats) and are read in one transfer when asked
-    for, so a step never waits for the device. Throughput is tokens over the wall time from the
-    meter's creation to `record()`, which reads the device and so includes all the queued work.
+    for, so a step never waits for the device. Throughput is tokens over the wall time from `started`
+    (the meter's creation, or the previous meter's `stopped`) to `record()`, which reads the device and
+    so includes all the queued work.
     """
 
-    def __init__(self, depth: int, device: torch.device | str | None = None):
+    def __init__(self, depth: int, device: torch.device | str | None = None, started: float | None = None):
         self.sums = LossSums(depth, device)
         self.device = device
         self.tokens = 0  # every token consumed, skipped steps included
-        self.started = time.perf_counter()
-        self.seconds = math.nan  # set by record()
+        self.started = time.perf_counter() if started is None else started
+        self.stopped = self.seconds = math.nan  # set by record()
         self._steps: list[torch.Tensor] = []  # per step: [grad norm, imbalance mean, imbalance max, skipped]
         self._read: list[list[float]] = []
         self._reported = 0
@@ -146,7 +147,8 @@ class IntervalMeter:
         """The averaged interval (sums must already be reduced over data-parallel ranks)."""
         rec = self.sums.averages()
         applied = [row for row in self.steps() if not row[3]]
-        self.seconds = time.perf_counter() - self.started
+        self.stopped = time.perf_counter()
+        self.seconds = self.stopped - self.started
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
         rec.update(grad_norm=mean([r[0] for r in applied]),
                    expert_imbalance_mean=mean([r[1] for r in applied]),

@@ -17,7 +17,7 @@ def unigram_entropy(tokens: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-def _nan_for_null(record: dict) -> dict:
+def nan_for_null(record: dict) -> dict:
     """metrics.jsonl writes null for a value that had no tokens; matplotlib wants NaN there."""
     fix = lambda v: math.nan if v is None else v  # noqa: E731
     return {k: [fix(x) for x in v] if isinstance(v, list) else fix(v) for k, v in record.items()}
@@ -30,8 +30,8 @@ def plot_metrics(records: list[dict], path: Path, unigram_entropy: Optional[floa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [_nan_for_null(r) for r in records if r["kind"] == "train"]
-    val = [_nan_for_null(r) for r in records if r["kind"] == "eval"]
+    train = [nan_for_null(r) for r in records if r["kind"] == "train"]
+    val = [nan_for_null(r) for r in records if r["kind"] == "eval"]
     depth = len((train or val or [{"mtp_loss": []}])[0]["mtp_loss"])
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
     tok = lambda rs: [r["tokens"] / 1e6 for r in rs]  # noqa: E731

@@ -38,8 +38,9 @@ from dsmtp import checkpoint
 from dsmtp.config import Config, ConfigError, load_config
 from dsmtp.data.errors import DataError
 from dsmtp.model import DeepSeekV3, ModelOutput, fp8, update_expert_bias
+from dsmtp.model.mtp import depth_weights
 from dsmtp.parallel import topology
-from dsmtp.train import report, schedules
+from dsmtp.train import report, schedules, trackers
 from dsmtp.train.cuda_graph import GraphedBackward
 from dsmtp.train.flops import mfu
 from dsmtp.train.metrics import IntervalMeter, LossSums, MetricsLog, expert_load_imbalance
@@ -105,9 +106,13 @@ def autocast_for(precision: str, device: torch.device):
     return bf16_and_maybe_fp8
 
 
-def prepare_model_for_speed(model: DeepSeekV3, t) -> None:
-    """train.precision=fp8 switches the eligible GEMMs to FP8; train.activation_recompute_every marks
-    layers for recomputation; train.compile compiles layer by layer."""
+def apply_train_settings(model: DeepSeekV3, t) -> None:
+    """The train section's settings that live on the model: the MTP depth weights (and, for parallel
+    heads, one-at-a-time backward); train.precision=fp8 switches the eligible GEMMs to FP8;
+    train.activation_recompute_every marks layers for recomputation; train.compile compiles layer by layer."""
+    model.mtp.depth_weights = depth_weights(t.mtp_depth_weights, model.cfg.mtp_depth)
+    if t.mtp_heads_one_at_a_time:
+        model.mtp.one_at_a_time = True
     if t.precision == "fp8":
         fp8.enable(model)
     model.set_activation_recompute(t.activation_recompute_every)
@@ -153,6 +158,7 @@ class Trainer:
         fails when there is none."""
         topology.ensure_initialized()
         self.cfg, t = cfg, cfg.train
+        trackers.require_packages(t.trackers)
         self.device = topology.device()
         if t.cuda_graph and self.device.type != "cuda":
             raise ConfigError("train.cuda_graph=true needs a CUDA device: set it to false here")
@@ -164,6 +170,7 @@ class Trainer:
             if t.cuda_graph else None
         self.data = data if data is not None else self.open_data()
         self.log = MetricsLog(self.out_dir / "metrics.jsonl")
+        self.trackers: list = []  # train.trackers' writers beside self.log while run() runs (logging rank)
         self.step = 0
         self.tokens = 0
         self.consecutive_skips = 0
@@ -188,7 +195,7 @@ class Trainer:
         """self.model and self.optimizer (a distributed trainer builds this rank's part instead)."""
         torch.manual_seed(self.cfg.train.seed)
         self.model = DeepSeekV3(self.cfg.model).to(self.device).train()
-        prepare_model_for_speed(self.model, self.cfg.train)
+        apply_train_settings(self.model, self.cfg.train)
         self.optimizer = build_optimizer(self.model, self.cfg.train)
 
     def open_data(self) -> Data:
@@ -311,8 +318,10 @@ class Trainer:
     # Orchestration
 
     def write(self, record: dict, line: str) -> None:
+        """The one path of every record: metrics.jsonl and each tracker get the same dict."""
         if self.is_writer:
-            self.log.append(record)
+            for writer in (self.log, *self.trackers):
+                writer.append(record)
             tqdm.write(line)
 
     def log_interval(self, meter: IntervalMeter) -> dict:
@@ -349,12 +358,14 @@ class Trainer:
         """Train to train.steps (or stop after step `stop_after`, saving a checkpoint there)."""
         t = self.cfg.train
         end = t.steps if stop_after is None else min(stop_after, t.steps)
-        if self.step == 0:
-            self.log_eval()
-        meter = IntervalMeter(self.cfg.model.mtp_depth, self.device)
-        bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", disable=not self.is_writer,
-                   dynamic_ncols=True, mininterval=1.0)
-        with bar:
+        first_record_step = self.step + 1 if self.step else 0  # records past a resumed checkpoint are new
+        tracking = trackers.opened(self.cfg, self.out_dir, first_record_step) if self.is_writer \
+            else contextlib.nullcontext([])
+        with tracking as self.trackers, tqdm(total=t.steps, initial=self.step, desc="train", unit="step",
+                                             disable=not self.is_writer, dynamic_ncols=True, mininterval=1.0) as bar:
+            if self.step == 0:
+                self.log_eval()
+            meter = IntervalMeter(self.cfg.model.mtp_depth, self.device)
             while self.step < end:
                 result = self.train_step()
                 meter.add_step(result.sums, result.tokens, result.grad_norm, result.imbalance, result.skipped)
@@ -368,6 +379,9 @@ class Trainer:
                 if log_due or stopping:
                     rec = self.log_interval(meter)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_second']:,.0f}")
+                    # The next interval's clock starts where this one stopped: writing the record (trackers
+                    # included) counts as training time, so its cost shows in tokens/s.
+                    meter = IntervalMeter(self.cfg.model.mtp_depth, self.device, started=meter.stopped)
                 if stopping:
                     good = checkpoint.latest_checkpoint(self.out_dir)
                     raise TrainingStopped(
@@ -384,8 +398,6 @@ class Trainer:
                             self.log_eval()
                         if save_now:
                             self.save()
-                if log_due:
-                    meter = IntervalMeter(self.cfg.model.mtp_depth, self.device)
         if self.step >= t.steps and self.saved_step != self.step and self.consecutive_skips == 0:
             self.save()  # e.g. a resumed run that was already complete but whose last save was lost
 

@@ -9,6 +9,7 @@ import torch
 
 from dsmtp.config import Config, load_config
 from dsmtp.model import DeepSeekV3, moe_layers, update_expert_bias
+from dsmtp.train.trainer import apply_train_settings
 
 SEED = 1234
 STEPS = 3
@@ -19,7 +20,8 @@ GAMMA = 0.01  # router bias update rate: large, so biases visibly move within 3 
 GRAD_CLIP = 0.05  # small enough to clip: the test checks it is active
 
 
-def tiny_config(tp: int = 1, pp: int = 1, ep: int = 1, zero: int = 1, sp: bool = False) -> Config:
+def tiny_config(tp: int = 1, pp: int = 1, ep: int = 1, zero: int = 1, sp: bool = False,
+                mtp_kind: str = "sequential", heads_one_at_a_time: bool = False) -> Config:
     overrides = {
         "model.vocab_size": 256, "model.hidden_size": 64, "model.num_layers": 3, "model.num_heads": 2,
         "model.first_k_dense_replace": 1, "model.intermediate_size": 96, "model.moe_intermediate_size": 32,
@@ -27,6 +29,8 @@ def tiny_config(tp: int = 1, pp: int = 1, ep: int = 1, zero: int = 1, sp: bool =
         "model.n_group": 4, "model.topk_group": 2, "model.q_lora_rank": 32, "model.kv_lora_rank": 32,
         "model.qk_nope_head_dim": 16, "model.qk_rope_head_dim": 8, "model.v_head_dim": 16,
         "model.max_position_embeddings": 64, "model.mtp_depth": 2, "model.aux_loss_alpha": 0.01,
+        "model.mtp_kind": mtp_kind, "train.mtp_heads_one_at_a_time": heads_one_at_a_time,
+        "train.mtp_depth_weights": "[1.0, 0.5]",
         "model.init_std": 0.05,
         "train.seq_len": 16, "train.micro_batch_size": GLOBAL_MICRO_BATCH, "train.grad_accum": GRAD_ACCUM,
         "train.steps": STEPS, "train.lr": LR, "train.warmup_steps": 0, "train.grad_clip": GRAD_CLIP,
@@ -59,6 +63,7 @@ def reference_run(cfg: Config, steps: int = STEPS) -> dict:
     """One process, plain PyTorch: the training every layout must reproduce."""
     torch.manual_seed(SEED)
     model = DeepSeekV3(cfg.model)
+    apply_train_settings(model, cfg.train)
     opt = make_optimizer(model.named_parameters(), cfg)
     history, times = [], []
     for step in range(steps):

@@ -1,9 +1,11 @@
 """Every parallel layout trains exactly as one process does (float32, gloo, CPU).
 
-Each test runs K=3 optimizer steps of a tiny MoE model (group-limited routing, aux loss on, MTP D=2,
-gradient accumulation 2, clipping active, router bias updates) under torchrun and compares the main
-and per-depth MTP losses, the gradient norm and the saved parameters (router biases included)
-with `common.reference_run`, a plain single-process PyTorch loop.
+Each test runs K=3 optimizer steps of a tiny MoE model (group-limited routing, aux loss on, MTP D=2
+with depth weights [1, 0.5], gradient accumulation 2, clipping active, router bias updates) under
+torchrun and compares the main and per-depth MTP losses, the gradient norm and the saved parameters
+(router biases included) with `common.reference_run`, a plain single-process PyTorch loop.
+Sequential MTP modules run in every layout; parallel heads, with their one-head-at-a-time backward,
+in layouts that cover each parallelism and both engines, against the plain single-process backward.
 """
 
 from __future__ import annotations
@@ -82,3 +84,24 @@ def test_resume_sharded_checkpoint_in_another_layout(reference, reference_after_
         f"--resume={tmp_path / 'tp2pp2' / 'ckpt'}", f"--first-step={common.STEPS}", "--steps=2"])
     assert_same_training(resumed, reference, first_step=common.STEPS)
     assert_same_parameters(resumed["state"], reference["state"])
+
+
+PARALLEL_HEAD_LAYOUTS = {
+    "tp2_sp": (2, {"tp": 2, "sp": 1}),
+    "pp2_ep2": (4, {"pp": 2, "ep": 2}),  # heads on the last stage, experts across EP
+    "dp2_zero2": (2, {"zero": 2}),
+    "deepspeed_tp2_dp2_zero1": (4, {"tp": 2, "zero": 1, "engine": "deepspeed"}),
+}
+
+
+@pytest.fixture(scope="module")
+def parallel_heads_reference() -> dict:
+    return common.reference_run(common.tiny_config(mtp_kind="parallel"))
+
+
+@pytest.mark.parametrize("name", list(PARALLEL_HEAD_LAYOUTS))
+def test_parallel_heads_layout_matches_single_process(name, parallel_heads_reference, tmp_path):
+    nproc, layout = PARALLEL_HEAD_LAYOUTS[name]
+    result = run_layout(tmp_path, nproc, {**layout, "mtp-kind": "parallel", "heads-one-at-a-time": 1})
+    assert_same_training(result, parallel_heads_reference)
+    assert_same_parameters(result["state"], parallel_heads_reference["state"])

@@ -19,6 +19,7 @@ from dsmtp.config import config_to_dict
 from dsmtp.train.trainer import Trainer
 from tests._hf_helpers import read_checkpoint
 from tests.distributed.launch import ROOT, kill_tree, relative_error, worker_env
+from tests.tracker_helpers import assert_tensorboard_matches_jsonl
 from tests.train_helpers import prepare_tiny_corpus, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -67,14 +68,17 @@ def train_losses(out_dir: Path) -> list[float]:
 
 
 def test_torchrun_script_trains_like_one_process(corpus, single_process, tmp_path):
-    """launch/torchrun.sh, 2 CPU processes with expert parallelism (EP=2 x DP=2)."""
+    """launch/torchrun.sh, 2 CPU processes with expert parallelism (EP=2 x DP=2), TensorBoard on: the
+    logging rank alone writes it, the records of metrics.jsonl."""
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", out, corpus)
     proc = subprocess.run(["bash", "launch/torchrun.sh", "--nproc-per-node", "2", "--config", str(cfg),
-                           "--set", "parallel.ep=2"], cwd=ROOT, env=worker_env(), capture_output=True,
-                          text=True, timeout=300)
+                           "--set", "parallel.ep=2", "--set", "train.trackers=[jsonl,tensorboard]"],
+                          cwd=ROOT, env=worker_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert train_losses(out) == pytest.approx(train_losses(single_process), rel=1e-5)
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert_tensorboard_matches_jsonl(out)
     assert_same_model(out, single_process)
     # The saved optimizer state is the single-process one (same parameters, same moments, same step).
     got = checkpoint.StoredTensors(checkpoint.latest_checkpoint(out))

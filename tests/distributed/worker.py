@@ -21,6 +21,7 @@ from dsmtp import checkpoint  # noqa: E402
 from dsmtp.parallel.engine import Engine, build_model  # noqa: E402
 from dsmtp.parallel.tensor import sequence_parallel  # noqa: E402
 from dsmtp.parallel.topology import init_distributed, shutdown  # noqa: E402
+from dsmtp.train.trainer import apply_train_settings  # noqa: E402
 from tests.distributed import common  # noqa: E402
 
 
@@ -31,15 +32,19 @@ def main() -> None:
     parser.add_argument("--zero", type=int, default=1)
     parser.add_argument("--sp", type=int, default=0, help="1: sequence parallelism (with --tp > 1)")
     parser.add_argument("--engine", choices=["native", "deepspeed"], default="native")
+    parser.add_argument("--mtp-kind", choices=["sequential", "parallel"], default="sequential")
+    parser.add_argument("--heads-one-at-a-time", type=int, default=0)
     parser.add_argument("--steps", type=int, default=common.STEPS)
     parser.add_argument("--first-step", type=int, default=0)
     parser.add_argument("--resume", help="checkpoint dir to start from (any layout)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = common.tiny_config(args.tp, args.pp, args.ep, args.zero, bool(args.sp))
+    cfg = common.tiny_config(args.tp, args.pp, args.ep, args.zero, bool(args.sp), args.mtp_kind,
+                             bool(args.heads_one_at_a_time))
     layout = init_distributed(cfg)
     model, layers = build_model(cfg, layout, common.SEED)
+    apply_train_settings(model, cfg.train)
     if args.engine == "deepspeed":
         from dsmtp.parallel.deepspeed_engine import DeepSpeedEngine
 

@@ -1,0 +1,91 @@
+"""Do the trackers slow training? The same `dsmtp train` run once per train.trackers setting, each in a
+fresh process, and the tokens/s each run's metrics.jsonl reports. The trainer's interval clock runs on
+through the writing of a record (the next interval starts where the last stopped), so what writing to
+TensorBoard or W&B costs shows in tokens/s; evaluation and checkpoints stay off the clock.
+
+    WANDB_MODE=offline python tools/bench_trackers.py --config configs/small.yaml [--steps 200] \
+        [--warmup 20] [--set train.log_interval=1] [--trackers jsonl jsonl,tensorboard,wandb ...]
+
+The default settings end with jsonl alone again: the two jsonl-only rows show the run-to-run noise.
+W&B runs offline unless WANDB_MODE says otherwise. Rows: the median and the overall tokens/s of the
+intervals after --warmup steps, and the overall rate against the first row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TRACKERS = ["jsonl", "jsonl,tensorboard", "jsonl,wandb", "jsonl,tensorboard,wandb", "jsonl"]
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"CPU, {os.cpu_count()} cores, {platform.processor() or platform.machine()} (torch {torch.__version__})"
+
+
+def train(config: str, overrides: list[str], trackers: str, out_dir: Path) -> list[dict]:
+    """One `dsmtp train` in its own process; its train records."""
+    sets = [*overrides, f"train.trackers=[{trackers}]", f"train.out_dir={out_dir}"]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.setdefault("WANDB_MODE", "offline")
+    proc = subprocess.run([sys.executable, "-m", "dsmtp.cli", "train", "--config", config,
+                           *[arg for s in sets for arg in ("--set", s)]],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"train.trackers=[{trackers}] failed:\n{proc.stderr[-4000:]}")
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "train"]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run, e.g. train.log_interval=1 (a record every step)")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20, help="steps left out of the rates")
+    parser.add_argument("--trackers", nargs="+", default=DEFAULT_TRACKERS,
+                        help="train.trackers settings to run in turn, comma-separated names each")
+    args = parser.parse_args(argv)
+    if args.warmup >= args.steps:
+        parser.error(f"--warmup={args.warmup} must be below --steps={args.steps}")
+    # The final evaluation and checkpoint are off the clock; none in between.
+    overrides = [f"train.steps={args.steps}", f"train.eval_interval={args.steps}",
+                 f"train.save_interval={args.steps}", *args.set]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_trackers_") as tmp:
+        for i, trackers in enumerate(args.trackers):
+            print(f"train.trackers=[{trackers}] ...", flush=True)
+            records = train(args.config, overrides, trackers, Path(tmp) / f"run{i}")
+            # (previous record, record) of each interval after the warm-up: its tokens and its rate
+            intervals = [(r["tokens"] - prev["tokens"], r["tokens_per_second"])
+                         for prev, r in zip(records, records[1:]) if r["step"] > args.warmup]
+            if not intervals:
+                raise SystemExit(f"no record after step {args.warmup}: raise --steps or lower train.log_interval")
+            seconds = sum(tokens / rate for tokens, rate in intervals)
+            rows.append(dict(trackers=trackers, records=len(intervals),
+                             median=statistics.median(rate for _, rate in intervals),
+                             overall=sum(tokens for tokens, _ in intervals) / seconds))
+    print(f"\nmachine: {machine()}; {args.steps} steps, rates over the records after step {args.warmup}; "
+          f"overrides: {' '.join(args.set) or 'none'}")
+    print(f"{'train.trackers':<28}{'records':>8}{'median tok/s':>14}{'overall tok/s':>15}{'vs first':>10}")
+    for row in rows:
+        print(f"{row['trackers']:<28}{row['records']:>8}{row['median']:>14,.0f}{row['overall']:>15,.0f}"
+              f"{row['overall'] / rows[0]['overall'] - 1:>+10.2%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
