@@ -105,3 +105,18 @@ def test_parallel_heads_layout_matches_single_process(name, parallel_heads_refer
     result = run_layout(tmp_path, nproc, {**layout, "mtp-kind": "parallel", "heads-one-at-a-time": 1})
     assert_same_training(result, parallel_heads_reference)
     assert_same_parameters(result["state"], parallel_heads_reference["state"])
+
+
+def test_parallel_heads_resume_in_another_layout(tmp_path):
+    """The checkpoint format knows no parameter names: parallel MTP heads save at PP=2 x EP=2 (native engine,
+    heads on the last stage) and resume under DeepSpeed at DP=2 (ZeRO-1 fragments) for 2 more steps."""
+    cfg = common.tiny_config(mtp_kind="parallel")
+    reference, after_k = common.reference_run(cfg, steps=common.STEPS + 2), common.reference_run(cfg)["state"]
+    heads = {"mtp-kind": "parallel", "heads-one-at-a-time": 1}
+    saved = run_layout(tmp_path / "pp2ep2", 4, {"pp": 2, "ep": 2, **heads})
+    assert_same_training(saved, reference)
+    assert_same_parameters(saved["state"], after_k)
+    resumed = run_layout(tmp_path / "dp2", 2, {"zero": 1, "engine": "deepspeed", **heads}, extra=[
+        f"--resume={tmp_path / 'pp2ep2' / 'ckpt'}", f"--first-step={common.STEPS}", "--steps=2"])
+    assert_same_training(resumed, reference, first_step=common.STEPS)
+    assert_same_parameters(resumed["state"], reference["state"])
