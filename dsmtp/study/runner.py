@@ -47,6 +47,7 @@ from dsmtp.train.trainer import BatchStream, Trainer, TrainingStopped, open_data
 
 RESULTS_FILE = "results.json"
 INIT_FILE = "init.json"
+WALL_FILE = "train_wall.json"  # training seconds (compilation included) summed over the processes that trained the arm
 SCHEMA_VERSION = 1
 RESUME_EXIT = 3
 
@@ -172,13 +173,19 @@ def train_arm(cfg: Config, deadline: Optional[float]) -> Optional[Trainer]:
         print(f"resuming {out} from {trainer.resumed_from} (step {trainer.step})")
     t = cfg.train
     seconds_per_step = None
-    while trainer.step < t.steps:
-        if deadline is not None and seconds_per_step is not None \
-                and time.monotonic() + seconds_per_step * t.save_interval > deadline:
-            return None
-        first, started = trainer.step, time.monotonic()
-        trainer.run(stop_after=min(trainer.step + t.save_interval, t.steps))
-        seconds_per_step = (time.monotonic() - started) / max(trainer.step - first, 1)
+    wall = json.loads((out / WALL_FILE).read_text()) if (out / WALL_FILE).is_file() else {"seconds": 0.0, "starts": 0}
+    wall["starts"] += 1
+    try:
+        while trainer.step < t.steps:
+            if deadline is not None and seconds_per_step is not None \
+                    and time.monotonic() + seconds_per_step * t.save_interval > deadline:
+                return None
+            first, started = trainer.step, time.monotonic()
+            trainer.run(stop_after=min(trainer.step + t.save_interval, t.steps))
+            seconds_per_step = (time.monotonic() - started) / max(trainer.step - first, 1)
+            wall["seconds"] += time.monotonic() - started
+    finally:
+        write_json_atomic(out / WALL_FILE, wall)
     print(trainer.finish())
     return trainer
 
@@ -202,18 +209,25 @@ def measure(study: StudyConfig, arm: StudyArm, seed: int, cfg: Config, trainer: 
     tokenizer = Tokenizer.load(corpus["data_dir"], expected_vocab_size=m.vocab_size)
     byte_lengths = evaluate.token_byte_lengths(tokenizer)
     problems = humaneval.load_problems(e.humaneval_problems)
-    print(f"measuring {t.out_dir}: validation split")
-    val = evaluate.validation(model, corpus["data_dir"], t.seq_len, t.sample_extra_tokens, e, trainer.autocast,
-                              byte_lengths)
-    print(f"measuring {t.out_dir}: HumanEval loss and pass@1 ({len(problems)} problems)")
-    he_loss = evaluate.humaneval_loss(model, tokenizer, problems, t.seq_len, trainer.autocast, byte_lengths)
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, fn, *args):
+        print(f"measuring {t.out_dir}: {name}", flush=True)
+        clock = time.perf_counter()
+        value = fn(*args)
+        seconds[name] = round(time.perf_counter() - clock, 2)
+        return value
+
+    val = timed("validation", evaluate.validation, model, corpus["data_dir"], t.seq_len, t.sample_extra_tokens, e,
+                trainer.autocast, byte_lengths)
+    he_loss = timed("humaneval_loss", evaluate.humaneval_loss, model, tokenizer, problems, t.seq_len, trainer.autocast,
+                    byte_lengths)
     # Decoding in bf16 on CUDA: the static engine's fast expert path (fp32 takes the reference path).
     decoder = model.to(torch.bfloat16) if trainer.device.type == "cuda" else model
-    he_pass = evaluate.humaneval_pass(decoder, tokenizer, problems, e, t.seq_len)
-    print(f"measuring {t.out_dir}: decoding speed at batch 1")
+    he_pass = timed("humaneval_pass", evaluate.humaneval_pass, decoder, tokenizer, problems, e, t.seq_len)
     prompts = [evaluate.prompt_tokens(tokenizer, p.prompt, t.seq_len - e.decode_new_tokens)[0]
                for p in problems[:e.decode_prompts]]
-    decoding = evaluate.decoding(decoder, prompts, e)
+    decoding = timed("decoding", evaluate.decoding, decoder, prompts, e)
     records = trainer.log.records()
     init = json.loads((trainer.out_dir / INIT_FILE).read_text())
     counts = count_parameters(m)
@@ -233,11 +247,12 @@ def measure(study: StudyConfig, arm: StudyArm, seed: int, cfg: Config, trainer: 
                                           None)},
         "training": {"steps": trainer.step, "tokens": trainer.tokens,
                      "tokens_per_step": trainer.tokens_per_step,
+                     **{f"wall_{k}": v for k, v in json.loads((trainer.out_dir / WALL_FILE).read_text()).items()},
                      **evaluate.training_costs(records, trainer.tokens_per_step)},
         "val": val,
         "humaneval": {"loss": he_loss, "pass": he_pass},
         "decoding": decoding,
-        "evaluation_seconds": time.perf_counter() - started,
+        "evaluation_seconds": {**seconds, "total": round(time.perf_counter() - started, 2)},
         "config": config_to_dict(cfg),
     }
 
