@@ -278,8 +278,8 @@ def markdown(results: list[dict], plots: Optional[dict[str, str]] = None) -> str
         he = r["humaneval"]["pass"]
         rows.append([f"{r['arm']} s{r['seed']}", c["shared_init_sha256"][:12], c["data_order_sha256"][:12],
                      str(c["data_order_batches"]), f"{c['step0_val_loss']:.4f}" if c["step0_val_loss"] is not None else "n/a",
-                     r["corpus"]["fingerprint"][:12], f"{he['canonical_passed']}/{he['problems']}", he["sandbox"]])
-    out += _table(["run", "shared init sha256", "data order sha256", "batches", "step-0 val loss", "corpus",
+                     r["corpus"]["content_sha256"][:12], f"{he['canonical_passed']}/{he['problems']}", he["sandbox"]])
+    out += _table(["run", "shared init sha256", "data order sha256", "batches", "step-0 val loss", "corpus sha256",
                    "canonical solutions pass", "sandbox"], rows)
     out.append("")
     for seed in sorted({r["seed"] for r in results}):
@@ -289,9 +289,9 @@ def markdown(results: list[dict], plots: Optional[dict[str, str]] = None) -> str
             values = {r["checks"][key] for r in same_seed}
             out.append(f"- Seed {seed}: {what} {'identical' if len(values) == 1 else 'DIFFERS'} across "
                        f"{len(same_seed)} arm{'s' * (len(same_seed) > 1)}.")
-    corpora = {r["corpus"]["fingerprint"] for r in results}
-    out.append(f"- Corpus: {'one' if len(corpora) == 1 else f'{len(corpora)} DIFFERENT'} prepared corpus fingerprint"
-               f"{'s' * (len(corpora) > 1)} across all runs.")
+    corpora = {r["corpus"]["content_sha256"] for r in results}
+    out.append(f"- Corpus: {'one' if len(corpora) == 1 else f'{len(corpora)} DIFFERENT'} corpus content hash"
+               f"{'es' * (len(corpora) > 1)} (tokenizer and token shards) across all runs.")
 
     if plots:
         out += ["", "### Plots", ""]

@@ -16,7 +16,8 @@ results.json exists is skipped. What the arms share, and how that is checked:
   - the token budget (train.steps x tokens per step), the schedules, and lambda over the same fractions of it.
 `--train-until SECONDS` stops training at a checkpoint once the next `train.save_interval` steps would end past
 that many seconds after the start (exit status 3: run the same command again to continue); evaluation runs
-once an arm's training is complete. `--plan` prints what would run, and each run's state, without doing it.
+once an arm's training is complete. `--plan` prints what would run, and each run's state, without doing it;
+`--prepare` only builds the corpus and checks the token budget against it.
 """
 
 from __future__ import annotations
@@ -152,7 +153,14 @@ def prepare_corpus(study: StudyConfig) -> dict:
             f"to {available // (t.micro_batch_size * t.grad_accum)}, point base.data.source_dir at a larger corpus, "
             "or set allow_repeated_tokens: true")
     splits = manifest["splits"]
-    return {"data_dir": str(data_dir), "source": manifest["source"], "fingerprint": manifest["fingerprint"],
+    # What the arms read, by content (the fingerprint also holds file times and paths): the tokenizer and
+    # every block checksum of every shard.
+    content = hashlib.sha256(manifest["tokenizer"]["sha256"].encode())
+    for split in ("train", "val"):
+        for shard in splits[split]["shards"]:
+            content.update(json.dumps([shard["num_tokens"], shard.get("checksums")]).encode())
+    return {"data_dir": str(data_dir), "source": manifest["source"], "content_sha256": content.hexdigest(),
+            "fingerprint": manifest["fingerprint"],
             "tokenizer_sha256": manifest["tokenizer"]["sha256"], "vocab_size": manifest["tokenizer"]["vocab_size"],
             "train_files": splits["train"]["documents"], "val_files": splits["val"]["documents"],
             "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],
@@ -308,6 +316,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--train-until", type=float, metavar="SECONDS",
                         help="stop training at a checkpoint before this many seconds have passed (exit status 3)")
     parser.add_argument("--plan", action="store_true", help="print the runs and their state; run nothing")
+    parser.add_argument("--prepare", action="store_true",
+                        help="only build (or check) the corpus and the token budget against it, and print them")
     parser.add_argument("--doc", help="with --report: rewrite the generated part of this markdown file")
     parser.add_argument("--plots", help="with --report: write the plots (PNG) into this dir")
     args = parser.parse_args(argv)
@@ -320,6 +330,9 @@ def main(argv: list[str]) -> int:
         plan(study, runs)
         return 0
     deadline = None if args.train_until is None else started + args.train_until
+    if args.prepare:
+        print(json.dumps(prepare_corpus(study), indent=1))
+        return 0
     try:
         return run(study, runs, deadline)
     except (DataError, checkpoint.CheckpointError, TrainingStopped, humaneval.HumanEvalMissing) as e:
