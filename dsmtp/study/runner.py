@@ -175,8 +175,8 @@ def train_arm(cfg: Config, deadline: Optional[float]) -> Optional[Trainer]:
     out = trainer.out_dir
     out.mkdir(parents=True, exist_ok=True)
     if trainer.step == 0:
-        write_json_atomic(out / INIT_FILE, {"shared_init_sha256": parameter_digests(trainer.model)["shared"],
-                                            "mtp_init_sha256": parameter_digests(trainer.model)["mtp"]})
+        digests = parameter_digests(trainer.model)
+        write_json_atomic(out / INIT_FILE, {"shared_init_sha256": digests["shared"], "mtp_init_sha256": digests["mtp"]})
     elif trainer.resumed_from is not None:
         print(f"resuming {out} from {trainer.resumed_from} (step {trainer.step})")
     t = cfg.train
