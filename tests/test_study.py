@@ -196,6 +196,32 @@ def test_training_costs_read_the_run_metrics():
     assert [p["loss"] for p in costs["curve"]] == [9.0, 5.0]
 
 
+def test_completions_and_decoding_on_the_static_engine_equal_the_dynamic_engine(tmp_path, monkeypatch):
+    """On CUDA the study decodes with the static engine (slots reused past max_batch, stop sequences through
+    on_tokens); run eagerly on CPU it must give the dynamic engine's greedy tokens and acceptance."""
+    from dsmtp.serve.static import StaticEngine
+
+    study = study_from_dict(tiny_study(tmp_path, copy.deepcopy(ARMS)))
+    prepare(study.base.data, study.base.model.vocab_size)
+    ensure_initialized()
+    cfg = arm_config(study, study.arm("seq2"), 0)
+    torch.manual_seed(0)
+    model = DeepSeekV3(cfg.model).eval()
+    tokenizer = Tokenizer.load(cfg.data.data_dir)
+    problems = humaneval.load_problems(3)
+    e = study.eval
+    e.humaneval_batch_size = 2  # three requests through two slots
+    prompts = [evaluate.prompt_tokens(tokenizer, p.prompt, 12)[0] for p in problems[:2]]
+    dynamic = (evaluate.humaneval_completions(model, tokenizer, problems, e, 16), evaluate.decoding(model, prompts, e))
+    monkeypatch.setattr(evaluate, "decoding_engine", lambda m, k, max_batch, max_length: StaticEngine(
+        m, k, max_batch=max_batch, max_length=max_length, cuda_graphs=False))
+    static = (evaluate.humaneval_completions(model, tokenizer, problems, e, 16), evaluate.decoding(model, prompts, e))
+    assert static[0] == dynamic[0] and dynamic[0][1] == 3  # every prompt was cut to fit the 16-token context
+    assert static[1]["engine"] == "StaticEngine" and dynamic[1]["engine"] == "Engine"
+    for a, b in zip(static[1]["speculative"], dynamic[1]["speculative"]):
+        assert a["acceptance"] == b["acceptance"] and a["tokens_per_forward"] == b["tokens_per_forward"]
+
+
 # ---------------------------------------------------------------------------------------------
 # HumanEval: the package's problems and the sandbox
 
