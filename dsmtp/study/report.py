@@ -179,110 +179,129 @@ def equal_time_loss(run: dict, base_runs: list[dict]) -> Optional[float]:
 def markdown(results: list[dict], plots: Optional[dict[str, str]] = None) -> str:
     """The generated part of the study document: provenance, tables, verdicts and (given their paths) plots."""
     arms = arms_of(results)
-    base_name = baseline_name(arms)
-    base = arms[base_name]
+    base = baseline_name(arms)
+    out = _provenance(results, arms, base)
+    for title, section in [("Quality at equal tokens", _quality),
+                           ("Validation loss by context position (the late-position hypothesis)", _positions),
+                           ("MTP depths on the validation split", _depths),
+                           ("Self-speculative decoding at batch 1", _decoding),
+                           ("Cost against next-token training (equal tokens and equal time)", _cost)]:
+        out += ["", f"### {title}", ""] + section(arms, base)
+    out += ["", "### Checks: same data, same initialisation, working sandbox", ""] + _checks(results)
+    if plots:
+        out += ["", "### Plots", ""] + [f"![{title}]({path})" for title, path in plots.items()]
+    return "\n".join(out) + "\n"
+
+
+def _provenance(results: list[dict], arms: dict[str, list[dict]], base: str) -> list[str]:
     first = results[0]
-    out = [f"Generated from {len(results)} results files of study `{first['study']}` "
-           f"({', '.join(sorted({os.path.dirname(r['_path']) for r in results}))})."]
+    p, c, tokens = first["parameters"], first["corpus"], first["training"]["tokens"]
     machines = sorted({r["machine"] for r in results})
-    out.append(f"Machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines)}. Model: "
-               f"{first['parameters']['trunk_total'] / 1e6:.3g}M parameters, {first['parameters']['trunk_activated'] / 1e6:.3g}M "
-               f"activated per token without MTP; {first['training']['tokens']:,} training tokens per arm "
-               f"({first['training']['tokens'] / first['parameters']['trunk_activated']:.2f} per activated parameter), "
-               f"corpus {first['corpus']['source']} ({first['corpus']['train_files']:,} train files, "
-               f"{first['corpus']['train_tokens']:,} tokens; {first['corpus']['val_files']:,} held-out files, "
-               f"{first['corpus']['val_tokens']:,} tokens).")
-    out.append("")
-    out.append("Numbers are means over seeds, (± half the seed-to-seed range) where an arm has several seeds. A "
-               "difference from next-token training counts only beyond the noise: the larger seed range of the two "
-               "arms (for pass@1 at least two problems); otherwise it is reported as within the spread.")
-    best = best_mtp_arm(arms, base_name)
+    out = [f"Generated from {len(results)} results files of study `{first['study']}` "
+           f"({', '.join(sorted({os.path.dirname(r['_path']) for r in results}))}).",
+           f"Machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines)}. Model: {p['trunk_total'] / 1e6:.3g}M "
+           f"parameters, {p['trunk_activated'] / 1e6:.3g}M activated per token without MTP; {tokens:,} training "
+           f"tokens per arm ({tokens / p['trunk_activated']:.2f} per activated parameter), corpus {c['source']} "
+           f"({c['train_files']:,} train files, {c['train_tokens']:,} tokens; {c['val_files']:,} held-out files, "
+           f"{c['val_tokens']:,} tokens).",
+           "",
+           "Numbers are means over seeds, (± half the seed-to-seed range) where an arm has several seeds. A "
+           "difference from next-token training counts only beyond the noise: the larger seed range of the two "
+           "arms (for pass@1 at least two problems); otherwise it is reported as within the spread."]
+    best = best_mtp_arm(arms, base)
     if best is not None:
         n = len(arms[best])
         out.append(f"Best MTP arm by validation loss: **{best}** ({describe_arm(arms[best])}), {n} seed{'s' * (n > 1)}"
                    + ("" if n > 1 else f": run a second seed (`--arms {best} --seeds ...`) before reading its "
                                         "differences") + ".")
+    return out
 
-    out += ["", "### Quality at equal tokens", ""]
-    rows = []
-    for name, runs in arms.items():
-        rows.append([name, describe_arm(runs), str(len(runs))] + [cell(summarize(runs, m), m.digits) for m in QUALITY])
-    out += _table(["arm", "objective", "seeds"] + [m.name for m in QUALITY], rows)
+
+def _against_baseline(arms: dict[str, list[dict]], base: str, metrics: list[Metric], headers: list[str],
+                      describe: bool = False) -> list[str]:
+    """Each arm's mean per metric (with its objective and seed count, if `describe`), then its difference from
+    the baseline with the verdict."""
+    lead = (lambda name, runs: [name, describe_arm(runs), str(len(runs))]) if describe else (lambda name, runs: [name])
+    rows = [lead(name, runs) + [cell(summarize(runs, m), m.digits) for m in metrics] for name, runs in arms.items()]
+    out = _table(["arm"] + ["objective", "seeds"] * describe + headers, rows)
     out += ["", "Differences from next-token training (arm - baseline):", ""]
-    rows = [[name] + [compare(runs, base, m) or "n/a" for m in QUALITY] for name, runs in arms.items() if name != base_name]
-    out += _table(["arm"] + [m.name for m in QUALITY], rows)
+    rows = [[name] + [compare(runs, arms[base], m) or "n/a" for m in metrics] for name, runs in arms.items()
+            if name != base]
+    return out + _table(["arm"] + headers, rows)
 
-    buckets = base[0]["val"]["by_position"]
-    labels = [f"{b['from']}-{b['to']}" for b in buckets]
-    position = [Metric(f"loss at positions {label}", lambda r, i=i: r["val"]["by_position"][i]["loss"], "lower")
-                for i, label in enumerate(labels)]
-    out += ["", "### Validation loss by context position (the late-position hypothesis)", ""]
-    rows = [[name] + [cell(summarize(runs, m), 4) for m in position] for name, runs in arms.items()]
-    out += _table(["arm"] + [f"positions {label}" for label in labels], rows)
-    out += ["", "Differences from next-token training by position:", ""]
-    rows = [[name] + [compare(runs, base, m) or "n/a" for m in position] for name, runs in arms.items() if name != base_name]
-    out += _table(["arm"] + [f"positions {label}" for label in labels], rows)
 
-    out += ["", "### MTP depths on the validation split", ""]
+def _quality(arms: dict[str, list[dict]], base: str) -> list[str]:
+    return _against_baseline(arms, base, QUALITY, [m.name for m in QUALITY], describe=True)
+
+
+def _positions(arms: dict[str, list[dict]], base: str) -> list[str]:
+    labels = [f"{b['from']}-{b['to']}" for b in arms[base][0]["val"]["by_position"]]
+    metrics = [Metric(f"positions {label}", lambda r, i=i: r["val"]["by_position"][i]["loss"], "lower")
+               for i, label in enumerate(labels)]
+    return _against_baseline(arms, base, metrics, [m.name for m in metrics])
+
+
+def _depths(arms: dict[str, list[dict]], base: str) -> list[str]:
     rows = []
     for name, runs in arms.items():
         for d in range(runs[0]["objective"]["mtp_depth"]):
             loss = Metric("", lambda r, d=d: r["val"]["depths"][d]["loss"], "lower")
             acc = Metric("", lambda r, d=d: r["val"]["depths"][d]["accuracy"], "higher")
             rows.append([name, f"{d + 1} (token i+{d + 2})", cell(summarize(runs, loss), 4), cell(summarize(runs, acc), 4)])
-    out += _table(["arm", "depth", "loss", "accuracy"], rows)
+    return _table(["arm", "depth", "loss", "accuracy"], rows)
 
-    out += ["", "### Self-speculative decoding at batch 1", ""]
+
+def _decoding(arms: dict[str, list[dict]], base: str) -> list[str]:
     rows = []
     for name, runs in arms.items():
-        d = runs[0]["decoding"]
         plain = Metric("", lambda r: r["decoding"]["plain_tokens_per_second"], "higher")
         rows.append([name, "plain", "-", "1.000", cell(summarize(runs, plain), 1), "1.00", "-"])
-        for i, spec in enumerate(d["speculative"]):
-            get = lambda key, i=i: Metric("", lambda r: r["decoding"]["speculative"][i][key], "higher")  # noqa: E731
+        for i, spec in enumerate(runs[0]["decoding"]["speculative"]):
+            def get(key: str, i: int = i) -> Metric:
+                return Metric("", lambda r: r["decoding"]["speculative"][i][key], "higher")
             acceptance = [statistics.fmean(r["decoding"]["speculative"][i]["acceptance"][j] for r in runs)
                           for j in range(spec["k"])]
             same = all(r["decoding"]["speculative"][i]["same_as_plain"] for r in runs)
             rows.append([name, f"K={spec['k']}", " / ".join(f"{a:.3f}" for a in acceptance),
                          cell(summarize(runs, get("tokens_per_forward")), 3), cell(summarize(runs, get("tokens_per_second")), 1),
                          cell(summarize(runs, get("speedup")), 2), "yes" if same else "no"])
-    out += _table(["arm", "drafts", "acceptance per draft position", "tokens per trunk forward", "tokens/s",
-                   "speedup", "same tokens as plain"], rows)
-    d = first["decoding"]
-    out.append("")
-    out.append(f"Greedy, the first {d['prompts']} HumanEval prompts each decoded alone for {d['new_tokens']} tokens, "
-               f"{d['engine']} engine, {d['dtype']} on {d['device']}, best of {d['repeats']} passes after a warm-up.")
+    out = _table(["arm", "drafts", "acceptance per draft position", "tokens per trunk forward", "tokens/s",
+                  "speedup", "same tokens as plain"], rows)
+    d = arms[base][0]["decoding"]
+    return out + ["", f"Greedy, the first {d['prompts']} HumanEval prompts each decoded alone for {d['new_tokens']} "
+                      f"tokens, {d['engine']} engine, {d['dtype']} on {d['device']}, best of {d['repeats']} passes after "
+                      "a warm-up."]
 
-    out += ["", "### Cost against next-token training (equal tokens and equal time)", ""]
-    eq = Metric("", lambda r: equal_time_loss(r, base), "lower")
-    final = Metric("", lambda r: r["training"]["curve"][-1]["loss"] if r["training"]["curve"] else None, "lower")
+
+def _cost(arms: dict[str, list[dict]], base: str) -> list[str]:
+    at_base_time = Metric("", lambda r: equal_time_loss(r, arms[base]), "lower")
+    end = Metric("", lambda r: r["training"]["curve"][-1]["loss"] if r["training"]["curve"] else None, "lower")
     rows = []
     for name, runs in arms.items():
         row = [name] + [cell(summarize(runs, m), m.digits) for m in COST]
         for m in COST[1:]:
-            a, b = summarize(runs, m), summarize(base, m)
+            a, b = summarize(runs, m), summarize(arms[base], m)
             row.append("n/a" if a is None or b is None else f"{(a.mean / b.mean - 1) * 100:+.1f}%")
-        row += [cell(summarize(runs, final), 4), cell(summarize(runs, eq), 4) if name != base_name else "-"]
+        row += [cell(summarize(runs, end), 4), cell(summarize(runs, at_base_time), 4) if name != base else "-"]
         rows.append(row)
-    out += _table(["arm"] + [m.name for m in COST] + ["step time vs NTP", "memory vs NTP",
-                                                      "periodic val loss, end", "at NTP's training time"], rows)
-    out.append("")
-    out.append("Tokens/s: median over the run's logged intervals (the first, holding compilation, left out). The last "
-               "column reads each MTP arm's periodic-eval curve at the tokens it reached in the time next-token "
-               "training took for its whole budget (linear between eval points; the learning rate had not decayed "
-               "there yet, which favours the baseline).")
+    out = _table(["arm"] + [m.name for m in COST] + ["step time vs NTP", "memory vs NTP", "periodic val loss, end",
+                                                     "at NTP's training time"], rows)
+    return out + ["", "Tokens/s: median over the run's logged intervals (the first, holding compilation, left out). "
+                      "The last column reads each MTP arm's periodic-eval curve at the tokens it reached in the time "
+                      "next-token training took for its whole budget (linear between eval points; the learning rate "
+                      "had not decayed there yet, which favours the baseline)."]
 
-    out += ["", "### Checks: same data, same initialisation, working sandbox", ""]
+
+def _checks(results: list[dict]) -> list[str]:
     rows = []
     for r in results:
-        c = r["checks"]
-        he = r["humaneval"]["pass"]
+        c, he = r["checks"], r["humaneval"]["pass"]
+        step0 = "n/a" if c["step0_val_loss"] is None else f"{c['step0_val_loss']:.4f}"
         rows.append([f"{r['arm']} s{r['seed']}", c["shared_init_sha256"][:12], c["data_order_sha256"][:12],
-                     str(c["data_order_batches"]), f"{c['step0_val_loss']:.4f}" if c["step0_val_loss"] is not None else "n/a",
-                     r["corpus"]["content_sha256"][:12], f"{he['canonical_passed']}/{he['problems']}", he["sandbox"]])
-    out += _table(["run", "shared init sha256", "data order sha256", "batches", "step-0 val loss", "corpus sha256",
-                   "canonical solutions pass", "sandbox"], rows)
-    out.append("")
+                     str(c["data_order_batches"]), step0, r["corpus"]["content_sha256"][:12],
+                     f"{he['canonical_passed']}/{he['problems']}", he["sandbox"]])
+    out = _table(["run", "shared init sha256", "data order sha256", "batches", "step-0 val loss", "corpus sha256",
+                  "canonical solutions pass", "sandbox"], rows) + [""]
     for seed in sorted({r["seed"] for r in results}):
         same_seed = [r for r in results if r["seed"] == seed]
         for key, what in (("shared_init_sha256", "initialisation of the shared parameters"),
@@ -293,11 +312,7 @@ def markdown(results: list[dict], plots: Optional[dict[str, str]] = None) -> str
     corpora = {r["corpus"]["content_sha256"] for r in results}
     out.append(f"- Corpus: {'one' if len(corpora) == 1 else f'{len(corpora)} DIFFERENT'} corpus content hash"
                f"{'es' * (len(corpora) > 1)} (tokenizer and token shards) across all runs.")
-
-    if plots:
-        out += ["", "### Plots", ""]
-        out += [f"![{title}]({path})" for title, path in plots.items()]
-    return "\n".join(out) + "\n"
+    return out
 
 
 def text_summary(results: list[dict]) -> str:
