@@ -151,7 +151,8 @@ def test_validation_metrics_match_the_model_loss_and_the_decoded_bytes(tmp_path)
     model = DeepSeekV3(cfg.model).eval()
     tokenizer = Tokenizer.load(cfg.data.data_dir)
     seq_len, extra = cfg.train.seq_len, cfg.train.sample_extra_tokens
-    got = evaluate.validation(model, cfg.data.data_dir, seq_len, extra, study.eval, autocast_for("fp32", torch.device("cpu")),
+    fp32 = autocast_for("fp32", torch.device("cpu"))
+    got = evaluate.validation(model, cfg.data.data_dir, seq_len, extra, study.eval, fp32,
                               evaluate.token_byte_lengths(tokenizer))
     # Reference: the model's own loss (its forward with labels) window by window, and the bytes of the
     # targets decoded as text.
@@ -326,7 +327,7 @@ def test_cpu_mini_study_end_to_end(tmp_path, capsys):
     assert json.loads((runs / "ntp-s0" / runner.WALL_FILE).read_text())["starts"] == 2
 
     # Schema: every section, shaped by the arm's objective.
-    for name, r in results.items():
+    for r in results.values():
         depth = r["objective"]["mtp_depth"]
         assert r["training"]["steps"] == 4 and r["training"]["tokens"] == 4 * 2 * 16
         assert [p["step"] for p in r["training"]["curve"]] == [0, 2, 4]

@@ -238,7 +238,14 @@ def _positions(arms: dict[str, list[dict]], base: str) -> list[str]:
     labels = [f"{b['from']}-{b['to']}" for b in arms[base][0]["val"]["by_position"]]
     metrics = [Metric(f"positions {label}", lambda r, i=i: r["val"]["by_position"][i]["loss"], "lower")
                for i, label in enumerate(labels)]
-    return _against_baseline(arms, base, metrics, [m.name for m in metrics])
+    # The hypothesis as one number: how much lower the loss is late than early; an arm "better" here than
+    # next-token training gains more (or loses less) late in the window than early.
+    late = Metric("last - first bucket", lambda r: r["val"]["by_position"][-1]["loss"] - r["val"]["by_position"][0]["loss"],
+                  "lower")
+    out = _against_baseline(arms, base, metrics + [late], [m.name for m in metrics + [late]])
+    return out + ["", f"\"last - first bucket\" is the loss at positions {labels[-1]} minus the loss at positions "
+                      f"{labels[0]}; against the baseline, \"better\" means the arm gains more (or loses less) late "
+                      "in the window than early, as the late-position hypothesis predicts."]
 
 
 def _depths(arms: dict[str, list[dict]], base: str) -> list[str]:
@@ -263,8 +270,9 @@ def _decoding(arms: dict[str, list[dict]], base: str) -> list[str]:
                           for j in range(spec["k"])]
             same = all(r["decoding"]["speculative"][i]["same_as_plain"] for r in runs)
             rows.append([name, f"K={spec['k']}", " / ".join(f"{a:.3f}" for a in acceptance),
-                         cell(summarize(runs, get("tokens_per_forward")), 3), cell(summarize(runs, get("tokens_per_second")), 1),
-                         cell(summarize(runs, get("speedup")), 2), "yes" if same else "no"])
+                         cell(summarize(runs, get("tokens_per_forward")), 3),
+                         cell(summarize(runs, get("tokens_per_second")), 1), cell(summarize(runs, get("speedup")), 2),
+                         "yes" if same else "no"])
     out = _table(["arm", "drafts", "acceptance per draft position", "tokens per trunk forward", "tokens/s",
                   "speedup", "same tokens as plain"], rows)
     d = arms[base][0]["decoding"]
