@@ -443,40 +443,81 @@ def validate_mtp_training(m: ModelConfig, t: TrainConfig) -> None:
              "run one at a time; set it to false")
 
 
-def validate(cfg: Config) -> None:
+def validate_parallel(cfg: Config) -> None:
+    """The layout's rules that hold for any world size: what each engine supports (dsmtp.parallel)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    validate_model(m)
     for name in ("tp", "pp", "ep"):
         _require(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1")
     _require(m.num_heads % p.tp == 0,
              f"model.num_heads={m.num_heads} is not divisible by parallel.tp={p.tp}: choose tp from "
              f"{_divisors(m.num_heads)}")
+    _require(p.ep == 1 or m.num_moe_layers > 0 or m.mtp_depth > 0,
+             f"parallel.ep={p.ep} needs MoE layers: the model has none (set parallel.ep=1)")
     _require(m.n_routed_experts % p.ep == 0,
              f"model.n_routed_experts={m.n_routed_experts} is not divisible by parallel.ep={p.ep}: choose ep from "
              f"{_divisors(m.n_routed_experts)}")
     _require(p.pp <= m.num_layers,
              f"parallel.pp={p.pp} is larger than model.num_layers={m.num_layers}: each stage needs a layer")
-    _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
-    _require(p.pp == 1 or p.zero_stage <= 1,
-             f"parallel.zero_stage={p.zero_stage} cannot be used with parallel.pp={p.pp}: DeepSpeed's pipeline "
-             "engine supports ZeRO stage 0 or 1 only")
     _require(p.engine in ("auto", "native", "deepspeed"),
              f"parallel.engine={p.engine!r} must be auto, native or deepspeed")
     _require(p.pp == 1 or p.engine != "deepspeed",
              f"parallel.engine=deepspeed cannot be used with parallel.pp={p.pp}: DeepSpeed's pipeline engine cannot "
              "carry the MTP inputs and per-stage aux losses; use parallel.engine=native (or auto) for pp > 1")
-    _require(not (p.resolved_engine == "deepspeed" and p.zero_stage == 0),
+    deepspeed = p.resolved_engine == "deepspeed"
+    if p.zero_stage == 3:
+        experts = (f" and routed experts (model.num_layers={m.num_layers} > first_k_dense_replace="
+                   f"{m.first_k_dense_replace}): DeepSpeed's ZeRO-3 refuses MoE parameters, and" if deepspeed
+                   and m.num_moe_layers > 0 else ":")
+        _require(False, f"parallel.zero_stage=3 with parallel.engine={p.engine}{experts} neither engine shards the "
+                        "parameters themselves (dsmtp's checkpoints, tensor, expert and pipeline parallelism hold whole "
+                        "parameter slices on each rank): use zero_stage 1 or 2")
+    _require(p.zero_stage in (0, 1, 2), f"parallel.zero_stage={p.zero_stage} must be 0, 1 or 2")
+    _require(p.pp == 1 or p.zero_stage <= 1,
+             f"parallel.zero_stage={p.zero_stage} cannot be used with parallel.pp={p.pp}: pipeline layouts run on "
+             "dsmtp's native engine, which shards gradients (stage 2) only without pipeline parallelism (the first "
+             "and last stages sum the tied embedding's whole gradient); use zero_stage 0 or 1 with pp > 1")
+    _require(not (deepspeed and p.zero_stage == 0),
              f"parallel.zero_stage=0 with parallel.engine={p.engine} (DeepSpeed, as pp == 1): dsmtp drives DeepSpeed's "
              "ZeRO optimizer only; use zero_stage 1 (parameters and gradients as in stage 0, optimizer state "
              "sharded) or parallel.engine=native")
-    _require(not (p.resolved_engine == "deepspeed" and p.zero_stage == 3 and m.num_moe_layers > 0),
-             f"parallel.zero_stage=3 with parallel.engine={p.engine} and routed experts (model.num_layers="
-             f"{m.num_layers} > first_k_dense_replace={m.first_k_dense_replace}): DeepSpeed's ZeRO-3 refuses MoE "
-             "parameters; use zero_stage 1 or 2")
-    _require(p.pp_microbatches is None or p.pp_microbatches >= 1,
-             f"parallel.pp_microbatches={p.pp_microbatches} must be >= 1")
+    _require(p.pp_microbatches is None or p.pp_microbatches == t.grad_accum,
+             f"parallel.pp_microbatches={p.pp_microbatches} differs from train.grad_accum={t.grad_accum}: "
+             "the pipeline's micro-batches are the accumulation steps; leave pp_microbatches unset")
     _require(p.tp > 1 or not p.sequence_parallel, "parallel.sequence_parallel needs parallel.tp > 1")
+    _require(not (p.sequence_parallel and p.pp > 1),
+             f"parallel.sequence_parallel with parallel.pp={p.pp}: the pipeline sends whole-sequence "
+             "activations between stages; use sequence_parallel with pp=1, or set it to false")
+    _require(not p.sequence_parallel or t.seq_len % p.tp == 0,
+             f"parallel.sequence_parallel splits train.seq_len={t.seq_len} over parallel.tp={p.tp} ranks: choose a "
+             f"seq_len divisible by {p.tp}, or set sequence_parallel to false")
 
+
+def validate_world(cfg: Config, world_size: int) -> int:
+    """The layout over `world_size` processes; returns the data-parallel size."""
+    p, t = cfg.parallel, cfg.train
+    model_parallel = p.tp * p.pp
+    _require(world_size % model_parallel == 0,
+             f"world size {world_size} is not a multiple of parallel.tp={p.tp} x parallel.pp={p.pp} = "
+             f"{model_parallel}: launch a multiple of {model_parallel} processes or change tp/pp")
+    dp = world_size // model_parallel
+    _require(dp % p.ep == 0,
+             f"parallel.ep={p.ep} does not divide the data-parallel size {dp} (= world {world_size} / (tp x pp)): "
+             f"expert parallelism is carved out of the data-parallel ranks; choose ep from the divisors of {dp}")
+    _require(t.micro_batch_size % dp == 0,
+             f"train.micro_batch_size={t.micro_batch_size} is not divisible by the data-parallel size {dp}: it is "
+             "the micro-batch of all DP ranks together (each reads micro_batch_size / dp samples), so the global "
+             "batch is the same in every layout; choose a multiple of the DP size")
+    return dp
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> Optional[int]:
+    """Refuse a config whose values do not fit together, naming the field and the fix.
+
+    With `world_size` (the launcher's process count, known once a job starts), also the rules of the
+    parallel layout over that many processes; returns the data-parallel size then (None without)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    validate_model(m)
+    validate_parallel(cfg)
     for name in ("seq_len", "micro_batch_size", "grad_accum", "steps", "log_interval", "eval_interval",
                  "eval_batches", "save_interval", "keep_last", "max_skipped_steps"):
         _require(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)} must be >= 1")
@@ -522,6 +563,7 @@ def validate(cfg: Config) -> None:
     _require(s.max_choices >= 1, f"serve.max_choices={s.max_choices} must be >= 1")
     _require(s.served_model_name is None or s.served_model_name.strip() == s.served_model_name != "",
              f"serve.served_model_name={s.served_model_name!r} must be a non-empty name without surrounding spaces")
+    return None if world_size is None else validate_world(cfg, world_size)
 
 
 def piecewise(schedule: list[list[float]], tokens: float) -> float:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from dsmtp.config import Config, ConfigError
+from dsmtp.config import Config, validate
 from dsmtp.parallel.tensor import set_sequence_parallel
 
 
@@ -34,65 +34,11 @@ def ensure_initialized() -> None:
         parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
 
 
-def validate_layout(cfg: Config, world_size: int) -> int:
-    """Check that (TP, PP, EP) fit the world size and the model, before any group is built.
-
-    Returns the data-parallel size. Each error names the field and the fix.
-    """
-    p, m = cfg.parallel, cfg.model
-    model_parallel = p.tp * p.pp
-    if world_size % model_parallel != 0:
-        raise ConfigError(
-            f"world size {world_size} is not a multiple of parallel.tp={p.tp} x parallel.pp={p.pp} = {model_parallel}: "
-            f"launch a multiple of {model_parallel} processes or change tp/pp")
-    dp = world_size // model_parallel
-    if m.num_heads % p.tp != 0:
-        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tp={p.tp}")
-    if p.pp > m.num_layers:
-        raise ConfigError(f"parallel.pp={p.pp} exceeds model.num_layers={m.num_layers}: each stage needs a layer")
-    if p.ep > 1 and (m.num_moe_layers == 0 and m.mtp_depth == 0):
-        raise ConfigError(f"parallel.ep={p.ep} needs MoE layers: the model has none (set parallel.ep=1)")
-    if m.n_routed_experts % p.ep != 0:
-        raise ConfigError(f"parallel.ep={p.ep} does not divide model.n_routed_experts={m.n_routed_experts}")
-    if dp % p.ep != 0:
-        raise ConfigError(
-            f"parallel.ep={p.ep} does not divide the data-parallel size {dp} (= world {world_size} / (tp x pp)): "
-            "expert parallelism is carved out of the data-parallel ranks; choose ep from the divisors of "
-            f"{dp}")
-    if cfg.train.micro_batch_size % dp != 0:
-        raise ConfigError(
-            f"train.micro_batch_size={cfg.train.micro_batch_size} is not divisible by the data-parallel size {dp}: "
-            "it is the micro-batch of all DP ranks together (each reads micro_batch_size / dp samples), so the "
-            "global batch is the same in every layout; choose a multiple of the DP size")
-    if p.zero_stage not in (0, 1, 2) and p.resolved_engine == "native":
-        raise ConfigError(
-            f"parallel.zero_stage={p.zero_stage}: dsmtp's engine shards optimizer state (1) and gradients (2); "
-            "stage 3 (parameter sharding) is not supported with its tensor, expert and pipeline parallelism")
-    if p.zero_stage not in (0, 1, 2):
-        raise ConfigError(
-            f"parallel.zero_stage={p.zero_stage}: dsmtp's DeepSpeed engine runs ZeRO stages 0, 1 and 2; stage 3 "
-            "(parameter sharding) is not wired into its checkpoints yet: use zero_stage 1 or 2")
-    if p.pp > 1 and p.zero_stage > 1:
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} cannot be combined with parallel.pp={p.pp}: "
-                          "use zero_stage 0 or 1 with pipeline parallelism")
-    if p.pp_microbatches is not None and p.pp_microbatches != cfg.train.grad_accum:
-        raise ConfigError(
-            f"parallel.pp_microbatches={p.pp_microbatches} differs from train.grad_accum={cfg.train.grad_accum}: "
-            "the pipeline's micro-batches are the accumulation steps; leave pp_microbatches unset")
-    if p.sequence_parallel and p.pp > 1:
-        raise ConfigError(f"parallel.sequence_parallel with parallel.pp={p.pp}: the pipeline sends whole-sequence "
-                          "activations between stages; use sequence_parallel with pp=1, or set it to false")
-    if p.sequence_parallel and cfg.train.seq_len % p.tp != 0:
-        raise ConfigError(f"parallel.sequence_parallel splits train.seq_len={cfg.train.seq_len} over "
-                          f"parallel.tp={p.tp} ranks: choose a seq_len divisible by {p.tp}, or set sequence_parallel to false")
-    return dp
-
-
 def init_distributed(cfg: Config, timeout_minutes: int = 30) -> "Layout":
     """Join the job started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and build every
     process group. Without those variables this is a one-process run. NCCL on CUDA, gloo on CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    validate_layout(cfg, world_size)
+    validate(cfg, world_size)  # the layout over this many processes, before any group exists
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

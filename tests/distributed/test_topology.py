@@ -1,21 +1,20 @@
-"""Layout validation: every impossible layout fails before any process group exists, with a message
-naming the field. Pure functions: no processes are started."""
+"""Layout validation (dsmtp.config.validate with the world size): every impossible layout fails before any
+process group exists, with a message naming the field. Pure functions: no processes are started."""
 
 from __future__ import annotations
 
 import pytest
 
-from dsmtp.config import ConfigError
+from dsmtp.config import ConfigError, validate
 from dsmtp.parallel.pipeline import stage_layers
-from dsmtp.parallel.topology import validate_layout
 from tests.distributed.common import tiny_config
 
 
 def test_valid_layouts_give_the_data_parallel_size():
-    assert validate_layout(tiny_config(), 1) == 1
-    assert validate_layout(tiny_config(tp=2, pp=2), 8) == 2
-    assert validate_layout(tiny_config(pp=2, ep=2), 4) == 2
-    assert validate_layout(tiny_config(tp=2, ep=2, sp=True), 4) == 2
+    assert validate(tiny_config(), 1) == 1
+    assert validate(tiny_config(tp=2, pp=2), 8) == 2
+    assert validate(tiny_config(pp=2, ep=2), 4) == 2
+    assert validate(tiny_config(tp=2, ep=2, sp=True), 4) == 2
 
 
 @pytest.mark.parametrize("cfg, world, names", [
@@ -27,7 +26,7 @@ def test_valid_layouts_give_the_data_parallel_size():
 ])
 def test_invalid_layouts_are_refused(cfg, world, names):
     with pytest.raises(ConfigError) as err:
-        validate_layout(tiny_config(**cfg), world)
+        validate(tiny_config(**cfg), world)
     for name in names:
         assert name in str(err.value)
 
@@ -36,7 +35,7 @@ def test_sequence_parallel_needs_a_sequence_divisible_by_tp():
     cfg = tiny_config(tp=2, sp=True)
     cfg.train.seq_len = 15
     with pytest.raises(ConfigError, match=r"train\.seq_len=15 over parallel\.tp=2"):
-        validate_layout(cfg, 2)
+        validate(cfg, 2)
 
 
 @pytest.mark.parametrize("override, field", [
