@@ -18,6 +18,7 @@ import yaml
 
 MTP_KINDS = ("sequential", "parallel")
 MTP_DEPTH_WEIGHT_SCHEMES = ("uniform", "linear", "exponential")
+FP8_BACKENDS = ("torch", "transformer_engine")  # train.fp8_backend (dsmtp.model.fp8)
 MAX_EXPERTS = 2**15 - 1  # routed expert ids are sorted as int16 (dsmtp.model.moe.sort_pairs_by_expert)
 TRACKERS = ("jsonl", "tensorboard", "wandb")  # train.trackers' names (writers: dsmtp.train.trackers)
 MAX_SIZE = 2**31 - 1  # any model size: a tensor dimension the kernels index with int32
@@ -145,6 +146,9 @@ class TrainConfig:
     mtp_heads_one_at_a_time: bool = False
     bias_update_schedule: list[list[float]] = field(default_factory=lambda: [[0, 0.001]])
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp8
+    # train.precision=fp8's GEMMs: torch (dsmtp.model.fp8, tested on the device by tests/gpu) or transformer_engine
+    # (te.Linear for the dense layers: no test has run it yet, so it runs only when asked for).
+    fp8_backend: str = "torch"
     # Recompute every N-th transformer layer in backward instead of keeping its activations (0: none,
     # 1: all); trades one extra forward of those layers for their activation memory.
     activation_recompute_every: int = 0
@@ -531,6 +535,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Optional[int]:
     _require(0 <= t.decay_start_fraction <= 1, f"train.decay_start_fraction={t.decay_start_fraction} must be in [0, 1]")
     _require(t.precision in ("auto", "fp32", "bf16", "fp8"),
              f"train.precision={t.precision!r} must be one of auto, fp32, bf16, fp8")
+    _require(t.fp8_backend in FP8_BACKENDS,
+             f"train.fp8_backend={t.fp8_backend!r} must be one of {', '.join(FP8_BACKENDS)}")
+    _require(t.fp8_backend == "torch" or t.precision == "fp8",
+             f"train.fp8_backend={t.fp8_backend} applies to train.precision=fp8 only (got {t.precision}): set "
+             "train.precision=fp8 or train.fp8_backend=torch")
     _require(t.activation_recompute_every >= 0,
              f"train.activation_recompute_every={t.activation_recompute_every} must be >= 0 (0: keep all "
              "activations, 1: recompute every layer, N: every N-th layer)")

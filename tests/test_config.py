@@ -68,3 +68,21 @@ def test_bad_override_syntax():
 def test_missing_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(CONFIGS / "nope.yaml")
+
+
+def test_transformer_engine_fp8_runs_only_when_asked_for():
+    """The torch FP8 GEMMs are the default whatever is installed; Transformer Engine's path is a switch that
+    applies to precision fp8 only and needs the package."""
+    from dsmtp.model import DeepSeekV3, fp8
+    from tests.helpers import tiny_model_config
+
+    assert load_config(CONFIGS / "tiny.yaml").train.fp8_backend == "torch"
+    with pytest.raises(ConfigError, match=r"train\.fp8_backend=transformer_engine applies to train\.precision=fp8"):
+        load_config(CONFIGS / "tiny.yaml", ["train.fp8_backend=transformer_engine"])
+    with pytest.raises(ConfigError, match=r"train\.fp8_backend='te' must be one of torch, transformer_engine"):
+        load_config(CONFIGS / "tiny.yaml", ["train.precision=fp8", "train.fp8_backend=te"])
+    model = DeepSeekV3(tiny_model_config())
+    assert model.enable_fp8() and all(getattr(m, "fp8", None) != "te" for m in model.modules())
+    if not fp8.transformer_engine_available():
+        with pytest.raises(ConfigError, match=r"train\.fp8_backend=transformer_engine: Transformer Engine is not installed"):
+            DeepSeekV3(tiny_model_config()).enable_fp8("transformer_engine")

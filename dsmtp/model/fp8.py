@@ -10,9 +10,11 @@ Routed experts use torch._scaled_grouped_mm, which on Hopper takes row-wise scal
 per token row and per expert output channel, over the whole contraction dimension): coarser than the
 1x128 tiles. Their Wgrad stays a bf16 grouped GEMM.
 
-With Transformer Engine installed, `enable` instead runs the dense linears through te.Linear under
-Float8BlockScaling (DeepSeek's recipe as TE ships it). That path is untested here: the GPU machine
-has no Transformer Engine.
+`train.fp8_backend: transformer_engine` instead runs the dense linears through te.Linear under
+Float8BlockScaling (DeepSeek's recipe as TE ships it). No test has run that path (Transformer Engine
+does not install on the GPU machine this project is tested on), so it runs only when asked for.
+
+Which layers switch is the model's decision (`DeepSeekV3.enable_fp8`); this file holds the kernels.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import importlib.util
 import torch
 from torch import nn
 
+from dsmtp.config import ConfigError
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 TILE = 128
@@ -31,6 +35,12 @@ _TINY = 1e-12  # all-zero tiles get scale _TINY / 448 instead of a division by z
 
 def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
+
+
+def require_transformer_engine() -> None:
+    if not transformer_engine_available():
+        raise ConfigError("train.fp8_backend=transformer_engine: Transformer Engine is not installed; install it "
+                          "(pip install transformer-engine[pytorch]) or set train.fp8_backend=torch")
 
 
 def quantize_tiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,32 +209,10 @@ def eligible(module: nn.Module) -> bool:
     return out_f % _BLOCKWISE_MULTIPLE == 0 and in_f % _BLOCKWISE_MULTIPLE == 0
 
 
-def enable(model: nn.Module) -> list[str]:
-    """Switch the model's dense and expert GEMMs to FP8; returns the names of the switched modules.
-
-    The router, embedding, output head and norms are not linear layers of the kinds below, so they
-    keep bf16/fp32; linear layers with a dimension that is not a multiple of 512 (in small.yaml MLA's
-    wkv_a, 1024 -> 288, and wkv_b, 256 -> 2048) too.
-    """
-    from dsmtp.model.linear import FastLinear
-    from dsmtp.model.moe import RoutedExperts
-
-    switched = []
-    head = getattr(model, "head", None)  # the output head stays bf16
-    for name, module in model.named_modules():
-        if isinstance(module, FastLinear) and module is not head and eligible(module):
-            module.fp8 = "te" if transformer_engine_available() else "torch"
-            switched.append(name)
-        elif isinstance(module, RoutedExperts):
-            module.fp8 = True
-            switched.append(name)
-    return switched
-
-
-def autocast(enabled: bool):
-    """The context a training step's forward runs in: TE's fp8_autocast with its blockwise recipe when
-    Transformer Engine is installed, else nothing (the torch path scales each GEMM itself)."""
-    if not (enabled and transformer_engine_available()):
+def autocast(backend: str | None):
+    """The context a training step's forward runs in: TE's fp8_autocast with its blockwise recipe for
+    the transformer_engine backend, else nothing (the torch backend scales each GEMM itself)."""
+    if backend != "transformer_engine":
         return contextlib.nullcontext()
     import transformer_engine.pytorch as te
     from transformer_engine.common.recipe import Float8BlockScaling

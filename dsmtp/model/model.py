@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from dsmtp.config import ModelConfig
-from dsmtp.model import recompute
+from dsmtp.model import fp8, recompute
 from dsmtp.model.attention import LatentCache
 from dsmtp.model.layer import TransformerLayer
-from dsmtp.model.linear import ColumnParallelLinear, VocabParallelEmbedding
+from dsmtp.model.linear import ColumnParallelLinear, FastLinear, VocabParallelEmbedding
+from dsmtp.model.moe import RoutedExperts
 from dsmtp.model.mtp import IGNORE_INDEX, MTP, build_mtp
 from dsmtp.model.norm import RMSNorm
 from dsmtp.model.rope import RotaryEmbedding
@@ -67,6 +68,25 @@ class DeepSeekV3(nn.Module):
         for norm in [self.norm, *(n for m in self.mtp for n in m.norms())]:
             norm.compile()
         self._lm_loss = torch.compile(self._lm_loss)
+
+    def enable_fp8(self, backend: str = "torch") -> list[str]:
+        """Switch the dense and expert GEMMs to FP8 (train.precision=fp8, dsmtp.model.fp8's kernels, or
+        te.Linear for the dense layers with backend "transformer_engine"); returns the switched modules' names.
+
+        The router, embedding, output head and norms keep bf16/fp32; so do linear layers with a dimension
+        that is not a multiple of 512 (in small.yaml MLA's wkv_a, 1024 -> 288, and wkv_b, 256 -> 2048).
+        """
+        if backend == "transformer_engine":
+            fp8.require_transformer_engine()
+        switched = []
+        for name, module in self.named_modules():
+            if isinstance(module, FastLinear) and module is not self.head and fp8.eligible(module):
+                module.fp8 = "te" if backend == "transformer_engine" else "torch"
+                switched.append(name)
+            elif isinstance(module, RoutedExperts):
+                module.fp8 = True
+                switched.append(name)
+        return switched
 
     def set_activation_recompute(self, every: int) -> None:
         """Recompute every `every`-th transformer layer (trunk layers counted from the first, then the MTP

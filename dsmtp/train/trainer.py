@@ -82,9 +82,9 @@ def open_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Data:
                 tokenizer_path=tokenizer.model_path, unigram_baseline=val_split.manifest.get("unigram", {}))
 
 
-def autocast_for(precision: str, device: torch.device):
+def autocast_for(precision: str, device: torch.device, fp8_backend: str = "torch"):
     """bf16 autocast on CUDA (or when asked for), full fp32 otherwise; fp8 adds the FP8 GEMM context
-    (Transformer Engine's, when installed) on top of bf16 autocast.
+    (Transformer Engine's, with train.fp8_backend=transformer_engine) on top of bf16 autocast.
 
     Autocast's cache of cast weights is off: with it, a weight used twice in one forward (the output
     head, shared by the trunk and the MTP modules) has its two gradients summed in bf16 before the cast
@@ -101,7 +101,7 @@ def autocast_for(precision: str, device: torch.device):
     @contextlib.contextmanager
     def bf16_and_maybe_fp8():
         with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False), \
-                fp8.autocast(precision == "fp8"):
+                fp8.autocast(fp8_backend if precision == "fp8" else None):
             yield
 
     return bf16_and_maybe_fp8
@@ -115,7 +115,7 @@ def apply_train_settings(model: DeepSeekV3, t) -> None:
     if t.mtp_heads_one_at_a_time:
         model.mtp.one_at_a_time = True
     if t.precision == "fp8":
-        fp8.enable(model)
+        model.enable_fp8(t.fp8_backend)
     model.set_activation_recompute(t.activation_recompute_every)
     if t.compile:
         model.compile_layers()
@@ -165,7 +165,7 @@ class Trainer:
             raise ConfigError("train.cuda_graph=true needs a CUDA device: set it to false here")
         memory.check_training_memory(cfg, self.device, torch.distributed.get_world_size(),
                                      int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-        self.autocast = autocast_for(t.precision, self.device)
+        self.autocast = autocast_for(t.precision, self.device, t.fp8_backend)
         self.out_dir = Path(t.out_dir)
         self.is_writer = torch.distributed.get_rank() == 0
         self.build_model()
