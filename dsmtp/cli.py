@@ -14,7 +14,7 @@ import sys
 COMMANDS = {
     "summary": ("dsmtp.model.params", "print parameter counts of a config"),
     "prepare": ("dsmtp.data.prepare", "build the corpus, tokenizer and token shards"),
-    "train": ("dsmtp.train.trainer", "pretrain (single process or under torchrun)"),
+    "train": ("dsmtp.train.command", "pretrain (single process or under torchrun)"),
     "plot": ("dsmtp.train.plot", "overlay several training runs' loss curves in one PNG"),
     "export-hf": ("dsmtp.convert.export_hf", "write a HuggingFace DeepSeek-V3 checkpoint"),
     "import-hf": ("dsmtp.convert.import_hf", "read a HuggingFace DeepSeek-V3 checkpoint"),

@@ -1,4 +1,4 @@
-"""`dsmtp train --config CONFIG [--set key=value ...] [--resume]`: pretraining with MTP.
+"""The training loop with MTP, in one process (`dsmtp train`: dsmtp.train.command).
 
 The loop is split so a distributed engine can replace one piece at a time:
   - `forward_backward`: one micro-batch, forward under autocast and backward of the scaled loss;
@@ -19,12 +19,10 @@ at the next log or checkpoint step, at most `log_interval - 1` steps late; those
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +33,7 @@ import torch
 from tqdm import tqdm
 
 from dsmtp import checkpoint
-from dsmtp.config import Config, ConfigError, load_config
-from dsmtp.data.errors import DataError
+from dsmtp.config import Config, ConfigError
 from dsmtp.model import DeepSeekV3, ModelOutput, fp8, update_expert_bias
 from dsmtp.model.mtp import depth_weights
 from dsmtp.parallel import topology
@@ -424,34 +421,3 @@ class Trainer:
         return report.summary_table(records, entropy, self.data.unigram_baseline, tokens_per_second, wall,
                                     {"metrics": self.log.path, "plot": plot, "checkpoint": ckpt,
                                      "summary": self.out_dir / "summary.json"})
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dsmtp train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set train.steps=100 (repeatable)")
-    parser.add_argument("--resume", action="store_true",
-                        help="require a checkpoint in train.out_dir to continue from (without this flag a "
-                             "checkpoint there is still picked up)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-        trainer_class = Trainer
-        if "WORLD_SIZE" in os.environ:  # started by torchrun: this rank's part of the model, every layout
-            from dsmtp.train.distributed import DistributedTrainer
-
-            topology.init_distributed(cfg)
-            trainer_class = DistributedTrainer
-        trainer = trainer_class(cfg, resume="require" if args.resume else "auto")
-        if trainer.resumed_from is not None and trainer.is_writer:
-            print(f"resuming from {trainer.resumed_from} (step {trainer.step}, {trainer.tokens:,} tokens)")
-        trainer.out_dir.mkdir(parents=True, exist_ok=True)
-        trainer.run()
-    except (ConfigError, DataError, checkpoint.CheckpointError, TrainingStopped) as e:
-        print(f"dsmtp train: {e}", file=sys.stderr)
-        return 1
-    if trainer.is_writer:
-        print(trainer.finish())
-    return 0

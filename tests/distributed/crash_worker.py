@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dsmtp import checkpoint  # noqa: E402
-from dsmtp.train.trainer import main  # noqa: E402
+from dsmtp.train.command import main  # noqa: E402
 
 MOMENT = os.environ["DSMTP_TEST_CRASH_AT"]
 TARGET = checkpoint.step_dir_name(int(os.environ["DSMTP_TEST_CRASH_STEP"]))
