@@ -90,7 +90,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     pp_microbatches: Optional[int] = None  # defaults to train.grad_accum
     # Which engine drives training under torchrun: "deepspeed" (ZeRO, for pp == 1), "native"
-    # (dsmtp.parallel.engine, every layout), or "auto": deepspeed when pp == 1, native when pp > 1.
+    # (dsmtp.parallel.native_engine, every layout), or "auto": deepspeed when pp == 1, native when pp > 1.
     engine: str = "auto"
 
     @property

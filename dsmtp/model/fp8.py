@@ -184,7 +184,7 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
 def te_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x W^T through a te.Linear that shares the module's weight (names and optimizer state stay ours).
 
-    Untested here (no Transformer Engine on the GPU machine). Runs in FP8 inside `autocast(True)`.
+    Runs in FP8 inside `autocast("transformer_engine")`; train.fp8_backend=transformer_engine only (untested).
     """
     layer = module.__dict__.get("_te_layer")
     if layer is None:

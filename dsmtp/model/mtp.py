@@ -53,6 +53,12 @@ IGNORE_INDEX = -100
 LMLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
+def split_sample(sample: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training samples [.., seq_len + 1 + extra] -> inputs [.., :seq_len] and shifted labels [.., 1:]: the
+    model reads the first seq_len + D labels, so depth D has a target at every position (extra >= D)."""
+    return sample[..., :seq_len], sample[..., 1:]
+
+
 def depth_weights(scheme: Union[str, list[float]], depth: int) -> list[float]:
     """Per-depth loss weights w_1..w_D (train.mtp_depth_weights), before normalisation by their sum:
     uniform (DeepSeek-V3), linear (D, D-1, .., 1), exponential (1/2^(k-1)) or an explicit list."""

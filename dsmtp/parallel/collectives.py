@@ -1,4 +1,4 @@
-"""Collectives the training loop needs over the data-parallel group.
+"""Collectives the training loop needs over the data-parallel group (and the whole job).
 
 Each is a no-op in a single process, so the trainer calls them unconditionally.
 """
@@ -53,7 +53,9 @@ def reduce_expert_loads(model: torch.nn.Module) -> None:
 
 
 def any_rank(flag: bool) -> bool:
-    """True when `flag` is true on any data-parallel rank (e.g. a non-finite loss), so all ranks skip together."""
+    """True on every rank of the job when `flag` is true on any (e.g. a non-finite loss on one data-parallel
+    rank or pipeline stage), so all ranks skip a step together."""
     t = torch.tensor([1.0 if flag else 0.0], device=device())  # NCCL reduces CUDA tensors only
-    all_reduce_sum_([t])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)

@@ -1,5 +1,5 @@
 """DeepSpeed as the training engine of layouts without pipeline parallelism (DP with ZeRO-1/2, with TP
-and EP), behind the same methods the trainer calls on the native `dsmtp.parallel.engine.Engine`.
+and EP), behind the engine contract (dsmtp.parallel.train_engine) the native engine implements too.
 
 DeepSpeed's ZeRO optimizer does the gradient reduction, partitioning, clipping and the optimizer
 step; dsmtp keeps the model, the process groups, the router-bias update and the checkpoint layout.
@@ -40,9 +40,9 @@ from torch import nn
 from dsmtp.checkpoint import MODEL, OPTIM, Chunk, State, flat_range_boxes, whole
 from dsmtp.config import Config
 from dsmtp.model import DeepSeekV3, ModelOutput
-from dsmtp.parallel.engine_common import EngineBase, StepStats
 from dsmtp.parallel.expert import is_expert_param
 from dsmtp.parallel.topology import Layout
+from dsmtp.parallel.train_engine import TrainEngine
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 import deepspeed  # noqa: E402  (after DS_ACCELERATOR: DeepSpeed picks its accelerator at import)
@@ -167,7 +167,7 @@ def _split_expert_groups(optimizer: torch.optim.Optimizer, group_name: str) -> N
     optimizer.param_groups[:] = groups
 
 
-class DeepSpeedEngine(EngineBase):
+class DeepSpeedEngine(TrainEngine):
     """One rank's DeepSpeed engine over this rank's part of the model (TP slice, EP experts)."""
 
     def __init__(self, model: DeepSeekV3, cfg: Config, layout: Layout, optimizer: torch.optim.Optimizer):
@@ -191,7 +191,7 @@ class DeepSpeedEngine(EngineBase):
                     p.allreduce, p.group_name = False, name
             _split_expert_groups(optimizer, name)
             marker = _ExpertGroups(cfg.model.n_routed_experts, layout.ep, name)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+        self.deepspeed, self.optimizer, _, _ = deepspeed.initialize(
             model=_Wrapped(model, marker), optimizer=optimizer, mpu=MegatronMPU(),
             config=deepspeed_config(cfg, layout, self.device))
         self._check_groups()
@@ -201,7 +201,7 @@ class DeepSpeedEngine(EngineBase):
         ranks = dist.get_process_group_ranks
         zero = self.optimizer
         want_dp = ranks(self.layout.dp_group)
-        if ranks(self.engine.data_parallel_group) != want_dp or ranks(zero.dp_process_group) != want_dp:
+        if ranks(self.deepspeed.data_parallel_group) != want_dp or ranks(zero.dp_process_group) != want_dp:
             raise RuntimeError(f"DeepSpeed's data-parallel group differs from ours ({self.layout.describe()})")
         ours_tp = (self.layout.tp_rank, ranks(self.layout.tp_group))
         if (zero.model_parallel_rank, ranks(zero.model_parallel_group)) != ours_tp:
@@ -219,17 +219,17 @@ class DeepSpeedEngine(EngineBase):
         """Forward and backward over this rank's micro-batches; DeepSpeed divides each loss by the
         number of accumulation steps and reduces the gradients after the last one. DeepSpeed counts
         micro-batches in `engine.step()`, called after every backward (a no-op but for the count until
-        the last one): the last call is `step` below."""
-        if len(micro_batches) != self.engine.gradient_accumulation_steps():
+        the last one): the last call is `apply_gradients`'s."""
+        if len(micro_batches) != self.deepspeed.gradient_accumulation_steps():
             raise ValueError(f"{len(micro_batches)} micro-batches, DeepSpeed was set up for "
-                             f"{self.engine.gradient_accumulation_steps()} (train.grad_accum)")
-        self.engine.train()
+                             f"{self.deepspeed.gradient_accumulation_steps()} (train.grad_accum)")
+        self.deepspeed.train()
         outputs = []
-        for i, mb in enumerate(self._split_batches(micro_batches)):
+        for i, mb in enumerate(self._micro_batches(micro_batches)):
             if i > 0:
-                self.engine.step()
-            out = self.engine(mb.input_ids, mb.labels, mtp_weight)
-            self.engine.backward(out.loss)
+                self.deepspeed.step()
+            out = self.deepspeed(mb.input_ids, mb.labels, mtp_weight)
+            self.deepspeed.backward(out.loss)
             outputs.append(out)
         return outputs
 
@@ -238,7 +238,7 @@ class DeepSpeedEngine(EngineBase):
         self.model.eval()
         try:
             return [self.model(mb.input_ids, mb.labels, mtp_weight=mtp_weight)
-                    for mb in self._split_batches(micro_batches)]
+                    for mb in self._micro_batches(micro_batches)]
         finally:
             self.model.train()
 
@@ -248,20 +248,13 @@ class DeepSpeedEngine(EngineBase):
         Returns (norm before clipping, whether the update was applied)."""
         if max_norm != self.cfg.train.grad_clip:
             raise ValueError(f"DeepSpeed clips to train.grad_clip={self.cfg.train.grad_clip}, set at start-up")
-        if not self.engine.is_gradient_accumulation_boundary():
+        if not self.deepspeed.is_gradient_accumulation_boundary():
             raise RuntimeError("apply_gradients() before forward_backward() of a whole optimizer step")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan"), self.engine.was_step_applied()
-
-    def train_step(self, micro_batches: list[torch.Tensor], mtp_weight: float, grad_clip: float) -> StepStats:
-        """forward_backward and apply_gradients: losses averaged over micro-batches and the DP batch."""
-        outputs = self.forward_backward(micro_batches, mtp_weight)
-        stats = self._loss_stats(outputs, len(micro_batches))
-        stats.grad_norm, _ = self.apply_gradients(self.optimizer.param_groups[0]["lr"], grad_clip, True)
-        return stats
+        self.deepspeed.step()
+        norm = self.deepspeed.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan"), self.deepspeed.was_step_applied()
 
     # The trainer's pipeline hooks: nothing to do without PP.
     def share_from_last_stage(self, tensors: list[torch.Tensor]) -> None:

@@ -2,7 +2,8 @@
 to the rank that owns their expert and back with two all-to-alls over the EP group.
 
 The router, the shared experts and everything else stay replicated; only `RoutedExperts` is sharded.
-Expert gradients are reduced over the expert-data-parallel group by the engine (dsmtp.parallel.engine).
+Expert gradients are reduced over the expert-data-parallel group by the engine (dsmtp.parallel.native_engine,
+dsmtp.parallel.deepspeed_engine).
 """
 
 from __future__ import annotations

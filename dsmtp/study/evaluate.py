@@ -25,7 +25,7 @@ from dsmtp.config import StudyEval
 from dsmtp.data.shards import TokenSplit
 from dsmtp.data.tokenizer import Tokenizer
 from dsmtp.model import DeepSeekV3
-from dsmtp.model.mtp import IGNORE_INDEX
+from dsmtp.model.mtp import IGNORE_INDEX, split_sample
 from dsmtp.serve.engine import DecodeStats, Engine, Request
 from dsmtp.serve.loading import completion_text
 from dsmtp.serve.static import StaticEngine
@@ -65,7 +65,7 @@ def validation(model: DeepSeekV3, data_dir, seq_len: int, extra_tokens: int, cfg
     for start in range(0, windows, cfg.micro_batch_size):
         rows = [split.read(k * seq_len, sample_len) for k in range(start, min(start + cfg.micro_batch_size, windows))]
         batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
-        tokens, labels = model.mtp.inputs(batch[:, :seq_len], batch[:, 1:])
+        tokens, labels = model.mtp.inputs(*split_sample(batch, seq_len))
         with autocast():
             hidden, _ = model.hidden_states(tokens.clamp(min=0), seq_len)
             for k, h in enumerate(hidden):

@@ -1,8 +1,8 @@
 """The trainer under torchrun: the same loop, logging, evaluation and checkpoints as `Trainer`, with
 this rank's part of the model driven by an engine chosen by `parallel.engine`: DeepSpeed
 (`dsmtp.parallel.deepspeed_engine`, ZeRO-1/2 with TP and EP; the default when pp == 1) or dsmtp's own
-`dsmtp.parallel.engine.Engine` (TP, PP, EP, DP with ZeRO-1/2; the default when pp > 1). Both offer
-the same methods, and write and read the same checkpoints.
+(`dsmtp.parallel.native_engine`, TP, PP, EP, DP with ZeRO-0/1/2; the default when pp > 1). Both implement
+the contract of `dsmtp.parallel.train_engine.TrainEngine`, and write and read the same checkpoints.
 
 Batch semantics do not depend on the layout: `train.micro_batch_size` is the micro-batch of the whole
 data-parallel group, each DP rank reads its disjoint `micro_batch_size / dp` slice, and a step is
@@ -22,9 +22,10 @@ import torch
 
 from dsmtp.checkpoint import State
 from dsmtp.config import ConfigError
-from dsmtp.model import moe_layers, update_expert_bias
+from dsmtp.model import update_expert_bias
 from dsmtp.parallel import collectives, topology
-from dsmtp.parallel.engine import Engine, build_model
+from dsmtp.parallel.rank import build_engine, build_model
+from dsmtp.parallel.train_engine import TrainEngine
 from dsmtp.train.metrics import LossSums, expert_load_ratios
 from dsmtp.train.optim import build_optimizer
 from dsmtp.train.trainer import Data, Trainer, apply_train_settings, open_data
@@ -39,14 +40,8 @@ class DistributedTrainer(Trainer):
         model, layers = build_model(self.cfg, self.layout, self.cfg.train.seed)
         self.model = model.to(self.device).train()
         apply_train_settings(self.model, self.cfg.train)
-        if self.cfg.parallel.resolved_engine == "deepspeed":
-            from dsmtp.parallel.deepspeed_engine import DeepSpeedEngine  # imports DeepSpeed: only when used
-
-            self.engine = DeepSpeedEngine(self.model, self.cfg, self.layout,
-                                          build_optimizer(self.model, self.cfg.train))
-        else:
-            self.engine = Engine(self.model, layers, self.cfg, self.layout,
-                                 lambda named: build_optimizer([p for _, p in named], self.cfg.train))
+        self.engine: TrainEngine = build_engine(self.cfg, self.layout, self.model, layers,
+                                                lambda named: build_optimizer([p for _, p in named], self.cfg.train))
         self.optimizer = self.engine.optimizer
 
     def open_data(self) -> Data:
@@ -73,11 +68,7 @@ class DistributedTrainer(Trainer):
         grad_norm, applied = self.engine.apply_gradients(lr, self.cfg.train.grad_clip, bool(finite_loss))
         collectives.reduce_expert_loads(self.model)
         imbalance = self._load_imbalance()
-        if applied:
-            update_expert_bias(self.model, gamma)
-        else:
-            for moe in moe_layers(self.model):
-                moe.tokens_per_expert.zero_()
+        update_expert_bias(self.model, gamma if applied else 0.0)  # a skipped step only resets the counts
         return grad_norm, imbalance, not applied
 
     def _load_imbalance(self) -> tuple[float, float]:

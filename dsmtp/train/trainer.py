@@ -35,7 +35,7 @@ from tqdm import tqdm
 from dsmtp import checkpoint
 from dsmtp.config import Config, ConfigError
 from dsmtp.model import DeepSeekV3, ModelOutput, fp8, update_expert_bias
-from dsmtp.model.mtp import depth_weights
+from dsmtp.model.mtp import depth_weights, split_sample
 from dsmtp.parallel import topology
 from dsmtp.train import memory, report, schedules, trackers
 from dsmtp.train.cuda_graph import GraphedBackward
@@ -211,10 +211,8 @@ class Trainer:
     # One micro-batch, one optimizer step
 
     def split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A sample of S + 1 + extra tokens -> inputs [.., :S] and shifted labels [.., 1:] (the model uses
-        the first S + D of them)."""
-        batch = batch.to(self.device, non_blocking=True)
-        return batch[:, :self.cfg.train.seq_len], batch[:, 1:]
+        """Inputs and labels of a micro-batch (dsmtp.model.mtp.split_sample), on the device."""
+        return split_sample(batch.to(self.device, non_blocking=True), self.cfg.train.seq_len)
 
     def forward_backward(self, batch: torch.Tensor, mtp_weight: float | torch.Tensor, loss_scale: float) -> ModelOutput:
         input_ids, labels = self.split(batch)

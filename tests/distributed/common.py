@@ -6,9 +6,11 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.distributed as dist
 
 from dsmtp.config import Config, load_config
-from dsmtp.model import DeepSeekV3, moe_layers, update_expert_bias
+from dsmtp.model import DeepSeekV3, ModelOutput, moe_layers, update_expert_bias
+from dsmtp.parallel.topology import Layout
 from dsmtp.train.trainer import apply_train_settings
 
 SEED = 1234
@@ -21,7 +23,7 @@ GRAD_CLIP = 0.05  # small enough to clip: the test checks it is active
 
 
 def tiny_config(tp: int = 1, pp: int = 1, ep: int = 1, zero: int = 1, sp: bool = False,
-                mtp_kind: str = "sequential", heads_one_at_a_time: bool = False) -> Config:
+                mtp_kind: str = "sequential", heads_one_at_a_time: bool = False, engine: str = "auto") -> Config:
     overrides = {
         "model.vocab_size": 256, "model.hidden_size": 64, "model.num_layers": 3, "model.num_heads": 2,
         "model.first_k_dense_replace": 1, "model.intermediate_size": 96, "model.moe_intermediate_size": 32,
@@ -35,7 +37,7 @@ def tiny_config(tp: int = 1, pp: int = 1, ep: int = 1, zero: int = 1, sp: bool =
         "train.seq_len": 16, "train.micro_batch_size": GLOBAL_MICRO_BATCH, "train.grad_accum": GRAD_ACCUM,
         "train.steps": STEPS, "train.lr": LR, "train.warmup_steps": 0, "train.grad_clip": GRAD_CLIP,
         "parallel.tp": tp, "parallel.pp": pp, "parallel.ep": ep, "parallel.zero_stage": zero,
-        "parallel.sequence_parallel": sp,
+        "parallel.sequence_parallel": sp, "parallel.engine": engine,
     }
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
 
@@ -51,6 +53,23 @@ def dp_slice(batch: torch.Tensor, dp_rank: int, dp: int) -> list[torch.Tensor]:
     """This DP rank's disjoint share of each micro-batch (the loader's dp_rank/dp_size contract)."""
     per = batch.shape[1] // dp
     return [mb[dp_rank * per:(dp_rank + 1) * per] for mb in batch]
+
+
+def loss_stats(outputs: list[ModelOutput], cfg: Config, layout: Layout, device: torch.device) -> dict:
+    """Main and per-depth MTP losses of a step, from the last stage's outputs, averaged over micro-batches
+    and DP ranks, on every rank: what `reference_run` records."""
+    depth, n = cfg.model.mtp_depth, cfg.train.grad_accum
+    vec = torch.zeros(1 + depth, dtype=torch.float64, device=device)
+    for out in outputs:
+        vec[0] += out.main_loss.double()
+        vec[1:] += out.mtp_losses.double()
+    vec /= n * layout.dp
+    if layout.pp > 1:
+        dist.all_reduce(vec, group=layout.pp_group)
+    if layout.dp > 1:
+        dist.all_reduce(vec, group=layout.dp_group)
+    values = vec.tolist()
+    return {"main_loss": values[0], "mtp_losses": values[1:]}
 
 
 def make_optimizer(named_params, cfg: Config) -> torch.optim.Optimizer:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dsmtp import checkpoint  # noqa: E402
-from dsmtp.parallel.engine import Engine, build_model  # noqa: E402
+from dsmtp.model import update_expert_bias  # noqa: E402
+from dsmtp.parallel import collectives  # noqa: E402
+from dsmtp.parallel.rank import build_engine, build_model  # noqa: E402
 from dsmtp.parallel.tensor import sequence_parallel  # noqa: E402
 from dsmtp.parallel.topology import init_distributed, shutdown  # noqa: E402
 from dsmtp.train.trainer import apply_train_settings  # noqa: E402
@@ -41,16 +42,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = common.tiny_config(args.tp, args.pp, args.ep, args.zero, bool(args.sp), args.mtp_kind,
-                             bool(args.heads_one_at_a_time))
+                             bool(args.heads_one_at_a_time), args.engine)
     layout = init_distributed(cfg)
     model, layers = build_model(cfg, layout, common.SEED)
     apply_train_settings(model, cfg.train)
-    if args.engine == "deepspeed":
-        from dsmtp.parallel.deepspeed_engine import DeepSpeedEngine
-
-        engine = DeepSpeedEngine(model, cfg, layout, common.make_optimizer(model.named_parameters(), cfg))
-    else:
-        engine = Engine(model, layers, cfg, layout, lambda named: common.make_optimizer(named, cfg))
+    engine = build_engine(cfg, layout, model, layers, lambda named: common.make_optimizer(named, cfg))
     if args.resume:
         checkpoint.verify(Path(args.resume))
         checkpoint.load_sharded(Path(args.resume), engine.state_to_load)
@@ -58,10 +54,14 @@ def main() -> None:
     for step in range(args.first_step, args.first_step + args.steps):
         start = time.perf_counter()
         micro = common.dp_slice(common.global_batches(cfg, step), layout.dp_rank, layout.dp)
-        stats = engine.train_step(micro, mtp_weight=0.3, grad_clip=cfg.train.grad_clip)
-        engine.update_expert_bias(common.GAMMA)
+        # The trainer's step (dsmtp.train.distributed.DistributedTrainer.optimizer_step) at a constant lr.
+        outputs = engine.forward_backward(micro, mtp_weight=0.3)
+        stats = common.loss_stats(outputs, cfg, layout, engine.device)
+        grad_norm, applied = engine.apply_gradients(cfg.train.lr, cfg.train.grad_clip, finite_loss=True)
+        collectives.reduce_expert_loads(model)
+        update_expert_bias(model, common.GAMMA if applied else 0.0)
         times.append(time.perf_counter() - start)
-        history.append({"main_loss": stats.main_loss, "mtp_losses": stats.mtp_losses, "grad_norm": stats.grad_norm})
+        history.append({"main_loss": stats["main_loss"], "mtp_losses": stats["mtp_losses"], "grad_norm": grad_norm})
     out = Path(args.out)
     checkpoint.save_sharded(out / "ckpt", engine.state_to_save(), cfg, step=args.first_step + args.steps)
     if layout.rank == 0:

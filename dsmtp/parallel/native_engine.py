@@ -19,7 +19,9 @@ steps. Clipping uses the norm of the whole model with each distinct gradient cou
 by its owner, on TP rank 0 unless it is TP-split, and not for the last stage's embedding copy.
 
 This engine runs pipeline-parallel layouts (parallel.engine=auto picks it when pp > 1, or `native` for
-any layout); DeepSpeed (dsmtp.parallel.deepspeed_engine) runs the others. Why not DeepSpeed with PP:
+any layout); DeepSpeed (dsmtp.parallel.deepspeed_engine) runs the others. Both implement the contract in
+dsmtp.parallel.train_engine. ZeRO-2 runs without PP only: under PP the first and last stages all-reduce the
+tied embedding's whole gradient, which ZeRO-2 would have dropped on all but its owner. Why not DeepSpeed with PP:
 ZeRO-2/3 refuse its pipeline engine, and its pipeline engine cannot carry the MTP inputs and per-stage
 aux losses (see pipeline.py). Its ZeRO optimizer treats parameters as experts only when the model holds
 one of DeepSpeed's own MoE modules; deepspeed_engine.py arranges that for our experts.
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -38,27 +40,11 @@ from torch import nn
 from dsmtp.checkpoint import State, module_state
 from dsmtp.config import Config
 from dsmtp.model import DeepSeekV3, ModelOutput
-from dsmtp.parallel import flat
-from dsmtp.parallel.engine_common import EngineBase, StepStats, is_tensor_parallel
-from dsmtp.parallel.expert import is_expert_param, shard_experts
-from dsmtp.parallel.pipeline import PipelineSchedule, is_tied_copy, prune_to_stage
-from dsmtp.parallel.tensor import reduce_replicated_grads
+from dsmtp.parallel import collectives, flat
+from dsmtp.parallel.expert import is_expert_param
+from dsmtp.parallel.pipeline import PipelineSchedule, is_tied_copy
 from dsmtp.parallel.topology import Layout
-
-OptimizerFactory = Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer]
-
-
-def build_model(cfg: Config, layout: Layout, seed: int) -> tuple[DeepSeekV3, range]:
-    """This rank's part of the model. Every rank draws the same full initialisation as one process
-    (megatron's CPU init draws the full matrix, then slices), then keeps its TP slice, its experts and
-    its stage. Returns the model and the stage's layer indices."""
-    torch.manual_seed(seed)
-    model = DeepSeekV3(cfg.model)
-    layers = prune_to_stage(model, layout)
-    if layout.ep > 1:
-        shard_experts(model, layout.ep_rank, layout.ep, layout.ep_group)
-    reduce_replicated_grads(model)  # sequence parallelism only
-    return model, layers
+from dsmtp.parallel.train_engine import OptimizerFactory, TrainEngine, is_tensor_parallel
 
 
 @dataclass
@@ -85,7 +71,9 @@ def _assign_owners(params: list[nn.Parameter], group_size: int) -> list[int]:
     return owners
 
 
-class Engine(EngineBase):
+class NativeEngine(TrainEngine):
+    """dsmtp's own engine: every layout, ZeRO by owner rank (see the module's docstring)."""
+
     def __init__(self, model: DeepSeekV3, layers: range, cfg: Config, layout: Layout,
                  make_optimizer: OptimizerFactory):
         self.model, self.cfg, self.layout = model, cfg, layout
@@ -106,14 +94,11 @@ class Engine(EngineBase):
         self.optimizer = make_optimizer(mine)
 
     # ------------------------------------------------------------------------------------------
-    # One optimizer step, in the pieces the trainer calls (train_step strings them together).
+    # One optimizer step (the contract: dsmtp.parallel.train_engine).
 
     def forward_backward(self, micro_batches: list[torch.Tensor], mtp_weight: float) -> list[ModelOutput]:
-        """Forward and backward over this rank's micro-batches (each [b, S + D + 1] tokens), gradients
-        accumulated as the mean over micro-batches. Returns each micro-batch's ModelOutput on the last
-        pipeline stage (with every stage's aux loss in `aux_loss`), nothing on the other stages."""
         self.model.train()
-        split = self._split_batches(micro_batches)
+        split = self._micro_batches(micro_batches)
         if self.schedule is None:
             outputs = []
             for mb in split:
@@ -127,9 +112,8 @@ class Engine(EngineBase):
 
     @torch.no_grad()
     def evaluate(self, micro_batches: list[torch.Tensor], mtp_weight: float) -> list[ModelOutput]:
-        """Forward only, in eval mode; outputs on the last stage as in `forward_backward`."""
         self.model.eval()
-        split = self._split_batches(micro_batches)
+        split = self._micro_batches(micro_batches)
         try:
             if self.schedule is None:
                 return [self.model(mb.input_ids, mb.labels, mtp_weight=mtp_weight) for mb in split]
@@ -140,40 +124,19 @@ class Engine(EngineBase):
         finally:
             self.model.train()
 
-    def reduce_and_clip(self, max_norm: float) -> float:
-        """Reduce the accumulated gradients over their groups and clip them to the global norm
-        (max_norm <= 0: no clipping). Returns the norm before clipping, the same on every rank."""
+    def apply_gradients(self, lr: float, max_norm: float, finite_loss: bool) -> tuple[float, bool]:
+        """Reduce the gradients over their groups, clip to the global norm (max_norm <= 0: no clipping),
+        then step unless the loss (on any rank) or the norm is not finite."""
         self._reduce_gradients()
-        return self._clip(max_norm)
-
-    def step(self, lr: float | None = None) -> None:
-        if lr is not None:
+        grad_norm = self._clip(max_norm)
+        applied = not collectives.any_rank(not (finite_loss and math.isfinite(grad_norm)))
+        if applied:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-        self.optimizer.step()
-        self._share_updated_params()
-
-    def apply_gradients(self, lr: float, max_norm: float, finite_loss: bool) -> tuple[float, bool]:
-        """reduce_and_clip, then step unless the loss (on any rank) or the norm is not finite; gradients
-        are cleared either way. Returns (norm before clipping, whether the update was applied)."""
-        grad_norm = self.reduce_and_clip(max_norm)
-        applied = not self.any_rank(not (finite_loss and math.isfinite(grad_norm)))
-        if applied:
-            self.step(lr)
-        self.zero_grad()
-        return grad_norm, applied
-
-    def zero_grad(self) -> None:
+            self.optimizer.step()
+            self._share_updated_params()
         self.model.zero_grad(set_to_none=True)
-
-    def train_step(self, micro_batches: list[torch.Tensor], mtp_weight: float, grad_clip: float) -> StepStats:
-        """forward_backward, reduce_and_clip, step: losses averaged over micro-batches and the DP batch."""
-        outputs = self.forward_backward(micro_batches, mtp_weight)
-        stats = self._loss_stats(outputs, len(micro_batches))
-        stats.grad_norm = self.reduce_and_clip(grad_clip)
-        self.step()
-        self.zero_grad()
-        return stats
+        return grad_norm, applied
 
     def _with_all_stages_aux(self, outputs: list[ModelOutput], stage_aux: list[torch.Tensor],
                              n: int) -> list[ModelOutput]:
@@ -183,13 +146,11 @@ class Engine(EngineBase):
         return [replace(out, aux_loss=out.aux_loss + a.to(out.aux_loss.dtype)) for out, a in zip(outputs, aux)]
 
     def share_from_last_stage(self, tensors: list[torch.Tensor]) -> None:
-        """Statistics only the last stage computed (zeros elsewhere) -> every stage of the pipeline."""
         if self.layout.pp > 1:
             for t in tensors:
                 _all_reduce_via(t, self.device, self.layout.pp_group)
 
     def over_stages(self, sums: list[float], maxima: list[float]) -> tuple[list[float], list[float]]:
-        """Per-stage statistics summed / maximised over the pipeline (identity without PP)."""
         if self.layout.pp == 1:
             return sums, maxima
         s = torch.tensor(sums, dtype=torch.float64, device=self.device)
