@@ -16,7 +16,8 @@ from dsmtp.model import kernels
 from dsmtp.model.linear import ColumnParallelLinear, RowParallelLinear, replicated_linear
 from dsmtp.model.norm import RMSNorm
 from dsmtp.model.rope import apply_rotary, softmax_scale
-from dsmtp.parallel.tensor import gather_sequence, shared_by_local_heads
+from dsmtp.parallel.sequence import gather_sequence
+from dsmtp.parallel.tensor import shared_by_local_heads
 from dsmtp.parallel.topology import tp_size
 
 # DeepSeek's reference code and HF transformers build the latent norms with the default eps,

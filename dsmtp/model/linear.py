@@ -15,7 +15,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from dsmtp.model import fp8
-from dsmtp.parallel.tensor import reduce_scatter_sequence, sequence_parallel
+from dsmtp.parallel.sequence import reduce_scatter_sequence, sequence_parallel
 from dsmtp.parallel.topology import tp_group
 
 _MEGATRON_CONFIG = ModelParallelConfig(use_cpu_initialization=True, params_dtype=torch.float32)
@@ -31,9 +31,9 @@ class _NoExtraState:
     set_extra_state = nn.Module.set_extra_state
 
 
-class FastLinear:
+class LocalGemm:  # mixin of the linear layers below
     """The GEMM of a linear layer that is not split over tensor-parallel ranks: FP8 on CUDA once
-    dsmtp.model.fp8.enable marks the layer, else a plain F.linear (megatron's autograd function adds
+    DeepSeekV3.enable_fp8 marks the layer, else a plain F.linear (megatron's autograd function adds
     nothing on one rank and hides the layer from torch.compile). Split layers keep megatron's forward,
     in bf16: FP8 with tensor parallelism is not built."""
 
@@ -50,7 +50,7 @@ class FastLinear:
         return F.linear(x, self.weight)
 
 
-class ColumnParallelLinear(FastLinear, _NoExtraState, tensor_parallel.ColumnParallelLinear):
+class ColumnParallelLinear(LocalGemm, _NoExtraState, tensor_parallel.ColumnParallelLinear):
     """y = x W^T with W's output rows split across tensor-parallel ranks (output stays split)."""
 
     def __init__(self, in_features: int, out_features: int, init_std: float):
@@ -60,14 +60,14 @@ class ColumnParallelLinear(FastLinear, _NoExtraState, tensor_parallel.ColumnPara
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if sequence_parallel():
-            # x was gathered by dsmtp.parallel.tensor.gather_sequence, whose backward sums the
+            # x was gathered by dsmtp.parallel.sequence.gather_sequence, whose backward sums the
             # TP-partial input gradients: megatron's own all-reduce of them must not run too.
             return F.linear(x, self.weight)
         out = self.local_linear(x)
         return super().forward(x)[0] if out is None else out
 
 
-class RowParallelLinear(FastLinear, _NoExtraState, tensor_parallel.RowParallelLinear):
+class RowParallelLinear(LocalGemm, _NoExtraState, tensor_parallel.RowParallelLinear):
     """y = x W^T with W's input columns split across ranks; partial outputs are summed."""
 
     def __init__(self, in_features: int, out_features: int, init_std: float):
@@ -90,7 +90,7 @@ class VocabParallelEmbedding(tensor_parallel.VocabParallelEmbedding):
                          tp_group=tp_group())
 
 
-class ReplicatedLinear(FastLinear, nn.Linear):
+class ReplicatedLinear(LocalGemm, nn.Linear):
     """A linear layer every tensor-parallel rank holds whole (small latent projections)."""
 
     unsplit = True

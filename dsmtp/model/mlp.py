@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from dsmtp.model.linear import ColumnParallelLinear, RowParallelLinear
-from dsmtp.parallel.tensor import gather_sequence
+from dsmtp.parallel.sequence import gather_sequence
 
 
 class MLP(nn.Module):

@@ -20,13 +20,13 @@ from dsmtp.config import ModelConfig
 from dsmtp.model import fp8, recompute
 from dsmtp.model.attention import LatentCache
 from dsmtp.model.layer import TransformerLayer
-from dsmtp.model.linear import ColumnParallelLinear, FastLinear, VocabParallelEmbedding
+from dsmtp.model.linear import ColumnParallelLinear, LocalGemm, VocabParallelEmbedding
 from dsmtp.model.moe import RoutedExperts
 from dsmtp.model.mtp import IGNORE_INDEX, MTP, build_mtp
 from dsmtp.model.norm import RMSNorm
 from dsmtp.model.rope import RotaryEmbedding
 from dsmtp.parallel import vocab
-from dsmtp.parallel.tensor import gather_sequence, scatter_sequence
+from dsmtp.parallel.sequence import gather_sequence, scatter_sequence
 
 __all__ = ["IGNORE_INDEX", "DeepSeekV3", "ModelOutput"]
 
@@ -80,7 +80,7 @@ class DeepSeekV3(nn.Module):
             fp8.require_transformer_engine()
         switched = []
         for name, module in self.named_modules():
-            if isinstance(module, FastLinear) and module is not self.head and fp8.eligible(module):
+            if isinstance(module, LocalGemm) and module is not self.head and fp8.eligible(module):
                 module.fp8 = "te" if backend == "transformer_engine" else "torch"
                 switched.append(name)
             elif isinstance(module, RoutedExperts):
@@ -129,7 +129,7 @@ class DeepSeekV3(nn.Module):
         """Without labels: the main logits [B, S, vocab]. With labels [B, S..S+D]: a ModelOutput."""
         s = input_ids.shape[1]
         cos, sin = self.rope(torch.arange(s, device=input_ids.device))
-        # Under sequence parallelism (dsmtp.parallel.tensor) the trunk and MTP modules run on this
+        # Under sequence parallelism (dsmtp.parallel.sequence) the trunk and MTP modules run on this
         # rank's sequence shard; the output head gathers it back. Identity otherwise.
         if labels is None:
             h, _ = self.trunk(scatter_sequence(self.embed(input_ids)), cos, sin)

@@ -12,7 +12,7 @@ from torch import nn
 from dsmtp.config import ModelConfig
 from dsmtp.model import kernels, recompute
 from dsmtp.model.mlp import MLP
-from dsmtp.parallel.tensor import gather_sequence
+from dsmtp.parallel.sequence import gather_sequence
 
 
 def descending_rank(x: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ from dsmtp.model.attention import LatentCache
 from dsmtp.model.layer import TransformerLayer
 from dsmtp.model.linear import replicated_linear
 from dsmtp.model.norm import RMSNorm
-from dsmtp.parallel.tensor import scatter_sequence
+from dsmtp.parallel.sequence import scatter_sequence
 
 IGNORE_INDEX = -100
 
@@ -175,7 +175,7 @@ class MTP(nn.ModuleList):
     def hidden_states(self, h0: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """[h_1 .. h_D] and their summed aux loss, from h_0 [B, S, H] (maybe a sequence shard, see
-        dsmtp.parallel.tensor) and the embedded tokens [B, S + future_tokens, H]."""
+        dsmtp.parallel.sequence) and the embedded tokens [B, S + future_tokens, H]."""
         s = emb.shape[1] - self.future_tokens
         hidden, aux = [h0], h0.new_zeros((), dtype=torch.float32)
         for k in range(1, self.depth + 1):

@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 
 from dsmtp.model import moe_layers
 from dsmtp.parallel import flat
-from dsmtp.parallel.tensor import sum_counts_over_sequence_shards_
+from dsmtp.parallel.sequence import sum_counts_over_sequence_shards_
 from dsmtp.parallel.topology import device
 
 

@@ -9,7 +9,7 @@ Gradient groups (all means over the global batch, i.e. sums divided by the DP si
   Replicated parameters under TP (norms, wq_a, wkv_a, router, eh_proj, experts) need no TP reduction:
   every TP rank sees the same activations and, with megatron's layers and
   `dsmtp.parallel.tensor.shared_by_local_heads`, the same full gradients. Under sequence parallelism
-  each TP rank sees a shard of the sequence instead, and `dsmtp.parallel.tensor.reduce_replicated_grads`
+  each TP rank sees a shard of the sequence instead, and `dsmtp.parallel.sequence.reduce_replicated_grads`
   sums those gradients over TP as they are produced.
 
 ZeRO: within each reduction group every parameter has one owner rank (greedy by size). Stage 1: grads

@@ -10,7 +10,7 @@ from dsmtp.model import DeepSeekV3
 from dsmtp.parallel.expert import shard_experts
 from dsmtp.parallel.native_engine import NativeEngine
 from dsmtp.parallel.pipeline import prune_to_stage
-from dsmtp.parallel.tensor import reduce_replicated_grads
+from dsmtp.parallel.sequence import reduce_replicated_grads
 from dsmtp.parallel.topology import Layout
 from dsmtp.parallel.train_engine import OptimizerFactory, TrainEngine
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from dsmtp.config import Config, validate
-from dsmtp.parallel.tensor import set_sequence_parallel
+from dsmtp.parallel.sequence import set_sequence_parallel
 
 
 def ensure_initialized() -> None:

@@ -20,7 +20,7 @@ from dsmtp import checkpoint  # noqa: E402
 from dsmtp.model import update_expert_bias  # noqa: E402
 from dsmtp.parallel import collectives  # noqa: E402
 from dsmtp.parallel.rank import build_engine, build_model  # noqa: E402
-from dsmtp.parallel.tensor import sequence_parallel  # noqa: E402
+from dsmtp.parallel.sequence import sequence_parallel  # noqa: E402
 from dsmtp.parallel.topology import init_distributed, shutdown  # noqa: E402
 from dsmtp.train.trainer import apply_train_settings  # noqa: E402
 from tests.distributed import common  # noqa: E402
