@@ -160,8 +160,8 @@ class TrainConfig:
     max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops (checked at log and save steps)
     compile: bool = False
     # Replay each step's forward and backward as one CUDA graph (dsmtp.train.cuda_graph; one process on
-    # CUDA): the host launches one graph instead of thousands of kernels. small.yaml on an H200: -1.3%
-    # step time, same arithmetic as eager (tests/gpu/test_gpu_train.py).
+    # CUDA): the host launches one graph instead of thousands of kernels, with the same arithmetic as eager
+    # (tests/gpu/test_gpu_train.py; its speed: notes/code-measurements.md).
     cuda_graph: bool = False
     # Where the training and eval records go: metrics.jsonl always; "tensorboard" and "wandb" add writers
     # of the same records (dsmtp.train.trackers; pip install 'dsmtp[tracking]').

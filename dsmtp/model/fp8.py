@@ -198,8 +198,8 @@ def te_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # cuBLAS reads a 128x128 scale tensor whose count of blocks along the contraction dimension is a
-# multiple of 4 (it pads; torch._scaled_mm takes the unpadded shape and leaves the rest to chance:
-# seen on the H100 as wrong results). Fprop contracts over in_features, Dgrad over out_features.
+# multiple of 4 (it pads; torch._scaled_mm takes the unpadded shape and leaves the rest to chance, which
+# gives wrong results: notes/code-measurements.md). Fprop contracts over in_features, Dgrad over out_features.
 _BLOCKWISE_MULTIPLE = 4 * TILE
 
 

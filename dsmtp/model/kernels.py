@@ -42,8 +42,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     """Causal attention. q [B, Sq, h, d_qk], k [B, Skv, h, d_qk], v [B, Skv, h, d_v] -> [B, Sq, h, d_v].
 
     When Sq < Skv (decoding after a cached prefix) the queries are the last Sq positions.
-    On an H100 with torch 2.11, SDPA already picks its cuDNN backend for MLA's shapes (q/k head dim
-    != v head dim, which the flash backend refuses): forcing that order measured no gain.
+    SDPA picks its cuDNN backend for MLA's shapes itself (q/k head dim != v head dim, which the flash
+    backend refuses): forcing that order gains nothing (notes/code-measurements.md).
     """
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     sq, skv = q.shape[2], k.shape[2]
@@ -132,9 +132,8 @@ def _grouped_swiglu_cuda(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: t
         offsets, rows, mm = tokens_per_expert.cumsum(0).to(torch.int32), None, _bf16_grouped_mm
         weight_dtype = torch.bfloat16
     # Cast before concatenating: each weight's gradient then arrives as a tensor of its own that `.grad`
-    # takes as is, where autograd copied each slice of one fp32 gradient (24 copies, 1.1 ms of a
-    # small.yaml step on an H100). Quantizing bf16-rounded weights instead of the fp32 ones made the
-    # FP8 training test's loss 7% worse, so the FP8 path keeps fp32.
+    # takes as is, where autograd would copy each slice of one fp32 gradient. The FP8 path quantizes the
+    # fp32 master weights: bf16-rounded ones trained worse (notes/code-measurements.md).
     inter = w1.shape[1]
     gate_up = mm(x, torch.cat([w1.to(weight_dtype), w3.to(weight_dtype)], dim=1), offsets)
     h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]

@@ -20,7 +20,7 @@ def descending_rank(x: torch.Tensor) -> torch.Tensor:
 
     The router's top-k selections are over a few dozen candidates per token: as all-pairs comparisons
     torch.compile fuses them with the scoring, where torch.topk is a separate kernel per call that
-    costs more than its work (three per MoE layer: 3 ms of a small.yaml step on an H100).
+    costs more than its work (three per MoE layer; notes/code-measurements.md).
     """
     index = torch.arange(x.shape[-1], device=x.device)
     other, this = x.unsqueeze(-2), x.unsqueeze(-1)  # [..., i, j] compares candidate j with candidate i

@@ -21,8 +21,7 @@ Three things DeepSpeed would get wrong on its own are set up explicitly here:
     of its whole EP group (the all-to-all brought them), so sum over expert-DP / DP size is the mean
     over the global batch, as one process computes it: no correction is needed (checked by
     tests/distributed/test_deepspeed.py against one process). Without the marking, DeepSpeed averages
-    expert gradients over the whole DP group, mixing different experts: at EP=2 x DP=4 the first
-    gradient norm came out 2.371 instead of 2.441 and the losses drifted by 3e-3 from the second step.
+    expert gradients over the whole DP group, mixing different experts (notes/code-measurements.md).
 
 Without EP, routed experts are ordinary replicated parameters and DeepSpeed's MoE path stays off.
 """

@@ -2,9 +2,8 @@
 
 A step is a few thousand kernels (compiled layers, attention, grouped GEMMs and their backward),
 launched one by one from Python. A CUDA graph records them once, with their arguments and memory
-addresses, and replays them all with one launch. Measured at small.yaml on an H200 (compiled, two
-A-B pairs): 103.7 -> 102.4 ms a step (-1.3%); on another H200, 101.1 -> 100.4 ms. The host keeps
-ahead of the GPU anyway at this size; the graph removes what is left of the gaps between kernels.
+addresses, and replays them all with one launch. At small.yaml the host keeps ahead of the GPU
+anyway; the graph removes what is left of the gaps between kernels (notes/code-measurements.md).
 It needs what the step already guarantees: static shapes, and no host read (the step's statistics
 and its skip decision stay on the device).
 

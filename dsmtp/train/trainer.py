@@ -13,7 +13,7 @@ In one process a step never waits for the device: its losses, gradient norm, loa
 whether it was skipped stay device tensors (a non-finite step is dropped inside the fused optimizer
 kernel) and are read once per log interval, or before a checkpoint. (Under torchrun the engines still
 agree on skipping a step on the host.) A host read per step would drain the GPU's
-queue every step (about 2% of an H100 step for small.yaml). So a run of non-finite steps is noticed
+queue every step (notes/code-measurements.md). So a run of non-finite steps is noticed
 at the next log or checkpoint step, at most `log_interval - 1` steps late; those steps changed nothing.
 """
 
