@@ -1,5 +1,5 @@
 """CPU checks of what the GPU speed paths rely on: the sync-free expert dispatch, the FP8
-quantizers' scale layout and error, the benchmark's FLOP formula (../shared/DESIGN.md), and the
+quantizers' scale layout and error, the benchmark's FLOP formula (docs/design.md), and the
 FP8-vs-bf16 loss comparison."""
 
 import json

@@ -14,9 +14,7 @@ backward, the trainer's optimizer (fused AdamW on the fp32 parameters with gradi
 dsmtp.train.optim.clipped_step), router-bias update. Inputs are random tokens
 (uniform, so routing is close to balanced: real text routes less evenly).
 
-MFU uses ../shared/DESIGN.md's formula: FLOPs/token = 6 x (activated params - input embedding +
-D x output head) + 6 x (layers + D) x heads x (qk_head_dim + v_head_dim) x seq_len / 2, over the
-dense bf16 peak of 989 TFLOP/s (H100 and H200 SXM).
+MFU is dsmtp.train.flops.mfu: docs/design.md's FLOPs per token over the dense bf16 peak of one H100 / H200.
 """
 
 from __future__ import annotations
@@ -40,7 +38,7 @@ from dsmtp.config import load_config  # noqa: E402
 from dsmtp.model import DeepSeekV3, kernels, moe_layers, update_expert_bias  # noqa: E402
 from dsmtp.parallel.topology import ensure_initialized  # noqa: E402
 from dsmtp.train.cuda_graph import EAGER_STEPS, GraphedBackward  # noqa: E402
-from dsmtp.train.flops import PEAK_BF16_FLOPS, flops_per_token  # noqa: E402
+from dsmtp.train.flops import PEAK_BF16_FLOPS, flops_per_token, mfu  # noqa: E402
 from dsmtp.train.optim import build_optimizer, clipped_step  # noqa: E402
 from dsmtp.train.trainer import autocast_for, apply_train_settings  # noqa: E402
 
@@ -198,7 +196,7 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
                disabled=",".join(args.disable), device=torch.cuda.get_device_name(),
                step_ms=step_ms, step_ms_min=min(times), step_ms_max=max(times), tokens_per_s=tokens / step_ms * 1e3,
                gflop_per_token=fpt / 1e9, tflops=fpt * tokens / step_ms / 1e9,
-               mfu=fpt * tokens / step_ms / 1e9 / PEAK_BF16_TFLOPS,
+               mfu=mfu(tokens / step_ms * 1e3, cfg.model, s),
                peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss), warmup_s=warm_s)
     if args.profile_steps and not args.cuda_graph:  # a graph's kernels have no launching op to count them by
         if not args.compile:  # compiled kernels fuse across the labelled ranges: shares would mislead

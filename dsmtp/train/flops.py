@@ -1,5 +1,5 @@
-"""Model FLOPs per trained token, the numerator of MFU (formula in DESIGN.md, "Reference
-configuration for speed"):
+"""Model FLOPs per trained token, the numerator of MFU (docs/design.md, "Model FLOPs per token
+and MFU"):
 
     6 * (activated parameters - input embedding + D * output head)
   + 6 * (layers + D) * heads * (qk_head_dim + v_head_dim) * seq_len / 2
