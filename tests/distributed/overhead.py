@@ -1,11 +1,12 @@
 """Per-step time of each parallel layout vs one process, on this machine's CPU (gloo), for the record.
 
-    PYTHONPATH=. python tools/dist_overhead.py [--steps 8]
+    PYTHONPATH=. python tests/distributed/overhead.py [--steps 8]
 
 Runs the distributed equivalence worker (tests/distributed/worker.py: the tiny MoE + MTP model, 2
 micro-batches of 4 samples a step) for each layout and prints the median step time after the first
 two steps, next to the single-process loop on the same batches. On CPU the extra processes share the
-same cores, so this measures communication and scheduling overhead, not a speed-up.
+same cores, so this measures communication and scheduling overhead, not a speed-up. It lives beside the
+harness it drives (a benchmark, not a test: pytest does not collect it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.distributed import common  # noqa: E402
 from tests.distributed.launch import run_layout  # noqa: E402
 
