@@ -64,7 +64,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from dsmtp.config import Config, ConfigError, config_to_dict, load_config
-from dsmtp.convert.safetensors_stream import DTYPE_CODES, SafetensorsWriter
+from dsmtp.safetensors_stream import DTYPE_CODES, SafetensorsWriter
 
 if TYPE_CHECKING:  # imported where used: converters read checkpoints without building a model
     from dsmtp.model import DeepSeekV3

@@ -30,7 +30,7 @@ from dsmtp.convert import fp8, names
 from dsmtp.convert.checkpoint_io import TensorSource
 from dsmtp.convert.hf_config import generation_config, to_hf_config
 from dsmtp.convert.hf_tokenizer import write_hf_tokenizer
-from dsmtp.convert.safetensors_stream import SafetensorsWriter
+from dsmtp.safetensors_stream import SafetensorsWriter
 from dsmtp.io import atomic_directory
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
