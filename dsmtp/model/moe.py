@@ -82,7 +82,7 @@ class RoutedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(e, i, h))  # up
         for w in (self.w1, self.w2, self.w3):
             nn.init.normal_(w, std=cfg.init_std)
-        self.fp8 = False  # set by dsmtp.model.fp8.enable
+        self.fp8 = False  # set by DeepSeekV3.enable_fp8
 
     @property
     def num_experts(self) -> int:
