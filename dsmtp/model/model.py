@@ -145,9 +145,8 @@ class DeepSeekV3(nn.Module):
         """Main and MTP losses from the trunk's final (post-norm) hidden state h [B, S, H], the tokens and
         labels from `mtp.inputs`, their embedding and the trunk's aux loss (a pipeline's last stage
         calls this directly)."""
-        s = emb.shape[1] - self.mtp.future_tokens
         mtp = self.mtp.losses(h, emb, tokens, labels, cos, sin, self._lm_loss, list(self.head.parameters()), mtp_weight)
-        main_loss, main_acc, main_n = self._lm_loss(h, labels[:, :s])
+        main_loss, main_acc, main_n = mtp.main
         return ModelOutput(loss=main_loss + aux + mtp.objective, main_loss=main_loss.detach(),
                            main_accuracy=main_acc, mtp_losses=mtp.losses, mtp_accuracies=mtp.accuracies,
                            aux_loss=(aux + mtp.aux_loss).detach(), main_tokens=main_n, mtp_tokens=mtp.counts)
