@@ -253,3 +253,16 @@ def test_expert_load_imbalance_hand_computed():
         layer.tokens_per_expert.copy_(torch.tensor(load, dtype=torch.float))
     mean, worst = expert_load_imbalance(model)
     assert mean == pytest.approx((2.0 + 1.0 + 4.0) / 3) and worst == pytest.approx(4.0)
+
+
+def test_engines_split_samples_as_the_single_process_trainer_does():
+    """A sample longer than the depths need (train.sample_extra_tokens > model.mtp_depth, as a study's shallower
+    arms have) gives the engines inputs of train.seq_len tokens, as it gives the trainer."""
+    from types import SimpleNamespace
+
+    from dsmtp.parallel.train_engine import TrainEngine
+
+    cfg = config_from_dict({"model": {"mtp_depth": 1}, "train": {"seq_len": 16, "sample_extra_tokens": 3}})
+    samples = torch.arange(2 * 20).view(2, 20)  # seq_len + 1 + 3 tokens each
+    (micro,) = TrainEngine._micro_batches(SimpleNamespace(cfg=cfg), [samples])
+    assert torch.equal(micro.input_ids, samples[:, :16]) and torch.equal(micro.labels, samples[:, 1:])

@@ -75,7 +75,7 @@ def is_tied_copy(name: str, layout: Layout) -> bool:
 @dataclass
 class MicroBatch:
     input_ids: torch.Tensor  # [B, S]
-    labels: torch.Tensor  # [B, S + D]
+    labels: torch.Tensor  # [B, S + extra]: the model reads the first S + D
 
 
 class PipelineSchedule:
