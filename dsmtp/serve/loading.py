@@ -18,7 +18,7 @@ from dsmtp.config import Config, load_config
 from dsmtp.convert.checkpoint_io import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, resolve_checkpoint_dir
 from dsmtp.convert.import_hf import import_hf
 from dsmtp.data.tokenizer import Tokenizer
-from dsmtp.model import DeepSeekV3
+from dsmtp.model import DeepSeekV3, kernels
 from dsmtp.parallel.topology import ensure_initialized
 
 
@@ -95,4 +95,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     else:
         model, cfg, tokenizer = _load_dsmtp(path, overrides or [])
     model.to(device=device, dtype=dtype)
+    # A checkpoint trained with attention_backend=flash still serves on a CPU (SDPA there).
+    model.set_attention_backend(kernels.resolve_attention_backend(
+        cfg.model.attention_backend if device.type == "cuda" else "sdpa", device))
     return model, cfg, tokenizer
