@@ -1,8 +1,8 @@
 """`dsmtp prepare --config CONFIG [--set k=v ...]`: source files -> tokenizer -> token shards.
 
 Steps: scan the source dir (include/exclude globs), check every file in worker processes (binary,
-non-UTF-8, unreadable and empty files are skipped and counted), split by a hash of each relative
-path, train the tokenizer on a sample of the train split, tokenize both splits in worker processes.
+non-UTF-8, unreadable and empty files are skipped and counted; with data.dedup, so are later copies of
+a content), split by a hash of each relative path, train the tokenizer on a sample of the train split, tokenize both splits in worker processes.
 Everything is built in a temporary sibling dir and renamed into place once complete, so an
 interrupted run leaves nothing that `load_manifest` accepts. A run whose inputs (file list, sizes,
 mtimes, globs, vocab size, split and sample settings) match the manifest's fingerprint does nothing.
@@ -30,7 +30,8 @@ import sentencepiece
 from tqdm import tqdm
 
 from dsmtp.config import ConfigError, DataConfig, load_config
-from dsmtp.data.corpus import SKIP_REASONS, SourceFile, check_file, read_text, resolve_source_dir, scan, split_files
+from dsmtp.data.corpus import (SKIP_REASONS, SourceFile, check_file, drop_duplicates, read_text, resolve_source_dir,
+                               scan, split_files)
 from dsmtp.data.errors import DataError
 from dsmtp.data.shards import (MANIFEST_FILE, SCHEMA_VERSION, SPLITS, ShardWriter, load_manifest, token_dtype,
                                verify_split)
@@ -75,6 +76,7 @@ def input_fingerprint(root: Path, files: list[SourceFile], data: DataConfig, voc
         "val_fraction": data.val_fraction,
         "tokenizer_sample_bytes": data.tokenizer_sample_bytes,
         "vocab_size": vocab_size,
+        **({"dedup": True} if data.dedup else {}),  # absent when off: data dirs built before it stay valid
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
@@ -157,10 +159,14 @@ def _build(build: Path, root: Path, files: list[SourceFile], data: DataConfig, v
     seconds = {"scan": time.perf_counter() - started}
     with worker_pool(data.num_workers) as pmap:
         skipped = {reason: [] for reason in SKIP_REASONS}
-        usable = []
+        usable, digests = [], []
         checks = pmap(check_file, [f.path for f in files])
-        for f, (reason, _) in zip(files, tqdm(checks, total=len(files), desc="check files", unit="file")):
+        for f, (reason, _, digest) in zip(files, tqdm(checks, total=len(files), desc="check files", unit="file")):
             (skipped[reason] if reason else usable).append(f)
+            if not reason:
+                digests.append(digest)
+        if data.dedup:
+            usable, skipped["duplicate"] = drop_duplicates(usable, digests)
         if len(usable) < 2:
             counts = {r: len(v) for r, v in skipped.items() if v}
             raise DataError(

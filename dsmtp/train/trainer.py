@@ -54,7 +54,7 @@ class BatchStream(Protocol):
 
 @dataclass
 class Data:
-    train: BatchStream  # micro-batches [micro_batch_size, seq_len + mtp_depth + 1]
+    train: BatchStream  # micro-batches [micro_batch_size, seq_len + 1 + extra]: extra = train.sample_extra_tokens or mtp_depth
     val: list[torch.Tensor]
     val_tokens: torch.Tensor  # the whole val split, for its unigram entropy
     tokenizer_path: Path
@@ -69,7 +69,8 @@ def open_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Data:
 
     data_dir = Path(cfg.data.data_dir)
     tokenizer = Tokenizer.load(data_dir, expected_vocab_size=cfg.model.vocab_size)
-    t, extra = cfg.train, cfg.model.mtp_depth
+    t = cfg.train
+    extra = cfg.model.mtp_depth if t.sample_extra_tokens is None else t.sample_extra_tokens
     val_split = TokenSplit(data_dir, "val")
     # train.micro_batch_size counts the samples of all data-parallel ranks together: each reads its slice.
     return Data(train=TrainBatches(data_dir, t.seq_len, extra, t.micro_batch_size // dp_size, t.seed, dp_rank, dp_size),
@@ -194,7 +195,8 @@ class Trainer:
     # One micro-batch, one optimizer step
 
     def split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A sample of S + D + 1 tokens -> inputs [.., :S] and shifted labels [.., 1:]."""
+        """A sample of S + 1 + extra tokens -> inputs [.., :S] and shifted labels [.., 1:] (the model uses
+        the first S + D of them)."""
         batch = batch.to(self.device, non_blocking=True)
         return batch[:, :self.cfg.train.seq_len], batch[:, 1:]
 
@@ -226,7 +228,7 @@ class Trainer:
         return self.backward_pass(batches, mtp_weight)
 
     def backward_pass(self, batches: torch.Tensor, mtp_weight: float | torch.Tensor) -> tuple[LossSums, torch.Tensor]:
-        """accumulate_gradients' device work, on batches [grad_accum, micro_batch, S + D + 1]: what
+        """accumulate_gradients' device work, on batches [grad_accum, micro_batch, S + 1 + extra]: what
         train.cuda_graph captures."""
         sums = LossSums(self.cfg.model.mtp_depth, self.device)
         for batch in batches:
