@@ -166,3 +166,12 @@ def test_deepspeed_engine_refuses_bf16_moments():
     cfg.train.optimizer_state_dtype = "bf16"
     with pytest.raises(ConfigError, match=r"train.optimizer_state_dtype=bf16 .*parallel.engine=native"):
         DistributedTrainer.build_model(types.SimpleNamespace(cfg=cfg))
+
+
+def test_memory_estimate_counts_bf16_moments_at_half():
+    from dsmtp.model.params import training_memory
+
+    cfg = Config()
+    fp32 = training_memory(cfg).optimizer
+    cfg.train.optimizer_state_dtype = "bf16"
+    assert training_memory(cfg).optimizer * 2 == fp32

@@ -8,7 +8,7 @@
 # Steps ($SUITE, in the order given; default: setup probe tests bench1 bench2 tt table):
 #   fa4a   first of the two flash-attn-4 transfers: keep .fa4a's files on the machine (~/fa4)
 #   fa4    second: join the runtime wheel from ~/fa4 and .fa4b, install into ~/fa4site
-#   setup  install the carried wheels (.whl: dsmtp's dependencies; .whl-tt: torchtitan) into /tmp/site, /tmp/tt
+#   setup  install the carried wheels (.whl or .whl-core: dsmtp's dependencies; .whl-tt: torchtitan) into /tmp/site, /tmp/tt
 #   probe  GPU, torch, flash-attn-4 importable
 #   tests  tests/gpu (flash attention, training, kernels)
 #   bench1 tools/bench_train.py --compile, one process per row (D=1 then D=0), rows appended to
@@ -38,7 +38,7 @@ step() {
          rm ~/fa4/cu13.part.aa
          python3 -m pip install -q --no-index --no-deps --no-compile --target ~/fa4site ~/fa4/*.whl
          export PYTHONPATH=$PYTHONPATH:$HOME/fa4site:$HOME/fa4site/nvidia_cutlass_dsl/dsl_packages ;;
-    setup) python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    setup) for d in .whl .whl-core; do [ -d $d ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $d/*.whl; done
            [ -d .whl-tt ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tt .whl-tt/*.whl ;;
     probe) nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
            python3 -c "import torch; print(torch.__version__, torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
