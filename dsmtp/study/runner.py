@@ -35,6 +35,7 @@ from typing import Optional
 
 import torch
 
+from dsmtp import checkpoint
 from dsmtp.config import (Config, ConfigError, StudyArm, StudyConfig, arm_config, config_to_dict, load_study_config,
                           tokens_per_run)
 from dsmtp.data.errors import DataError
@@ -43,7 +44,6 @@ from dsmtp.data.tokenizer import Tokenizer
 from dsmtp.model import DeepSeekV3
 from dsmtp.model.params import count_parameters
 from dsmtp.study import evaluate, humaneval, report
-from dsmtp.train import checkpoint
 from dsmtp.train.trainer import BatchStream, Trainer, TrainingStopped, open_data
 
 RESULTS_FILE = "results.json"

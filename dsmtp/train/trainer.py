@@ -23,21 +23,24 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from dsmtp import checkpoint
 from dsmtp.config import Config, ConfigError, load_config
 from dsmtp.data.errors import DataError
 from dsmtp.model import DeepSeekV3, ModelOutput, fp8, kernels, update_expert_bias
 from dsmtp.model.mtp import depth_weights
 from dsmtp.parallel import topology
-from dsmtp.train import checkpoint, memory, report, schedules, trackers
+from dsmtp.train import memory, report, schedules, trackers
 from dsmtp.train.cuda_graph import GraphedBackward
 from dsmtp.train.flops import mfu
 from dsmtp.train.metrics import IntervalMeter, LossSums, MetricsLog, expert_load_imbalance
@@ -119,6 +122,25 @@ def apply_train_settings(model: DeepSeekV3, t) -> None:
     model.set_activation_recompute(t.activation_recompute_every)
     if t.compile:
         model.compile_layers()
+
+
+def rng_state() -> dict:
+    """This process's random states, in a form torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class TrainingStopped(RuntimeError):
@@ -268,33 +290,36 @@ class Trainer:
 
     def trainer_state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "loader": self.data.train.state_dict(),
-                "rng": checkpoint.rng_state(), "consecutive_skips": self.consecutive_skips,
+                "rng": rng_state(), "consecutive_skips": self.consecutive_skips,
                 "total_skips": self.total_skips}
 
-    def save(self) -> None:
-        if self.is_writer:
-            checkpoint.save_checkpoint(self.out_dir, self.step, self.tokens, self.model, self.cfg,
-                                       self.data.tokenizer_path, self.optimizer.state_dict(),
-                                       self.trainer_state(), self.cfg.train.keep_last)
-        self.saved_step = self.step
+    def state_to_save(self) -> checkpoint.State:
+        """The model and optimizer tensors this process holds (a distributed trainer: this rank's chunks)."""
+        return checkpoint.module_state(self.model, self.optimizer)
 
-    def load_model_and_optimizer(self, ckpt: Path) -> dict:
-        """Weights and optimizer state from a verified checkpoint; returns the trainer state."""
-        checkpoint.load_weights(self.model, ckpt)
-        optimizer_state, state = checkpoint.load_training_state(ckpt)
-        self.optimizer.load_state_dict(optimizer_state)
-        return state
+    def state_to_load(self, with_optimizer: bool) -> checkpoint.State:
+        """Where a checkpoint's tensors go, in place (the optimizer's state is created first when asked)."""
+        return checkpoint.module_state(self.model, self.optimizer if with_optimizer else None, create=True)
+
+    def save(self) -> None:
+        """Every process writes its part of the checkpoint (dsmtp.checkpoint)."""
+        checkpoint.save_training(self.out_dir, self.step, self.tokens, self.state_to_save(), self.cfg,
+                                 self.data.tokenizer_path, self.trainer_state(), self.cfg.train.keep_last)
+        self.saved_step = self.step
 
     def load(self, ckpt: Path) -> None:
         manifest = checkpoint.verify(ckpt)
         checkpoint.check_compatible(ckpt, manifest, self.cfg, checkpoint.sha256_file(self.data.tokenizer_path))
-        state = self.load_model_and_optimizer(ckpt)
+        state = checkpoint.load_trainer_state(ckpt)
+        checkpoint.load_sharded(ckpt, self.state_to_load)
         self.data.train.load_state_dict(state["loader"])
-        checkpoint.set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.consecutive_skips, self.total_skips = state["consecutive_skips"], state["total_skips"]
         self.saved_step = self.step
         self.resumed_from = ckpt
+        if self.is_writer:  # train.keep_last may have changed since those checkpoints were written
+            checkpoint.prune(ckpt.parent, self.cfg.train.keep_last, keep=ckpt.name)
 
     # ------------------------------------------------------------------------------------------
     # Orchestration
