@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from dsmtp.config import Config, load_config
 from dsmtp.convert.checkpoint_io import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, resolve_checkpoint_dir
 from dsmtp.convert.import_hf import import_hf
-from dsmtp.data.tokenizer import Tokenizer
+from dsmtp.data.tokenizer import Tokenizer, tokenizer_file
 from dsmtp.model import DeepSeekV3
 from dsmtp.parallel.topology import ensure_initialized
 
@@ -62,10 +62,10 @@ def _load_dsmtp(path: Path, overrides: list[str]) -> tuple[DeepSeekV3, Config, T
     if missing or unexpected:
         raise CheckpointError(f"{ckpt / MODEL_FILE} does not fit its config.yaml: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
-    if not (ckpt / TOKENIZER_FILE).is_file():
+    if not tokenizer_file(ckpt).is_file():
         raise CheckpointError(f"{ckpt / TOKENIZER_FILE} is missing: generation needs the tokenizer the model was "
                               "trained with")
-    return model.eval(), cfg, Tokenizer.load(ckpt / TOKENIZER_FILE, expected_vocab_size=cfg.model.vocab_size)
+    return model.eval(), cfg, Tokenizer.load(ckpt, expected_vocab_size=cfg.model.vocab_size)
 
 
 def inference_device(name: str | torch.device) -> torch.device:

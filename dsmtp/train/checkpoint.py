@@ -3,7 +3,8 @@
     <out_dir>/checkpoints/step_00000200/
         model.safetensors    our parameter names, full float32 tensors, router expert_bias included
         config.yaml          the full Config
-        tokenizer.model      copy of the sentencepiece model the run trained with
+        tokenizer.model      copy of the sentencepiece model the run trained with (or tokenizer.json and its
+                             tokenizer_config.json, for a HuggingFace tokenizer)
         optimizer.pt         optimizer state_dict
         trainer_state.pt     step, tokens, data-loader position, RNG states, skip counters
         manifest.json        {files: {name: sha256}, step, tokens, tokenizer_sha256, config_sha256}
@@ -32,6 +33,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from dsmtp.config import Config, ConfigError, config_from_dict, config_to_dict
+from dsmtp.data.tokenizer import tokenizer_files
 
 if TYPE_CHECKING:  # imported where used: the converters read checkpoints without building a model
     from dsmtp.model import DeepSeekV3
@@ -119,7 +121,7 @@ def save_checkpoint(out_dir: Path, step: int, tokens: int, model: torch.nn.Modul
     writers: dict[str, Callable[[Path], Any]] = {
         "model.safetensors": lambda p: save_file(_model_tensors(model), str(p)),
         "config.yaml": lambda p: p.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False)),
-        "tokenizer.model": lambda p: shutil.copyfile(tokenizer_path, p),
+        **{path.name: lambda p, src=path: shutil.copyfile(src, p) for path in tokenizer_files(tokenizer_path)},
         "optimizer.pt": lambda p: torch.save(optimizer_state, p),
         "trainer_state.pt": lambda p: torch.save(trainer_state, p),
     }
@@ -128,7 +130,7 @@ def save_checkpoint(out_dir: Path, step: int, tokens: int, model: torch.nn.Modul
         write_file(tmp / filename, write)
         files[filename] = sha256_file(tmp / filename)
     manifest = {"files": files, "step": step, "tokens": tokens,
-                "tokenizer_sha256": files["tokenizer.model"], "config_sha256": files["config.yaml"]}
+                "tokenizer_sha256": files[Path(tokenizer_path).name], "config_sha256": files["config.yaml"]}
     write_file(tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2)))
     _fsync(tmp)
 
