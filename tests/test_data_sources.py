@@ -482,6 +482,30 @@ def test_single_tree_fields_are_one_files_source(tmp_path):
     assert config_from_dict({}).data.corpus[0].label == "stdlib"
 
 
+def test_single_tree_tokenizer_is_trained_on_the_same_sample_as_before(tmp_path):
+    """Before data.sources, the sample was the train files in split-key order until the budget was
+    reached; the same files (so the same tokenizer, the same shards) come out of the streaming sample."""
+    from dsmtp.data.corpus import scan, split_files
+    from dsmtp.data.tokenizer import train_tokenizer
+
+    tree = tmp_path / "tree"
+    for name in MODULES + MORE_MODULES["b"]:
+        (tree / f"{name}.py").parent.mkdir(exist_ok=True)
+        shutil.copyfile(STDLIB / f"{name}.py", tree / f"{name}.py")
+    cfg = DataConfig(source_dir=str(tree), include=["*.py"], data_dir=str(tmp_path / "d"), val_fraction=0.15,
+                     num_workers=1, tokenizer_sample_bytes=150_000)
+    out = prepare(cfg, VOCAB)
+    train = split_files(scan(tree, ["*.py"], []), 0.15)["train"]
+    sample, total = [], 0
+    for f in sorted(train, key=lambda f: f.split_key):
+        if total >= 150_000:
+            break
+        sample.append(f.path.read_text())
+        total += f.size
+    assert 2 < len(sample) < len(train)
+    assert train_tokenizer(sample, VOCAB, tmp_path / "ref.model").sha256 == Tokenizer.load(out).sha256
+
+
 def test_loader_state_from_before_mixtures_resumes(mixture, tmp_path):
     one = prepare(data_config(tmp_path / "d", [write_source("jsonl", texts(), tmp_path / "s")]), VOCAB)
     full = TrainBatches(one, SEQ, EXTRA, 4, seed=2)
@@ -494,3 +518,38 @@ def test_loader_state_from_before_mixtures_resumes(mixture, tmp_path):
     with pytest.raises(DataError, match="loader state has the sources"):
         TrainBatches(mixture, SEQ, EXTRA, 4, seed=2).load_state_dict(
             {**old_state, "num_samples": TrainBatches(mixture, SEQ, EXTRA, 4, seed=2).num_samples})
+
+
+def test_training_logs_the_tokens_each_source_served(mixture, tmp_path):
+    from dsmtp.train import trackers
+    from dsmtp.train.trainer import Trainer
+    from tests.train_helpers import TINY_MODEL, TINY_TRAIN
+
+    srcs = load_manifest(mixture)["config"]["sources"]
+    cfg = config_from_dict({"model": {**TINY_MODEL, "vocab_size": VOCAB},
+                            "data": {"data_dir": str(mixture), "sources": srcs},
+                            "train": {**TINY_TRAIN, "steps": 4, "eval_interval": 100, "save_interval": 100,
+                                      "out_dir": str(tmp_path / "run")}})
+    trainer = Trainer(cfg)
+    trainer.run()
+    records = [r for r in trainer.log.records() if r["kind"] == "train"]
+    assert len(records) == 4 and records[-1]["source_tokens"] == trainer.data.train.source_tokens()
+    for r in records:
+        assert sorted(r["source_tokens"]) == ["files", "jsonl_zst", "parquet"]
+        assert sum(r["source_tokens"].values()) == r["tokens"]  # every main-loss token, from one source each
+    assert trackers.scalars(records[-1])["train/source_tokens/files"] == records[-1]["source_tokens"]["files"]
+
+
+def test_worker_pool_keeps_few_tasks_in_flight():
+    from dsmtp.data.prepare import worker_pool
+
+    pulled = []
+
+    def items():
+        for i in range(40):
+            pulled.append(i)
+            yield -i
+
+    with worker_pool(2) as pmap:
+        for consumed, value in enumerate(pmap(abs, items())):
+            assert value == consumed and len(pulled) - consumed <= 2 * 2  # read ahead by at most two per worker
