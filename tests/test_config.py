@@ -50,7 +50,8 @@ def test_671b_schedule_reads_exponent_numbers():
     ({"train": {"mtp_weight_schedule": [[5, 0.3]]}}, "train.mtp_weight_schedule must start at 0"),
     ({"train": {"seq_len": 8192}}, "train.seq_len=8192 exceeds model.max_position_embeddings=4096"),
     ({"serve": {"port": 70000}}, "serve.port=70000 must be in [0, 65535]"),
-    ({"serve": {"max_choices": 0}}, "serve.max_body_bytes and serve.max_choices must be >= 1"),
+    ({"serve": {"max_choices": 0}}, "serve.max_choices=0 must be >= 1"),
+    ({"serve": {"max_body_bytes": 0}}, "serve.max_body_bytes=0 must be >= 1"),
     ({"serve": {"served_model_name": " tiny"}}, "serve.served_model_name=' tiny' must be a non-empty name"),
 ])
 def test_bad_values_name_the_field(data, field):

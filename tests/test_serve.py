@@ -204,6 +204,26 @@ def test_requests_joining_a_running_batch(random_mtp_model, k):
     assert [r.tokens for r in results] == alone
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_long_prompt_joining_a_batch_near_its_end(random_mtp_model, k):
+    """A row deep into its decoding and a joining row that must catch its MTP caches up over a long
+    prompt: the MTP forward covers the joiner's whole prompt, and the other row must not run past its
+    cache while it goes along; both decode as they would alone."""
+    engine = Engine(random_mtp_model, k)
+    running = Request(list(range(3, 23)), 12)
+    joining = Request(list(range(30, 46)), 2)
+    alone = [engine.generate([r])[0][0].tokens for r in (running, joining)]
+    (batch, results), stats = engine.start([running]), DecodeStats(k)
+    for _ in range(2):
+        engine.step(batch, stats)
+    later, later_results = engine.start([joining])
+    assert int(batch.n[0]) + len(joining.prompt) > max(batch.capacity, later.capacity)  # the case at hand
+    batch.merge(later)
+    while batch.size:
+        engine.step(batch, stats)
+    assert [r.tokens for r in results + later_results] == alone
+
+
 def test_acceptance_rule_hand_computed():
     # p = q: always accepted; bonus token from p at the last position.
     p = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]], dtype=torch.float64)

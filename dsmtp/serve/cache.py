@@ -19,6 +19,8 @@ for CUDA graphs, dsmtp.serve.static).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from dsmtp.config import ModelConfig
@@ -60,16 +62,20 @@ class StackCache:
         """A cache over the first `count` sequences' storage (a view: writes go to this cache)."""
         return StackCache(self.keys[:, :count])
 
-    def begin(self, width: int) -> torch.Tensor:
+    def begin(self, width: int, last: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Hand out the next `width` positions of every sequence (counted as cached from now on) for
-        the forward pass that follows; returns them [B, width]."""
+        the forward pass that follows; returns them [B, width]. With `last` [B], a sequence with fewer
+        positions to go repeats position last[b] instead of running past it (and past the capacity):
+        the repeats recompute the same values."""
         self.positions = self.lengths[:, None] + torch.arange(width, device=self.lengths.device)
+        if last is not None:
+            self.positions = torch.minimum(self.positions, torch.maximum(last, self.lengths - 1)[:, None])
         # What every layer's attention reads, known on the host once per forward pass: a host read per
         # layer would stall the GPU queue between layers.
         self.end = int(self.positions.max()) + 1 if width else 0
         if self.end > self.capacity:
             raise RuntimeError(f"KV cache overflow: position {self.end - 1} >= capacity {self.capacity}")
-        self.lengths = self.lengths + width
+        self.lengths = torch.maximum(self.lengths, self.positions[:, -1] + 1) if width else self.lengths
         return self.positions
 
     def begin_at(self, positions: torch.Tensor) -> torch.Tensor:

@@ -252,11 +252,12 @@ class Engine:
         cos, sin = self.model.rope(stack.begin(tokens.shape[1]))
         return self.model.trunk(self.model.embed(tokens), cos, sin, stack.layers)[0]
 
-    def _mtp(self, batch: Batch, depth: int, h_source: torch.Tensor, tokens: Optional[torch.Tensor]) -> torch.Tensor:
-        """Depth `depth` at the next positions of its cache, from its source's hidden states [B, w, H] and
-        (for a design that reads them) the tokens there [B, w]."""
+    def _mtp(self, batch: Batch, depth: int, h_source: torch.Tensor, tokens: Optional[torch.Tensor],
+             last: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Depth `depth` at the next positions of its cache (up to `last`, see StackCache.begin), from its
+        source's hidden states [B, w, H] and (for a design that reads them) the tokens there [B, w]."""
         stack = batch.cache.mtp[depth - 1]
-        cos, sin = self.model.rope(stack.begin(h_source.shape[1]))
+        cos, sin = self.model.rope(stack.begin(h_source.shape[1], last))
         embedding = None if tokens is None else self.model.embed(tokens)
         return self.model.mtp.step(depth, h_source, embedding, cos, sin, stack.layers[0])[0]
 
@@ -268,12 +269,14 @@ class Engine:
         width = int(count.max()) if batch.size else 0
         if width == 0:
             return
-        # Sequences with fewer positions to go compute a few extra ones past `upto`; cut off below.
-        positions = start[:, None] + torch.arange(width, device=start.device)
+        # Sequences with fewer positions to go repeat their last one (rows of a batch go as far as the
+        # furthest; a row merged in later catches up over its whole prompt).
+        last = torch.maximum(upto, start - 1)
+        positions = torch.minimum(start[:, None] + torch.arange(width, device=start.device), last[:, None])
         mtp = self.model.mtp
         offset = mtp.token_offset(depth)
         tokens = None if offset is None else batch.seq.gather(1, positions + offset)
-        h = self._mtp(batch, depth, _gather(batch.hidden[mtp.source(depth)], positions), tokens)
+        h = self._mtp(batch, depth, _gather(batch.hidden[mtp.source(depth)], positions), tokens, upto)
         _scatter(batch.hidden[depth], positions, h)
         stack.truncate(start + count)
 
