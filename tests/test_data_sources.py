@@ -553,3 +553,31 @@ def test_worker_pool_keeps_few_tasks_in_flight():
     with worker_pool(2) as pmap:
         for consumed, value in enumerate(pmap(abs, items())):
             assert value == consumed and len(pulled) - consumed <= 2 * 2  # read ahead by at most two per worker
+
+
+def test_data_dir_from_before_sources_trains_as_is_and_is_prepared_again_once(tmp_path, capsys):
+    """A schema-2 data dir (one tree, shards without a source): `dsmtp train` reads it unchanged;
+    `dsmtp prepare` rebuilds it once, saying why, into the same tokens; then it is up to date."""
+    tree = write_source("files", texts(), tmp_path / "tree")
+    cfg = DataConfig(source_dir=tree.path, include=["*.txt"], data_dir=str(tmp_path / "d"), val_fraction=0.2,
+                     num_workers=1)
+    new = prepare(cfg, VOCAB)
+    tokens = {p.relative_to(new): p.read_bytes() for p in sorted(new.rglob("*.tokens"))}
+    manifest = load_manifest(new)
+    manifest["schema_version"], manifest["fingerprint"] = 2, "an older fingerprint"
+    del manifest["sources"]
+    for split in ("train", "val"):
+        for s in manifest["splits"][split]["shards"]:
+            del s["source"]
+    (new / "manifest.json").write_text(json.dumps(manifest))
+
+    weights = {s.label: s.weight for s in cfg.corpus}  # as the trainer passes them
+    old = TrainBatches(new, SEQ, EXTRA, 4, seed=5, weights=weights)
+    assert old.sources == [None] and next(old).shape == (4, SEQ + EXTRA + 1)
+    capsys.readouterr()
+    prepare(cfg, VOCAB)
+    assert "prepared by an older dsmtp (data schema 2); preparing it once more as schema 3" in capsys.readouterr().out
+    assert load_manifest(new)["schema_version"] == 3
+    assert {p.relative_to(new): p.read_bytes() for p in sorted(new.rglob("*.tokens"))} == tokens
+    prepare(cfg, VOCAB)
+    assert "is up to date" in capsys.readouterr().out

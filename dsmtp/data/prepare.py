@@ -128,7 +128,15 @@ def _is_up_to_date(data_dir: Path, fingerprint: str) -> bool:
         tokenizer_sha = hashlib.sha256(tokenizer_file(data_dir).read_bytes()).hexdigest()
     except (DataError, OSError):
         return False
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        # the fingerprint's inputs changed with the schema: a data dir from an older dsmtp is rebuilt, once
+        print(f"{data_dir} was prepared by an older dsmtp (data schema {manifest['schema_version']}); preparing it "
+              f"once more as schema {SCHEMA_VERSION}, which records each shard's source (`dsmtp train` reads either)",
+              flush=True)
+        return False
     if manifest.get("fingerprint") != fingerprint or manifest["tokenizer"]["sha256"] != tokenizer_sha:
+        print(f"{data_dir} was prepared from other inputs (data.sources or their files, data.tokenizer, "
+              "model.vocab_size, the split or sample settings): preparing it again", flush=True)
         return False
     try:
         for split in SPLITS:
