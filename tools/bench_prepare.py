@@ -11,8 +11,10 @@ prepare process and its workers every 0.2 s, and deletes the directory.
 
 Columns: input GB, seconds (total, and the phases the manifest records: reading the corpus for the
 tokenizer sample and training the tokenizer, tokenizing), GB/s and tokens/s over the whole run and over
-the tokenize phase, peak RSS of all the processes together and of the largest one, and the machine's
-load average while it ran (the CPU is shared: a load above the core count means the run got less).
+the tokenize phase, the CPU seconds (user + system) of prepare and its workers and the GB and tokens per
+CPU second, peak RSS of all the processes together and of the largest one (file pages mapped by
+np.memmap count), and the machine's load average while it ran (the CPU is shared: a load above the core
+count means the run got less, which the per-CPU-second columns do not depend on).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def run(args) -> dict:
                    "--set", f"data.sources=[{{kind: jsonl, path: '{corpus}', name: bench}}]",
                    "--set", f"model.vocab_size={args.vocab}", "--set", f"data.tokenizer={args.tokenizer}"]
         load_before = os.getloadavg()[0]
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
         stop, rss = threading.Event(), {}
@@ -104,6 +107,8 @@ def run(args) -> dict:
         seconds = time.perf_counter() - started
         stop.set()
         sampler.join()
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers too: prepare waits for them
+        cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
         if code:
             raise SystemExit(f"dsmtp prepare failed with status {code}")
         manifest = json.loads((tmp / "data" / "manifest.json").read_text())
@@ -115,6 +120,7 @@ def run(args) -> dict:
         "machine": machine(), "date": time.strftime("%Y-%m-%d"), "workers": args.workers, "vocab": args.vocab,
         "tokenizer": args.tokenizer, "input_bytes": size, "documents": documents, "tokens": tokens,
         "seconds": round(seconds, 1), "seconds_tokenizer": phases["tokenizer"], "seconds_tokenize": phases["tokenize"],
+        "cpu_seconds": round(cpu, 1),
         "peak_rss_bytes": rss.get("peak", 0),
         "largest_process_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
         "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
@@ -123,16 +129,19 @@ def run(args) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| machine | date | workers | tokenizer | input GB | documents | tokens | s total | s tokenizer | "
-             "s tokenize | GB/s total | GB/s tokenize | tokens/s total | tokens/s tokenize | peak RSS GiB (all) | "
-             "largest process GiB | load avg (start, end) |", "|" + "---|" * 17]
+             "s tokenize | GB/s total | GB/s tokenize | tokens/s total | tokens/s tokenize | CPU s | GB per CPU s | "
+             "tokens per CPU s | peak RSS GiB (all) | largest process GiB | load avg (start, end) |", "|" + "---|" * 20]
     for r in rows:
         tokenizer = f"trained, vocab {r['vocab']}" if r["tokenizer"] == "train" else Path(r["tokenizer"]).name
+        cpu = r.get("cpu_seconds")  # rows from before the column have none
+        per_cpu = (f"{cpu:.0f} | {r['input_bytes'] / 1e9 / cpu:.4f} | {r['tokens'] / cpu:,.0f}" if cpu
+                   else "not recorded | - | -")
         lines.append(
             f"| {r['machine']} | {r['date']} | {r['workers']} | {tokenizer} | {r['input_bytes'] / 1e9:.2f} | "
             f"{r['documents']:,} | {r['tokens']:,} | {r['seconds']:.0f} | {r['seconds_tokenizer']:.0f} | "
             f"{r['seconds_tokenize']:.0f} | {r['input_bytes'] / 1e9 / r['seconds']:.4f} | "
             f"{r['input_bytes'] / 1e9 / r['seconds_tokenize']:.4f} | {r['tokens'] / r['seconds']:,.0f} | "
-            f"{r['tokens'] / r['seconds_tokenize']:,.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+            f"{r['tokens'] / r['seconds_tokenize']:,.0f} | {per_cpu} | {r['peak_rss_bytes'] / 2**30:.2f} | "
             f"{r['largest_process_rss_bytes'] / 2**30:.2f} | {r['load_average'][0]}, {r['load_average'][1]} |")
     return "\n".join(lines)
 
