@@ -20,6 +20,7 @@ COMMANDS = {
     "import-hf": ("dsmtp.convert.import_hf", "read a HuggingFace DeepSeek-V3 checkpoint"),
     "generate": ("dsmtp.serve.generate", "generate text, optionally with MTP speculative decoding"),
     "serve": ("dsmtp.serve.server", "OpenAI-compatible HTTP completion server"),
+    "study": ("dsmtp.study.runner", "MTP study: train arms that differ only in the MTP objective, measure, report"),
 }
 
 

@@ -147,6 +147,9 @@ class DataConfig:
     tokenizer: str = "train"
     tokenizer_sample_bytes: int = 20_000_000
     num_workers: int = 2
+    # Keep one file of each content (the first by path): an environment holds vendored copies of the same
+    # module, which would otherwise be trained on twice or land on both sides of the train/val split.
+    dedup: bool = False
 
     @property
     def corpus(self) -> list[SourceConfig]:
@@ -160,6 +163,10 @@ class TrainConfig:
     out_dir: str = "runs/default"
     seed: int = 1234
     seq_len: int = 256
+    # Each training sample holds seq_len + 1 + this many tokens (None: model.mtp_depth, what the MTP depths
+    # need). Runs to be compared with different depths set it to the largest, so they draw the same windows
+    # in the same order (the sample count, hence the shuffle, depends on the sample length).
+    sample_extra_tokens: Optional[int] = None
     micro_batch_size: int = 8  # samples per micro-batch over all data-parallel ranks together
     grad_accum: int = 1
     steps: int = 1000
@@ -370,20 +377,24 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
+def _read_mapping(path: Union[str, Path], sections: str) -> dict:
+    """A YAML config file's mapping, or a ConfigError naming the file (`sections`: what it should hold)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML ({_yaml_problem(e, where=True)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections ({sections})")
+    return data
+
+
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> Config:
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML ({_yaml_problem(e, where=True)})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (model, parallel, data, train, serve)")
+    data = {} if path is None else _read_mapping(path, "model, parallel, data, train, serve")
     data = _merge(data, parse_overrides(overrides or []))
     return config_from_dict(data)
 
@@ -560,6 +571,9 @@ def validate(cfg: Config) -> None:
         _require(name not in t.trackers[:i], f"train.trackers lists {name!r} twice: list each tracker once")
     validate_schedule("mtp_weight_schedule", t.mtp_weight_schedule)
     validate_mtp_training(m, t)
+    _require(t.sample_extra_tokens is None or t.sample_extra_tokens >= m.mtp_depth,
+             f"train.sample_extra_tokens={t.sample_extra_tokens} is below model.mtp_depth={m.mtp_depth}: the "
+             "deepest MTP depth needs that many tokens past each sample; raise it or leave it unset")
     validate_schedule("bias_update_schedule", t.bias_update_schedule)
     _require(all(e[1] >= 0 for e in t.bias_update_schedule), "train.bias_update_schedule values must be >= 0")
 
@@ -587,3 +601,154 @@ def piecewise(schedule: list[list[float]], tokens: float) -> float:
             value = v
     return float(value)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Studies (`dsmtp study`, dsmtp.study): arms that differ only in the MTP objective.
+
+HUMANEVAL_PROBLEMS = 164
+# What an arm sets; the study sets seed, out_dir and sample_extra_tokens; the base config sets everything else.
+ARM_FIELDS = {"model": ("mtp_kind", "mtp_depth"),
+              "train": ("mtp_weight_schedule", "mtp_depth_weights", "mtp_heads_one_at_a_time", "seed", "out_dir",
+                        "sample_extra_tokens")}
+
+
+@dataclass
+class StudyArm:
+    """One training objective: the MTP design and depth, and how the depths are weighted."""
+
+    name: str
+    mtp_kind: str = "sequential"
+    mtp_depth: int = 0  # 0: plain next-token training, the baseline every difference is taken against
+    mtp_depth_weights: Union[str, list[float]] = "uniform"
+    mtp_heads_one_at_a_time: bool = False
+    seeds: Optional[list[int]] = None  # None: the study's seeds
+
+
+@dataclass
+class StudyEval:
+    """What each arm is measured on after training (dsmtp.study.evaluate)."""
+
+    # Starts of the context-position buckets of the validation loss; the last bucket runs to train.seq_len.
+    position_buckets: list[int] = field(default_factory=lambda: [0, 128, 512, 1024])
+    val_max_tokens: Optional[int] = None  # None: the whole validation split
+    micro_batch_size: int = 8
+    humaneval_problems: Optional[int] = None  # the first N problems (None: all 164)
+    humaneval_max_new_tokens: int = 384
+    humaneval_batch_size: int = 16
+    humaneval_timeout_s: float = 5.0  # per program, wall clock
+    exec_workers: int = 8  # programs run at once
+    decode_prompts: int = 8  # the first N HumanEval prompts, decoded at batch 1
+    decode_new_tokens: int = 128
+    decode_repeats: int = 2  # best of N timed passes, after a warm-up
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    out_dir: str  # each arm and seed trains in out_dir/<arm>-s<seed>
+    base: Config  # everything the arms share; the arm fields (ARM_FIELDS) come from the study
+    arms: list[StudyArm]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    # lambda over the token budget: [[from_fraction, value], ...]. DeepSeek-V3: 0.3 for its first 10T of
+    # 14.8T tokens, then 0.1.
+    mtp_weight_by_fraction: list[list[float]] = field(default_factory=lambda: [[0.0, 0.3], [0.676, 0.1]])
+    # Refuse a token budget larger than the train split (a repeated token is not a new one) unless true.
+    allow_repeated_tokens: bool = False
+    eval: StudyEval = field(default_factory=StudyEval)
+
+    def arm(self, name: str) -> StudyArm:
+        return next(a for a in self.arms if a.name == name)
+
+    def arm_seeds(self, arm: StudyArm) -> list[int]:
+        return self.seeds if arm.seeds is None else arm.seeds
+
+
+def tokens_per_run(t: TrainConfig) -> int:
+    return t.steps * t.micro_batch_size * t.seq_len * t.grad_accum
+
+
+def arm_config(study: StudyConfig, arm: StudyArm, seed: int) -> Config:
+    """The full config of one arm and seed: the base with the arm's objective, the study's lambda schedule
+    in tokens, the seed (initialisation and data order), and samples long enough for the deepest arm."""
+    cfg = dataclasses.replace(study.base, model=dataclasses.replace(study.base.model),
+                              train=dataclasses.replace(study.base.train))
+    m, t = cfg.model, cfg.train
+    m.mtp_kind, m.mtp_depth = arm.mtp_kind, arm.mtp_depth
+    t.mtp_depth_weights, t.mtp_heads_one_at_a_time = arm.mtp_depth_weights, arm.mtp_heads_one_at_a_time
+    t.mtp_weight_schedule = [[round(f * tokens_per_run(t)), v] for f, v in study.mtp_weight_by_fraction]
+    t.sample_extra_tokens = max(a.mtp_depth for a in study.arms)
+    t.seed = seed
+    t.out_dir = str(Path(study.out_dir) / f"{arm.name}-s{seed}")
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"arm {arm.name} (seed {seed}): {e}") from None
+    return cfg
+
+
+def _safe_name(name: str) -> bool:
+    return bool(name) and all(c.isalnum() or c in "_.-" for c in name) and not name.startswith(".")
+
+
+def validate_study(s: StudyConfig) -> None:
+    _require(_safe_name(s.name), f"name={_shown(s.name)} must be a non-empty name of letters, digits, _ . -")
+    _require(len(s.arms) > 0, "arms must list at least one arm")
+    names = [a.name for a in s.arms]
+    for i, arm in enumerate(s.arms):
+        _require(_safe_name(arm.name), f"arms[{i}].name={_shown(arm.name)} must be a name of letters, digits, _ . -")
+        _require(arm.name not in names[:i], f"arms[{i}].name={arm.name} is used twice: give each arm its own name")
+        _require(arm.seeds is None or len(arm.seeds) > 0, f"arms[{i}].seeds is empty: list a seed, or leave it "
+                                                          "unset for the study's seeds")
+    _require(sum(a.mtp_depth == 0 for a in s.arms) == 1,
+             f"arms need exactly one arm with mtp_depth 0 (next-token training, the baseline every difference is "
+             f"taken against); got {sum(a.mtp_depth == 0 for a in s.arms)}")
+    for what, seeds in [("seeds", s.seeds)] + [(f"arms.{a.name}.seeds", a.seeds) for a in s.arms if a.seeds]:
+        _require(len(seeds) > 0 and len(set(seeds)) == len(seeds), f"{what}={seeds} must list distinct seeds")
+    fractions = s.mtp_weight_by_fraction
+    _require(len(fractions) > 0 and all(len(e) == 2 for e in fractions) and fractions[0][0] == 0
+             and [f for f, _ in fractions] == sorted(f for f, _ in fractions)
+             and all(0 <= f <= 1 and v >= 0 for f, v in fractions),
+             f"mtp_weight_by_fraction={fractions} must be [[from_fraction, lambda], ...] pairs starting at 0, with "
+             "rising fractions of the token budget in [0, 1] and lambda >= 0, e.g. [[0, 0.3], [0.676, 0.1]]")
+    e, seq_len = s.eval, s.base.train.seq_len
+    b = e.position_buckets
+    _require(len(b) > 0 and b[0] == 0 and b == sorted(set(b)) and b[-1] < seq_len,
+             f"eval.position_buckets={b} must start at 0 and rise, below train.seq_len={seq_len}")
+    _require(e.val_max_tokens is None or e.val_max_tokens >= seq_len,
+             f"eval.val_max_tokens={e.val_max_tokens} must be at least train.seq_len={seq_len}, or null (all)")
+    _require(e.humaneval_problems is None or 1 <= e.humaneval_problems <= HUMANEVAL_PROBLEMS,
+             f"eval.humaneval_problems={e.humaneval_problems} must be in [1, {HUMANEVAL_PROBLEMS}], or null (all)")
+    for name in ("humaneval_max_new_tokens", "decode_new_tokens"):
+        value = getattr(e, name)
+        _require(1 <= value < seq_len, f"eval.{name}={value} must be in [1, train.seq_len={seq_len}): a prompt "
+                                       "needs room in the context too")
+    for name in ("micro_batch_size", "humaneval_batch_size", "exec_workers", "decode_prompts", "decode_repeats"):
+        _require(getattr(e, name) >= 1, f"eval.{name}={getattr(e, name)} must be >= 1")
+    _require(e.humaneval_timeout_s > 0, f"eval.humaneval_timeout_s={e.humaneval_timeout_s} must be positive")
+    for arm in s.arms:
+        for seed in s.arm_seeds(arm):
+            arm_config(s, arm, seed)
+
+
+def study_from_dict(data: dict) -> StudyConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"a study config is a mapping (name, out_dir, base, arms, ...), got {repr(data)[:80]}")
+    missing = [key for key in ("name", "out_dir", "base", "arms") if key not in data]
+    _require(not missing, f"the study config has no {missing[0] if missing else ''}: a study names itself (name), "
+                          "its output dir (out_dir), the shared config (base) and its arms")
+    base = data.get("base")
+    for section, names in ARM_FIELDS.items():
+        given = sorted(set(names) & set(base.get(section) or {})) if isinstance(base, dict) else []
+        _require(not given, f"base.{section}.{given[0] if given else ''} is set by the study, not the base: arms "
+                            "set the MTP objective (mtp_kind, mtp_depth, mtp_depth_weights, mtp_heads_one_at_a_time), "
+                            "the study the seeds, lambda (mtp_weight_by_fraction), out_dir and the sample length")
+    study = _from_dict(StudyConfig, data, "")
+    validate_study(study)
+    return study
+
+
+def load_study_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> StudyConfig:
+    """A study config file with `--set` overrides (e.g. base.data.source_dir=/path) applied."""
+    data = _read_mapping(path, "name, out_dir, base, arms, seeds, mtp_weight_by_fraction, eval")
+    return study_from_dict(_merge(data, parse_overrides(overrides or [])))

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
-from safetensors.torch import save_file
 
-from dsmtp.config import Config, config_to_dict, load_config
+from dsmtp.checkpoint import open_checkpoint, save_weights
+from dsmtp.config import Config, load_config
 from dsmtp.model import DeepSeekV3, moe_layers
 from dsmtp.parallel.topology import ensure_initialized
 
@@ -47,15 +45,16 @@ def random_model(cfg: Config, seed: int = 0) -> DeepSeekV3:
 
 
 def save_checkpoint(model: DeepSeekV3, cfg: Config, ckpt: Path, tokenizer: Optional[Path] = None) -> Path:
-    """The consolidated checkpoint layout (model.safetensors, config.yaml, tokenizer.model)."""
-    ckpt.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
-    (ckpt / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, ckpt / "tokenizer.model")
-    return ckpt
+    """A weights checkpoint of one process (dsmtp.checkpoint: one shard of full tensors)."""
+    return save_weights(ckpt, cfg, model.state_dict(), tokenizer)
 
 
 def random_tokens(cfg: Config, batch: int = 3, seq: int = 40, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, cfg.model.vocab_size, (batch, seq), generator=g)
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Every model tensor of a dsmtp checkpoint, by our names (verified as read)."""
+    _, tensors, _ = open_checkpoint(path)
+    return {name: tensors.read(name) for name in tensors.shapes()}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dsmtp.train.checkpoint import step_dir_name
+from dsmtp.checkpoint import step_dir_name
 from tests.serve_models import train_checkpoint
 
 

@@ -4,15 +4,13 @@ a repeated text so that its MTP modules draft well, saved in the checkpoint layo
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import sentencepiece
 import torch
-from safetensors.torch import save_file
 
+from dsmtp.checkpoint import save_weights
 from dsmtp.config import Config, ModelConfig, validate
-from dsmtp.convert.checkpoint_io import MODEL_FILE, write_checkpoint_metadata
 from dsmtp.model import DeepSeekV3
 from dsmtp.parallel.topology import ensure_initialized
 
@@ -52,7 +50,7 @@ def train_tokenizer(vocab_size: int) -> bytes:
 def train_checkpoint(out: Path, steps: int = 300, mtp_depth: int = 2, num_layers: int = 2, hidden_size: int = 64,
                      seed: int = 0) -> Path:
     """Train a tiny model on the rotated sentences (documents separated by <eos>) and write a checkpoint
-    step directory: model.safetensors, config.yaml, tokenizer.model, manifest.json."""
+    step directory (dsmtp.checkpoint, weights only, with config.yaml and tokenizer.model)."""
     ensure_initialized()
     torch.manual_seed(seed)
     proto = train_tokenizer(vocab_size=64)
@@ -78,12 +76,7 @@ def train_checkpoint(out: Path, steps: int = 300, mtp_depth: int = 2, num_layers
         loss.backward()
         opt.step()
         schedule.step()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.safetensors.tmp"
-    # megatron's layers add empty `_extra_state` entries: not part of the checkpoint layout.
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}, str(tmp))
-    os.replace(tmp, out / MODEL_FILE)
     tokenizer = out.parent / f"{out.name}.tokenizer.model"
+    out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.write_bytes(proto)
-    write_checkpoint_metadata(out, cfg, tokenizer)  # config.yaml, tokenizer.model, manifest.json
-    return out
+    return save_weights(out, cfg, model.state_dict(), tokenizer)

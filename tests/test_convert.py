@@ -10,12 +10,13 @@ import pytest
 import sentencepiece as spm
 import torch
 import yaml
-from tests._hf_helpers import random_model, random_tokens, save_checkpoint, tiny_config
+from tests._hf_helpers import random_model, random_tokens, read_checkpoint, save_checkpoint, tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, DeepseekV3ForCausalLM
 from transformers.modeling_layers import MtpModel
 
+from dsmtp.checkpoint import CheckpointError, save_weights
 from dsmtp.config import ConfigError, load_config
 from dsmtp.convert import fp8, names
 from dsmtp.convert.export_hf import export
@@ -160,12 +161,12 @@ def test_round_trip_ours_hf_ours_is_bit_exact(tmp_path, sp_model, q_lora_rank):
     save_checkpoint(model, cfg, tmp_path / "ckpt", sp_model)
     hf_dir = export(tmp_path / "ckpt", tmp_path / "hf", dtype="fp32")
     back = import_hf(hf_dir, tmp_path / "back", overrides=["parallel.tp=2", "train.lr=1e-4"])
-    assert_same_tensors(load_file(str(back / "model.safetensors")), model.state_dict())
+    assert_same_tensors(read_checkpoint(back), model.state_dict())
     cfg_back = load_config(back / "config.yaml")
     assert cfg_back.model == cfg.model and cfg_back.parallel.tp == 2 and cfg_back.train.lr == 1e-4
     assert (back / "tokenizer.model").read_bytes() == sp_model.read_bytes()
     manifest = json.loads((back / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.safetensors", "config.yaml", "tokenizer.model"}
+    assert set(manifest["files"]) == {"index.json", "config.yaml", "tokenizer.model"}
 
 
 def test_round_trip_hf_ours_hf_preserves_every_tensor(tmp_path):
@@ -247,9 +248,8 @@ def test_clear_errors(tmp_path):
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
 
     # a checkpoint missing a tensor
-    ckpt = save_checkpoint(model, cfg, tmp_path / "ckpt")
     del state["layers.2.ffn.experts.w2"]
-    save_file(state, str(ckpt / "model.safetensors"))
+    ckpt = save_weights(tmp_path / "ckpt", cfg, state)
     with pytest.raises(ValueError, match=r"missing tensors: layers\.2\.ffn\.experts\.w2"):
         export(ckpt, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
@@ -283,7 +283,7 @@ def test_clear_errors(tmp_path):
         with pytest.raises(UnsupportedHFConfig, match=pattern):
             from_hf_config({**base, field: value})
     # not a checkpoint at all
-    with pytest.raises(FileNotFoundError, match="not a dsmtp checkpoint"):
+    with pytest.raises(CheckpointError, match="not a dsmtp checkpoint"):
         export(tmp_path / "nowhere", tmp_path / "hf3")
     # the architecture comes from config.json, not from --set
     with pytest.raises(ConfigError, match="model.num_layers"):
@@ -297,8 +297,7 @@ def test_cli_commands(tmp_path, capsys):
     ckpt = save_checkpoint(random_model(cfg), cfg, tmp_path / "ckpt")
     assert main(["export-hf", str(ckpt), str(tmp_path / "hf"), "--dtype", "fp32", "--max-shard-size", "1MB"]) == 0
     assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "back"), "--set", "parallel.tp=2"]) == 0
-    assert_same_tensors(load_file(str(tmp_path / "back" / "model.safetensors")),
-                        load_file(str(ckpt / "model.safetensors")))
+    assert_same_tensors(read_checkpoint(tmp_path / "back"), read_checkpoint(ckpt))
     assert yaml.safe_load((tmp_path / "back" / "config.yaml").read_text())["parallel"]["tp"] == 2
 
 
@@ -331,7 +330,7 @@ def test_fp8_export_in_the_released_layout_dequantizes_within_bound(tmp_path):
     assert not fp8.is_quantized("model.layers.3.eh_proj.weight") and fp8.is_quantized("model.layers.3.mlp.experts.0.up_proj.weight")
 
     # import dequantizes: every weight comes back as the dequantized fp8 value
-    back = load_file(str(import_hf(out, tmp_path / "back") / "model.safetensors"))
+    back = read_checkpoint(import_hf(out, tmp_path / "back"))
     name = "layers.2.ffn.experts.w1"
     for e in range(m.n_routed_experts):
         hf_name = f"model.layers.2.mlp.experts.{e}.gate_proj.weight"

@@ -153,6 +153,20 @@ def test_skips_and_counts_bad_files(tmp_path, capsys):
     assert "skipped: 1 unreadable, 1 binary, 1 not_utf8, 1 empty" in capsys.readouterr().out
 
 
+def test_dedup_keeps_the_first_file_of_each_content(tmp_path):
+    src = make_corpus(tmp_path / "src")
+    (src / "vendored").mkdir()
+    shutil.copyfile(src / "heapq.py", src / "vendored" / "heapq_copy.py")  # a later path, the same bytes
+    shutil.copyfile(src / "bisect.py", src / "a_bisect.py")  # an earlier path: it is the one kept
+    plain = load_manifest(prepare(data_config(src, tmp_path / "plain"), VOCAB))
+    assert "duplicate" not in plain["files"]["skipped"] and plain["files"]["used"] == len(CORPUS) + 2
+    out = prepare(data_config(src, tmp_path / "dedup", dedup=True), VOCAB)
+    manifest = load_manifest(out)
+    assert manifest["files"]["skipped"]["duplicate"] == 2 and manifest["files"]["used"] == len(CORPUS)
+    assert sorted(manifest["files"]["skipped_examples"]["duplicate"]) == ["bisect.py", "vendored/heapq_copy.py"]
+    assert manifest["fingerprint"] != plain["fingerprint"]  # dedup is part of what the data dir was built from
+
+
 # ----------------------------------------------------------------------------------------------
 # Prepare: bad input (clear error, before any data dir is made)
 

@@ -326,7 +326,7 @@ def test_hf_tokenizer_json_encodes_as_transformers_autotokenizer(kind, request):
 
 def test_prepare_with_hf_tokenizer_and_train_and_serve_with_it(hf_tokenizer_dir, tmp_path):
     from dsmtp.serve.loading import load
-    from dsmtp.train.checkpoint import save_checkpoint
+    from dsmtp.checkpoint import save_weights
 
     docs = texts()
     src = write_source("jsonl", docs, tmp_path / "src")
@@ -349,7 +349,7 @@ def test_prepare_with_hf_tokenizer_and_train_and_serve_with_it(hf_tokenizer_dir,
     from dsmtp.parallel.topology import ensure_initialized
     ensure_initialized()
     model = DeepSeekV3(full.model)
-    ckpt = save_checkpoint(tmp_path / "run", 0, 0, model, full, out / "tokenizer.json", {}, {}, keep_last=1)
+    ckpt = save_weights(tmp_path / "run", full, model.state_dict(), out / "tokenizer.json")
     assert (ckpt / "tokenizer.json").is_file() and (ckpt / "tokenizer_config.json").is_file()
     _, _, tok = load(ckpt)
     assert isinstance(tok, HFTokenizer) and tok.sha256 == manifest["tokenizer"]["sha256"] and tok.eos_id == 0

@@ -313,7 +313,7 @@ def test_parallel_heads_export_as_a_plain_model_plus_heads_file(tmp_path):
         assert (model(tokens) - hf(tokens).logits).abs().max() <= 1e-4
 
     back = import_hf(out, tmp_path / "back")
-    state = load_file(str(back / "model.safetensors"))
+    state = _hf_helpers.read_checkpoint(back)
     original = model.state_dict()
     assert set(state) == {k for k in original if not k.endswith("_extra_state")}
     assert all(torch.equal(state[k], original[k]) for k in state)

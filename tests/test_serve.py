@@ -17,6 +17,7 @@ import urllib.request
 import pytest
 import torch
 
+from dsmtp.checkpoint import CheckpointError, step_dir_name
 from dsmtp.convert.export_hf import export
 from dsmtp.serve import speculative
 from dsmtp.serve.cache import ModelCache
@@ -354,7 +355,7 @@ def test_generate_cli(trained_ckpt, capsys):
     (out_dir / "checkpoints" / "latest").write_text(f"../../{trained_ckpt.name}\n")
     model, cfg, _ = load(out_dir)
     assert cfg.model.mtp_depth == 2 and torch.equal(model.head.weight, load(trained_ckpt)[0].head.weight)
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match="not a dsmtp checkpoint"):
         load(trained_ckpt.parent)
 
 

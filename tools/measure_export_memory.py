@@ -3,7 +3,7 @@
 
     python tools/measure_export_memory.py --config configs/small.yaml [--dtype bf16] [--max-shard-size 5GB]
 
-The checkpoint is written in the consolidated layout (float32) to a temporary directory; the export
+The checkpoint (dsmtp.checkpoint, float32, one shard) is written to a temporary directory; the export
 runs in a child process whose peak resident set size (ru_maxrss) is reported next to that of a child
 that only imports the exporter, so the difference is what streaming the tensors costs.
 """
@@ -19,22 +19,19 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 
 def write_random_checkpoint(config: str, ckpt: Path) -> int:
-    from dsmtp.config import config_to_dict, load_config
+    from dsmtp.checkpoint import MODEL, CheckpointWriter
+    from dsmtp.config import load_config
     from dsmtp.convert.names import our_shapes
-    from dsmtp.convert.safetensors_stream import SafetensorsWriter
 
     cfg = load_config(config)
     shapes = our_shapes(cfg.model)
-    ckpt.mkdir(parents=True)
-    writer = SafetensorsWriter(ckpt / "model.safetensors", {n: (torch.float32, s) for n, s in shapes.items()})
+    writer = CheckpointWriter(ckpt, {MODEL + n: (torch.float32, s) for n, s in shapes.items()})
     for name, shape in shapes.items():  # one tensor at a time: the values do not matter here
-        writer.write(name, torch.randn(shape) * cfg.model.init_std)
-    writer.close()
-    (ckpt / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+        writer.write(MODEL + name, torch.randn(shape) * cfg.model.init_std)
+    writer.finish(cfg)
     return sum(torch.Size(s).numel() for s in shapes.values())
 
 
@@ -63,7 +60,7 @@ def main() -> int:
             "from dsmtp.convert.export_hf import main; "
             f"main([{str(ckpt)!r}, {str(out)!r}, '--dtype', {args.dtype!r}, '--max-shard-size', {args.max_shard_size!r}])")
         written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        source = (ckpt / "model.safetensors").stat().st_size
+        source = sum(p.stat().st_size for p in (ckpt / "shards").iterdir())
     rows = [("config", args.config), ("parameters (ours)", f"{params / 1e9:.3f}B"),
             ("source checkpoint (fp32)", f"{source / 2**30:.2f} GiB"),
             (f"exported ({args.dtype})", f"{written / 2**30:.2f} GiB"), ("max shard size", args.max_shard_size),

@@ -1,29 +1,20 @@
-"""Reading and writing checkpoints tensor by tensor.
+"""Reading tensors one at a time, for the converters.
 
-Converters read through `TensorSource` (names, shapes, one tensor or one expert row at a time), so a
-reader of another layout plugs in without touching them: the consolidated dsmtp checkpoint and HF
-safetensors directories are both `SafetensorsSource`s; a sharded (TP/PP/EP/ZeRO) reader only has to
-implement `shapes()` and `read()` returning full (consolidated) tensors in our names.
+Converters read through `TensorSource` (names, shapes, one tensor or one expert row at a time), so the
+exporter reads a dsmtp checkpoint (`dsmtp.checkpoint.ModelTensors`, any sharded layout) and the
+importer reads HF safetensors files (`SafetensorsSource`) the same way.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import math
 from pathlib import Path
 from typing import Optional, Protocol
 
 import torch
-import yaml
 
-from dsmtp.config import Config, config_to_dict, load_config
-from dsmtp.convert.safetensors_stream import DTYPE_CODES
-from dsmtp.train.checkpoint import CHECKPOINTS, LATEST, read_latest, sha256_file
-
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.yaml"
-TOKENIZER_FILE = "tokenizer.model"
-DTYPE_FROM_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
+from dsmtp.checkpoint import DTYPE_FROM_CODE, CheckpointError
 
 
 class TensorSource(Protocol):
@@ -32,6 +23,30 @@ class TensorSource(Protocol):
 
     def read(self, name: str, row: Optional[int] = None) -> torch.Tensor:
         """The whole tensor, or only its `row`-th slice along dim 0 (one expert of a stacked tensor)."""
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """(the tensors' entries, where the data starts) of a safetensors file, or a CheckpointError naming it."""
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= file_size - 8:
+                raise ValueError(f"a header of {size} bytes does not fit in the file")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        for name, entry in header.items():
+            dtype = DTYPE_FROM_CODE.get(entry["dtype"])
+            if dtype is None:
+                raise ValueError(f"{name} has dtype {entry['dtype']}, which dsmtp does not read")
+            begin, end = entry["data_offsets"]
+            if end - begin != dtype.itemsize * math.prod(entry["shape"]) or 8 + size + end > file_size:
+                raise ValueError(f"{name}: data offsets {entry['data_offsets']} do not fit its shape {entry['shape']} "
+                                 "or the file")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}): it is damaged or incomplete; copy "
+                              "or download it again") from None
+    return header, 8 + size
 
 
 class SafetensorsSource:
@@ -44,12 +59,9 @@ class SafetensorsSource:
     def __init__(self, files: list[Path]):
         self._entries: dict[str, tuple[Path, dict, int]] = {}  # name -> (file, header entry, data start)
         for path in files:
-            with open(path, "rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(size))
-            header.pop("__metadata__", None)
+            header, data_start = _header(Path(path))
             for name, entry in header.items():
-                self._entries[name] = (Path(path), entry, 8 + size)
+                self._entries[name] = (Path(path), entry, data_start)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(entry["shape"]) for name, (_, entry, _) in self._entries.items()}
@@ -70,47 +82,7 @@ class SafetensorsSource:
         with open(path, "rb") as f:
             f.seek(data_start + begin)
             if f.readinto(buffer) != len(buffer):
-                raise ValueError(f"{path}: truncated data for tensor {name}")
+                raise CheckpointError(f"{path}: truncated data for tensor {name}")
         if not buffer:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).view(shape)
-
-
-def resolve_checkpoint_dir(path: Path) -> Path:
-    """A step directory, or a run's out_dir / checkpoints dir whose `latest` file names the newest step."""
-    path = Path(path)
-    for candidate in (path, path / CHECKPOINTS):
-        if (candidate / MODEL_FILE).is_file():
-            return candidate
-        name = read_latest(candidate)
-        if name is not None:
-            step_dir = candidate / name
-            if (step_dir / MODEL_FILE).is_file():
-                return step_dir
-            raise FileNotFoundError(f"{candidate / LATEST} names {step_dir}, which has no {MODEL_FILE}")
-    raise FileNotFoundError(f"{path}: not a dsmtp checkpoint (expected {MODEL_FILE} and {CONFIG_FILE} in it, or a "
-                            "checkpoints/latest file naming one)")
-
-
-def open_checkpoint(path: Path) -> tuple[Config, TensorSource, Path]:
-    """(config, tensors, step directory) of a consolidated dsmtp checkpoint.
-
-    This is the one place that knows the checkpoint layout; a reader of sharded (TP/PP/EP/ZeRO)
-    checkpoints returns its own TensorSource here.
-    """
-    ckpt = resolve_checkpoint_dir(path)
-    if not (ckpt / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{ckpt}: missing {CONFIG_FILE} (the run's config, written with the checkpoint)")
-    return load_config(ckpt / CONFIG_FILE), SafetensorsSource([ckpt / MODEL_FILE]), ckpt
-
-
-def write_checkpoint_metadata(ckpt: Path, cfg: Config, tokenizer: Optional[Path]) -> None:
-    """config.yaml, tokenizer.model and manifest.json next to an already written model.safetensors."""
-    (ckpt / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, ckpt / TOKENIZER_FILE)
-    files = [MODEL_FILE, CONFIG_FILE] + ([TOKENIZER_FILE] if tokenizer is not None else [])
-    hashes = {name: sha256_file(ckpt / name) for name in files}
-    manifest = {"files": hashes, "step": 0, "tokens": 0,
-                "tokenizer_sha256": hashes.get(TOKENIZER_FILE), "config_sha256": hashes[CONFIG_FILE]}
-    (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

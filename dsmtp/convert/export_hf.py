@@ -24,9 +24,10 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from dsmtp.checkpoint import TOKENIZER, open_checkpoint
 from dsmtp.config import ModelConfig
 from dsmtp.convert import fp8, names
-from dsmtp.convert.checkpoint_io import TOKENIZER_FILE, TensorSource, open_checkpoint
+from dsmtp.convert.checkpoint_io import TensorSource
 from dsmtp.convert.hf_config import generation_config, to_hf_config
 from dsmtp.convert.hf_tokenizer import save_brought_tokenizer, write_hf_tokenizer
 from dsmtp.convert.safetensors_stream import SafetensorsWriter
@@ -137,8 +138,9 @@ def write_files(source: TensorSource, out: Path, files: list[tuple[str, list[Pla
 
 def export(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int = 5 * 10**9,
            source: Optional[TensorSource] = None, quantize_fp8: bool = False) -> Path:
-    """Export the checkpoint at `ckpt` (a step dir or a run dir) to the HF directory `out`. With
-    `quantize_fp8`, projections are stored in block-wise fp8 as released (the rest in `dtype`)."""
+    """Export the checkpoint at `ckpt` (a step dir or a run dir; verified, read tensor by tensor in whatever
+    sharded layout it was saved) to the HF directory `out`. With `quantize_fp8`, projections are stored in
+    block-wise fp8 as released (the rest in `dtype`)."""
     cfg, ckpt_source, ckpt_dir = open_checkpoint(ckpt)
     source = source or ckpt_source
     check_source(source, cfg.model, str(ckpt_dir))
@@ -158,7 +160,7 @@ def export(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int = 5 
         elif tokenizer.is_file():
             write_hf_tokenizer(tokenizer, tmp, cfg.model.max_position_embeddings)
         else:
-            print(f"note: {ckpt_dir} has no {TOKENIZER_FILE}; the export has no tokenizer files", file=sys.stderr)
+            print(f"note: {ckpt_dir} has no {TOKENIZER}; the export has no tokenizer files", file=sys.stderr)
     return out
 
 
@@ -172,6 +174,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--fp8", action="store_true",
                         help="store projections as e4m3 with 128x128 block weight_scale_inv, as released")
     args = parser.parse_args(argv)
-    out = export(args.ckpt, args.out, args.dtype, args.max_shard_size, quantize_fp8=args.fp8)
+    try:
+        out = export(args.ckpt, args.out, args.dtype, args.max_shard_size, quantize_fp8=args.fp8)
+    except (ValueError, OSError) as e:  # a bad or damaged checkpoint, an unusable output directory
+        print(f"dsmtp export-hf: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0

@@ -2,8 +2,8 @@
 
     dsmtp import-hf path/to/hf_model OUT [--config base.yaml] [--set parallel.tp=2 --set train.lr=1e-4]
 
-OUT gets the consolidated checkpoint layout training resumes from (model.safetensors in our names,
-float32; config.yaml; tokenizer.model when HF_DIR has one; manifest.json). The model section of the
+OUT gets a dsmtp checkpoint of the weights (dsmtp.checkpoint: our names, float32, one chunk per expert;
+config.yaml; tokenizer.model when HF_DIR has one; index.json and manifest.json). The model section of the
 config comes from config.json; `--config` and `--set` choose everything else (parallel layout, training,
 data). MTP layers (model.layers.{L..L+D-1}) come in when config.json declares them, parallel MTP heads
 (mtp_heads.safetensors) when its dsmtp_parallel_mtp_heads entry does; block-fp8 checkpoints
@@ -24,13 +24,12 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from dsmtp.checkpoint import MODEL, TOKENIZER, CheckpointWriter
 from dsmtp.config import (Config, ConfigError, ModelConfig, TrainConfig, _merge, config_from_dict,
                           parse_overrides)
 from dsmtp.convert import fp8, names
-from dsmtp.convert.checkpoint_io import (MODEL_FILE, TOKENIZER_FILE, SafetensorsSource,
-                                        write_checkpoint_metadata)
+from dsmtp.convert.checkpoint_io import SafetensorsSource
 from dsmtp.convert.hf_config import UnsupportedHFConfig, from_hf_config, read_hf_config
-from dsmtp.convert.safetensors_stream import SafetensorsWriter
 from dsmtp.io import atomic_directory
 
 # Model fields a user may change on import: they do not change what the weights compute.
@@ -108,10 +107,16 @@ def check_hf_tensors(found: dict[str, tuple[int, ...]], m: ModelConfig, hf_dir: 
     names.check_shapes(expected_hf_shapes(m, quantized), found, f"{hf_dir} does not match its config.json")
 
 
-def write_our_weights(source: SafetensorsSource, m: ModelConfig, path: Path, quantized: bool) -> None:
-    """Stream every HF tensor into our (float32, stacked-expert) layout; MTP copies of the shared embedding
-    and head must equal the originals, since our model holds them once. fp8 projections are dequantized."""
-    writer = SafetensorsWriter(path, {n: (torch.float32, s) for n, s in names.our_shapes(m).items()})
+def write_our_weights(source: SafetensorsSource, cfg: Config, out: Path, quantized: bool,
+                      tokenizer: Optional[Path]) -> None:
+    """Stream every HF tensor into a checkpoint in our (float32, stacked-expert) layout; MTP copies of the
+    shared embedding and head must equal the originals, since our model holds them once. fp8 projections are
+    dequantized."""
+    m = cfg.model
+    shapes = names.our_shapes(m)
+    stacked = {n for n in shapes if any(t.expert is not None for t in names.hf_targets(n, m))}
+    writer = CheckpointWriter(out, {MODEL + n: (torch.float32, s) for n, s in shapes.items()},
+                              by_row={MODEL + n for n in stacked})
     try:
         for hf_name in tqdm(names.hf_shapes(m), desc="import-hf", unit="tensor", file=sys.stderr):
             where = names.from_hf(hf_name, m)
@@ -124,11 +129,11 @@ def write_our_weights(source: SafetensorsSource, m: ModelConfig, path: Path, qua
                     raise ValueError(f"{hf_name} differs from {main}: dsmtp shares one embedding and output head "
                                      "between the trunk and its MTP modules, so it cannot import distinct copies")
                 continue
-            writer.write(where.name, tensor.to(torch.float32), row=where.expert)
+            writer.write(MODEL + where.name, tensor.to(torch.float32), row=where.expert)
     except BaseException:
         writer.abort()
         raise
-    writer.close()
+    writer.finish(cfg, tokenizer)
 
 
 def import_hf(hf_dir: Path, out: Path, base_config: Optional[Path] = None, overrides: Optional[list[str]] = None) -> Path:
@@ -139,14 +144,13 @@ def import_hf(hf_dir: Path, out: Path, base_config: Optional[Path] = None, overr
     check_hf_tensors(source.shapes(), cfg.model, hf_dir, quantized)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: choose a new output directory")
-    tokenizer = hf_dir / TOKENIZER_FILE
+    tokenizer = hf_dir / TOKENIZER
     if not tokenizer.is_file():
         tokenizer = None
-        print(f"note: {hf_dir} has no {TOKENIZER_FILE} (sentencepiece model); the checkpoint gets none and data "
+        print(f"note: {hf_dir} has no {TOKENIZER} (sentencepiece model); the checkpoint gets none and data "
               "preparation will train its own", file=sys.stderr)
     with atomic_directory(out) as tmp:
-        write_our_weights(source, cfg.model, tmp / MODEL_FILE, quantized)
-        write_checkpoint_metadata(tmp, cfg, tokenizer)
+        write_our_weights(source, cfg, tmp, quantized, tokenizer)
     return out
 
 
@@ -160,5 +164,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. parallel.tp=2 (repeatable)")
     args = parser.parse_args(argv)
-    print(f"wrote {import_hf(args.hf_dir, args.out, args.config, args.set)}")
+    try:
+        out = import_hf(args.hf_dir, args.out, args.config, args.set)
+    except (ValueError, OSError) as e:  # a bad or damaged HF directory, config or output directory
+        print(f"dsmtp import-hf: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
     return 0

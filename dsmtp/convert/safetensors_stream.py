@@ -13,12 +13,18 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 DTYPE_CODES = {
     torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
     torch.float8_e4m3fn: "F8_E4M3", torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8",
 }
+
+
+def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as they are stored (row-major, little-endian), as a uint8 array on the host."""
+    return tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -46,27 +52,33 @@ class SafetensorsWriter:
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
-        self.data_start = 8 + len(raw)
+        self.header = len(raw).to_bytes(8, "little") + raw  # every byte before the data section
+        self.data_start = len(self.header)
+        self.size = self.data_start + offset
         self.remaining = {name: _numel(shape) * dtype.itemsize for name, (dtype, shape) in specs.items()}
         self.file = open(self.tmp, "wb")
-        self.file.write(len(raw).to_bytes(8, "little") + raw)
-        self.file.truncate(self.data_start + offset)
+        self.file.write(self.header)
+        self.file.truncate(self.size)
 
-    def write(self, name: str, tensor: torch.Tensor, row: Optional[int] = None) -> None:
-        """Write a whole tensor, or (row=i) the i-th slice along the first dimension of a stacked one."""
+    def write(self, name: str, tensor: torch.Tensor, row: Optional[int] = None) -> np.ndarray:
+        """Write a whole tensor, or (row=i) the i-th slice along the first dimension of a stacked one.
+        Returns the bytes written (a view: what a caller hashes)."""
         dtype, shape = self.specs[name]
         expected = shape if row is None else shape[1:]
         if tensor.dtype != dtype or tuple(tensor.shape) != tuple(expected):
             raise ValueError(f"{self.path.name}: {name}{'' if row is None else f'[{row}]'} expected "
                              f"{dtype} {tuple(expected)}, got {tensor.dtype} {tuple(tensor.shape)}")
-        data = tensor.detach().contiguous().cpu().view(torch.uint8).numpy()
+        data = tensor_bytes(tensor)
         start = self.offsets[name] + (0 if row is None else row * data.nbytes)
         self.file.seek(self.data_start + start)
         self.file.write(data)
         self.remaining[name] -= data.nbytes
+        return data
 
     def close(self) -> None:
-        """Check that every byte was written, then move the file into place."""
+        """Check that every byte was written, flush the file to disk, then move it into place."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
         self.file.close()
         missing = [name for name, left in self.remaining.items() if left != 0]
         if missing:

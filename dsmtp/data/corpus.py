@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 from dsmtp.data.errors import DataError
 
-SKIP_REASONS = ("unreadable", "binary", "not_utf8", "empty")
+SKIP_REASONS = ("unreadable", "binary", "not_utf8", "empty")  # and "duplicate", with data.dedup
 
 
 def glob_regex(pattern: str) -> re.Pattern:
@@ -147,7 +147,19 @@ def read_text(path: Union[str, Path]) -> tuple[Optional[str], Optional[str]]:
     return text, None
 
 
-def check_file(path: Path) -> tuple[Optional[str], int]:
-    """Worker task: (skip reason or None, length in characters)."""
+def check_file(path: Path) -> tuple[Optional[str], int, Optional[str]]:
+    """Worker task: (skip reason or None, length in characters, digest of the text or None)."""
     text, reason = read_text(path)
-    return reason, len(text) if text is not None else 0
+    if text is None:
+        return reason, 0, None
+    return None, len(text), hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def drop_duplicates(files: list[SourceFile], digests: list[str]) -> tuple[list[SourceFile], list[SourceFile]]:
+    """(files whose content comes first in this order, the later copies) for data.dedup."""
+    seen: set[str] = set()
+    kept, copies = [], []
+    for f, digest in zip(files, digests):
+        (copies if digest in seen else kept).append(f)
+        seen.add(digest)
+    return kept, copies

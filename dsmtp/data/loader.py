@@ -1,8 +1,9 @@
 """Fixed-length training samples cut from a split's token stream, in a seeded, resumable order.
 
-A sample is S + D + 1 tokens (S = seq_len, D = extra_tokens = mtp_depth): input_ids = sample[:, :S],
-labels = sample[:, 1:], so every MTP depth has targets. Sample k starts at token k * S, so windows
-overlap by D + 1 tokens and every token is a main-loss target exactly once per epoch.
+A sample is S + D + 1 tokens (S = seq_len, D = extra_tokens: train.sample_extra_tokens, by default
+mtp_depth): input_ids = sample[:, :S], labels = sample[:, 1:], so every MTP depth has targets. Sample k
+starts at token k * S, so windows overlap by D + 1 tokens and every token is a main-loss target exactly
+once per epoch.
 
 The order is one infinite sequence of samples. Global batch b is entries [b * G, (b + 1) * G) of that
 sequence, G = micro_batch_size * dp_size, and rank r takes its r-th micro-batch-sized slice. So ranks
@@ -142,7 +143,8 @@ class TrainBatches:
             if state.get(key) != getattr(self, key):
                 raise DataError(
                     f"loader state has {key}={state.get(key)} but this loader has {getattr(self, key)}: resume "
-                    "with the same data dir, train.seed, train.seq_len and model.mtp_depth as the saved run"
+                    "with the same data dir, train.seed, train.seq_len, model.mtp_depth and "
+                    "train.sample_extra_tokens as the saved run"
                 )
         position = int(state["position"])
         drawn = state.get("drawn", [position])  # a state from before mixtures: one source

@@ -2,8 +2,8 @@
 
 Steps: open every source of data.sources (list its input files; check paths, Parquet columns, the
 brought tokenizer and its vocabulary size, all before any work). Files sources: check every file in
-worker processes (binary, non-UTF-8, unreadable and empty files are skipped and counted) and split by
-a hash of each relative path. To train the tokenizer (data.tokenizer=train), take the train documents
+worker processes (binary, non-UTF-8, unreadable and empty files are skipped and counted; with data.dedup,
+so are later copies of a content) and split by a hash of each relative path. To train the tokenizer (data.tokenizer=train), take the train documents
 of smallest split key until data.tokenizer_sample_bytes are covered (record sources are read once for
 it, keeping no more than that in memory). Then tokenize every source in turn, its batches in worker
 processes, into one stream of shards per split, each shard of one source (dsmtp.data.shards).
@@ -39,7 +39,7 @@ import sentencepiece
 from tqdm import tqdm
 
 from dsmtp.config import ConfigError, DataConfig, load_config
-from dsmtp.data.corpus import SKIP_REASONS, SourceFile, check_file, read_text
+from dsmtp.data.corpus import SKIP_REASONS, SourceFile, check_file, drop_duplicates, read_text
 from dsmtp.data.errors import DataError
 from dsmtp.data.shards import (MANIFEST_FILE, SCHEMA_VERSION, SPLITS, ShardWriter, load_manifest, token_dtype,
                                verify_split)
@@ -116,6 +116,7 @@ def input_fingerprint(sources: list[Source], data: DataConfig, vocab_size: int,
                     for s in sources],
         "val_fraction": data.val_fraction,
         "tokenizer": how,
+        **({"dedup": True} if data.dedup else {}),  # absent when off: data dirs built before it stay valid
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
@@ -204,10 +205,10 @@ def _publish(build: Path, data_dir: Path) -> None:
 def _build(build: Path, sources: list[Source], data: DataConfig, vocab_size: int, tokenizer: Optional[Tokenizer],
            fingerprint: str, started: float) -> dict:
     seconds = {"open": time.perf_counter() - started}
-    stats = [_source_stats(source) for source in sources]
+    stats = [_source_stats(source, data) for source in sources]
     with worker_pool(data.num_workers) as pmap:
         t = time.perf_counter()
-        train_files = {source.index: _check_files(source, st, data.val_fraction, pmap)
+        train_files = {source.index: _check_files(source, st, data, pmap)
                        for source, st in zip(sources, stats) if source.cfg.kind == "files"}
         seconds["check"] = time.perf_counter() - t
 
@@ -260,9 +261,9 @@ def _build(build: Path, sources: list[Source], data: DataConfig, vocab_size: int
         manifest["files"] = {
             "matched": sum(st["inputs"] for st in files),
             "used": sum(sum(st["documents"].values()) for st in files),
-            "skipped": {r: sum(st["skipped"][r] for st in files) for r in SKIP_REASONS},
+            "skipped": {r: sum(st["skipped"][r] for st in files) for r in skip_reasons(data)},
             "skipped_examples": {r: [e for st in files for e in st.get("skipped_examples", {}).get(r, [])][:5]
-                                 for r in SKIP_REASONS if any(st["skipped"][r] for st in files)},
+                                 for r in skip_reasons(data) if any(st["skipped"][r] for st in files)},
         }
     write_json_atomic(build / MANIFEST_FILE, manifest)
     return manifest
@@ -274,25 +275,35 @@ def _more_for(split: str) -> str:
     return "lower data.val_fraction, or add documents"
 
 
-def _source_stats(source: Source) -> dict:
+def skip_reasons(data: DataConfig) -> tuple[str, ...]:
+    return SKIP_REASONS + (("duplicate",) if data.dedup else ())
+
+
+def _source_stats(source: Source, data: DataConfig) -> dict:
     """The manifest's record of one source, filled in as it is read."""
     zero = dict.fromkeys(SPLITS, 0)
     return {"name": source.name, "kind": source.cfg.kind, "path": str(source.root), "text_field": source.cfg.text_field,
             "weight": source.cfg.weight, "inputs": len(source.inputs), "documents": dict(zero), "tokens": dict(zero),
-            "chars": dict(zero), "skipped": dict.fromkeys(SKIP_REASONS, 0), "round_trip": {"checked": 0, "differ": 0}}
+            "chars": dict(zero), "skipped": dict.fromkeys(skip_reasons(data), 0),
+            "round_trip": {"checked": 0, "differ": 0}}
 
 
-def _check_files(source: Source, st: dict, val_fraction: float, pmap: Callable) -> list[SourceFile]:
-    """Check every file of a files source (in workers), split the usable ones; the train files."""
-    skipped: dict[str, list[SourceFile]] = {reason: [] for reason in SKIP_REASONS}
-    usable = []
+def _check_files(source: Source, st: dict, data: DataConfig, pmap: Callable) -> list[SourceFile]:
+    """Check every file of a files source (in workers), drop later copies of a content (data.dedup), split
+    the usable ones; the train files."""
+    skipped: dict[str, list[SourceFile]] = {reason: [] for reason in skip_reasons(data)}
+    usable, digests = [], []
     checks = pmap(check_file, [f.path for f in source.inputs])
-    for (reason, _), f in zip(tqdm(checks, total=len(source.inputs), desc=f"check {source.name}", unit="file"),
-                              source.inputs):
+    for (reason, _, digest), f in zip(tqdm(checks, total=len(source.inputs), desc=f"check {source.name}",
+                                           unit="file"), source.inputs):
         (skipped[reason] if reason else usable).append(f)
+        if not reason:
+            digests.append(digest)
+    if data.dedup:
+        usable, skipped["duplicate"] = drop_duplicates(usable, digests)
     st["skipped"] = {reason: len(v) for reason, v in skipped.items()}
     st["skipped_examples"] = {reason: [f.rel for f in v[:5]] for reason, v in skipped.items() if v}
-    return source.assign_files(usable, st["skipped"], val_fraction)["train"]
+    return source.assign_files(usable, st["skipped"], data.val_fraction)["train"]
 
 
 def _tokenizer_sample(sources: list[Source], train_files: dict[int, list[SourceFile]], data: DataConfig,

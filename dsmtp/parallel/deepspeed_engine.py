@@ -29,6 +29,7 @@ Without EP, routed experts are ordinary replicated parameters and DeepSpeed's Mo
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -36,10 +37,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import nn
 
+from dsmtp.checkpoint import MODEL, OPTIM, Chunk, State, flat_range_boxes, whole
 from dsmtp.config import Config
 from dsmtp.model import DeepSeekV3, ModelOutput
-from dsmtp.parallel.checkpoint import Piece
-from dsmtp.parallel.engine_common import EngineBase, StepStats, is_tensor_parallel
+from dsmtp.parallel.engine_common import EngineBase, StepStats
 from dsmtp.parallel.expert import is_expert_param
 from dsmtp.parallel.topology import Layout
 
@@ -47,7 +48,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else
 import deepspeed  # noqa: E402  (after DS_ACCELERATOR: DeepSpeed picks its accelerator at import)
 from deepspeed.moe.layer import MoE as _DeepSpeedMoE  # noqa: E402
 from deepspeed.utils import groups as ds_groups  # noqa: E402
-from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state  # noqa: E402
 from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state  # noqa: E402
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -271,74 +271,64 @@ class DeepSpeedEngine(EngineBase):
         return sums, maxima
 
     # ------------------------------------------------------------------------------------------
-    # Checkpoints in the native engine's piece format (dsmtp.parallel.checkpoint): ZeRO keeps the
-    # parameters whole on every DP rank (stages 1 and 2) but partitions the Adam state, which
-    # DeepSpeed's safe_get/set_full_optimizer_state gather and scatter.
-
-    def _writes(self, tensor: torch.Tensor) -> bool:
-        """One writer per piece: DP (or expert-DP) rank 0, TP rank 0 for replicated tensors."""
-        replica = self.layout.edp_rank if is_expert_param(tensor) else self.layout.dp_rank
-        return replica == 0 and (self.layout.tp_rank == 0 or is_tensor_parallel(tensor))
+    # Checkpoints (dsmtp.checkpoint): ZeRO keeps each DP rank's contiguous range of every group's flattened
+    # fp32 master weights and Adam state; a parameter's share of that range (its fragment) is a flat range
+    # of the parameter, which `flat_range_boxes` turns into chunks of the full tensor. Each rank saves
+    # and loads only its fragments: nothing is gathered.
 
     def _trained(self) -> list[tuple[str, nn.Parameter]]:
         return sorted((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
 
-    def _adam_step(self) -> torch.Tensor | None:
-        """AdamW's step count (every parameter has stepped equally often), None before the first step."""
-        for state in self.optimizer.optimizer.state.values():
-            if "step" in state:
-                return state["step"]
-        return None
+    def _adam_state(self) -> list[dict]:
+        """AdamW's state of ZeRO's flat partitions (empty before the first step)."""
+        return [s for s in self.optimizer.optimizer.state.values() if "step" in s]
 
-    def shard_pieces(self) -> dict[str, Piece]:
-        """This rank's pieces: parameters as ZeRO's fp32 master weights (under bf16 the module holds
-        bf16 copies), buffers such as the router biases, and the Adam state. Collective over the DP
-        (and expert-DP) group: every rank takes part in gathering ZeRO's partitions."""
-        params = dict(self.model.named_parameters())
-        trained = self._trained()
-        masters = {name: deepspeed.utils.safe_get_full_fp32_param(p) for name, p in trained}
-        pieces: dict[str, Piece] = {}
-        for name, tensor in self.model.state_dict().items():
-            source = params.get(name, tensor)
-            if self._writes(source):
-                pieces[f"model/{name}"] = Piece(masters.get(name, tensor), *self._split(source))
-        step = self._adam_step()
-        if step is None:
-            return pieces
-        self._link_optimizer_state()
-        for name, p in trained:
-            moments = {key: safe_get_full_optimizer_state(p, key) for key in ADAM_MOMENTS}
-            if self._writes(p):
-                dim, index, parts = self._split(p)
-                for key, value in moments.items():
-                    pieces[f"optim/{name}/{key}"] = Piece(value, dim, index, parts)
-                if index == 0:
-                    pieces[f"optim/{name}/step"] = Piece(step.clone(), 0, 0, 1)
-        return pieces
+    def _fragment(self, param: nn.Parameter, key: str | None = None) -> list[Chunk]:
+        """This rank's fragment of `param`'s fp32 master weights (or, with `key`, of its Adam state) as chunks
+        of the full tensor."""
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            return []
+        fragment = mapping.get_hp_fragment(key)
+        local = self._chunk(param, param)  # where this rank's TP / EP slice sits in the full tensor
+        start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+        return [Chunk(fragment[at - start:at - start + math.prod(sizes)].view(sizes),
+                      tuple(o + b for o, b in zip(local.offsets, offsets)), local.shape)
+                for at, offsets, sizes in flat_range_boxes(tuple(param.shape), start, start + numel)]
+
+    def _state(self, with_optimizer: bool) -> State:
+        trained = dict(self._trained())
+        state = {MODEL + name: self._fragment(trained[name]) if name in trained else [self._chunk(tensor, tensor)]
+                 for name, tensor in self.model.state_dict().items()}
+        if with_optimizer:
+            self._link_optimizer_state()
+            for name, p in trained.items():
+                for key in ADAM_MOMENTS:
+                    state[f"{OPTIM}{name}/{key}"] = self._fragment(p, key)
+            state[OPTIM + "step"] = [whole(s["step"]) for s in self._adam_state()]
+        return state
+
+    def state_to_save(self) -> State:
+        """This rank's fragments of the fp32 master weights (under bf16 the module holds bf16 copies) and of
+        the Adam state, and the buffers (router biases)."""
+        return self._state(with_optimizer=bool(self._adam_state()))
 
     @torch.no_grad()
-    def load_full(self, model_state: dict[str, torch.Tensor], optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Load single-process (consolidated) tensors: the parameters into the model and into ZeRO's
-        fp32 master partitions, the Adam moments into ZeRO's partitioned optimizer state."""
-        self._load_model_state(model_state)
-        zero = self.optimizer
+    def state_to_load(self, with_optimizer: bool) -> State:
+        """The fragments as in `state_to_save` (creating the Adam state first, as its first step would), and the
+        module's own copy of every parameter (bf16 under bf16), which ZeRO-1/2 keeps whole on every DP rank."""
+        if with_optimizer:
+            zero = self.optimizer
+            for group in zero.optimizer.param_groups:
+                for flat in group["params"]:  # AdamW keeps the step on the device only when fused or capturable
+                    on_device = group.get("fused") or group.get("capturable")
+                    zero.optimizer.state[flat] = {
+                        "step": torch.zeros((), dtype=torch.float32, device=flat.device if on_device else "cpu"),
+                        **{key: torch.zeros_like(flat) for key in ADAM_MOMENTS}}
+        state = self._state(with_optimizer)
         for name, p in self._trained():
-            deepspeed.utils.safe_set_full_fp32_param(p, self._slice(model_state[name], p).float())
-        if not optim_state:
-            return
-        steps = {float(s["step"]) for s in optim_state.values()}
-        if len(steps) != 1:
-            raise ValueError(f"optimizer state has parameters at different step counts {sorted(steps)}")
-        # ZeRO's AdamW state lives on its flat fp32 partitions and is created by the first step: create
-        # it now (as torch's AdamW would), then let DeepSpeed map each parameter's fragment into it.
-        step = steps.pop()
-        for flat in (p for group in zero.optimizer.param_groups for p in group["params"]):
-            zero.optimizer.state[flat] = {"step": torch.tensor(step),
-                                          **{k: torch.zeros_like(flat) for k in ADAM_MOMENTS}}
-        self._link_optimizer_state()
-        for name, p in self._trained():
-            for key in ADAM_MOMENTS:
-                safe_set_full_optimizer_state(p, self._slice(optim_state[name][key], p).float(), key)
+            state[MODEL + name].append(self._chunk(p.detach(), p))
+        return state
 
     def _link_optimizer_state(self) -> None:
         """Point every parameter's optimizer-state fragment at ZeRO's flat Adam state. DeepSpeed 0.19 links
@@ -347,3 +337,4 @@ class DeepSpeedEngine(EngineBase):
         zero = self.optimizer
         for i, flat in enumerate(zero.single_partition_of_fp32_groups):
             lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], flat, zero.optimizer.state)
+

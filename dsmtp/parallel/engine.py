@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dsmtp.checkpoint import State, module_state
 from dsmtp.config import Config
-from dsmtp.parallel.checkpoint import Piece
 from dsmtp.model import DeepSeekV3, ModelOutput
 from dsmtp.parallel import flat
 from dsmtp.parallel.engine_common import EngineBase, StepStats, is_tensor_parallel
@@ -199,48 +199,15 @@ class Engine(EngineBase):
         return s.tolist(), m.tolist()
 
     # ------------------------------------------------------------------------------------------
-    # Checkpoints: the pieces this rank writes, and loading consolidated tensors back.
+    # Checkpoints (dsmtp.checkpoint): every tensor this rank holds, as a chunk of the full tensor. Replicas
+    # (over DP, over TP for replicated tensors, the last stage's embedding copy) are offered by every holder
+    # and written by one; the optimizer state is where ZeRO put it, on its owner.
 
-    def _writes(self, name: str, tensor: torch.Tensor, holder: bool) -> bool:
-        """Exactly one rank writes each piece: `holder` picks the replica, TP rank 0 writes replicated
-        tensors, the first stage writes the tied embedding."""
-        return holder and (self.layout.tp_rank == 0 or is_tensor_parallel(tensor)) \
-            and not is_tied_copy(name, self.layout)
+    def state_to_save(self) -> State:
+        return module_state(self.model, self.optimizer, self._chunk)
 
-    def shard_pieces(self) -> dict[str, Piece]:
-        lay = self.layout
-        pieces: dict[str, Piece] = {}
-        params = dict(self.model.named_parameters())
-        for name, tensor in self.model.state_dict().items():
-            replica = lay.edp_rank if is_expert_param(params.get(name, tensor)) else lay.dp_rank
-            source = params.get(name, tensor)
-            if self._writes(name, source, replica == 0):
-                pieces[f"model/{name}"] = Piece(tensor, *self._split(source))
-        for g in self.groups:
-            me = dist.get_rank(g.group)
-            for name, p, owner in zip(g.names, g.params, g.owners):
-                if not self._writes(name, p, owner == me or (owner == -1 and me == 0)):
-                    continue
-                dim, index, parts = self._split(p)
-                for key, value in self.optimizer.state.get(p, {}).items():
-                    if value.shape == p.shape:
-                        pieces[f"optim/{name}/{key}"] = Piece(value, dim, index, parts)
-                    elif index == 0:  # a scalar such as Adam's step: one copy
-                        pieces[f"optim/{name}/{key}"] = Piece(value, 0, 0, 1)
-        return pieces
-
-    @torch.no_grad()
-    def load_full(self, model_state: dict[str, torch.Tensor], optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Load single-process (consolidated) tensors: each rank takes its slice."""
-        self._load_model_state(model_state)
-        params = dict(self.model.named_parameters())
-        by_param = {id(p): name for name, p in params.items()}
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                saved = optim_state.get(by_param[id(p)])
-                if saved is not None:  # Adam moments are shaped like the parameter; `step` is a scalar
-                    self.optimizer.state[p] = {k: (v if v.dim() == 0 else self._slice(v, p)).clone()
-                                               for k, v in saved.items()}
+    def state_to_load(self, with_optimizer: bool) -> State:
+        return module_state(self.model, self.optimizer if with_optimizer else None, self._chunk, create=True)
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()

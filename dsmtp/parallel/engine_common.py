@@ -1,6 +1,6 @@
 """What the native engine (dsmtp.parallel.engine) and the DeepSpeed engine (dsmtp.parallel.deepspeed_engine)
-share: the trainer-facing collectives, the router-bias update, loss statistics, and which slice of a
-full tensor this rank holds (the checkpoint piece layout)."""
+share: the trainer-facing collectives, the router-bias update, loss statistics, and where this rank's
+slice of each tensor sits in the full tensor (what its checkpoint chunks are, dsmtp.checkpoint)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dsmtp.checkpoint import Chunk
 from dsmtp.config import Config
 from dsmtp.model import DeepSeekV3, ModelOutput, update_expert_bias
 from dsmtp.parallel import collectives
@@ -64,10 +65,6 @@ class EngineBase:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def barrier(self) -> None:
-        if self.layout.world_size > 1:
-            dist.barrier()
-
     @torch.no_grad()
     def update_expert_bias(self, gamma: float) -> None:
         """Aux-loss-free balancing with the loads of the global batch (every MoE layer, MTP included)."""
@@ -75,7 +72,7 @@ class EngineBase:
         update_expert_bias(self.model, gamma)
 
     # ------------------------------------------------------------------------------------------
-    # Checkpoints: which slice of which full tensor this rank holds, and loading full tensors back.
+    # Checkpoints: where this rank's slice of a tensor sits in the full tensor.
 
     def _split(self, tensor: torch.Tensor) -> tuple[int, int, int]:
         """(dim, index, parts) of a local parameter within its full tensor."""
@@ -86,18 +83,10 @@ class EngineBase:
             return 0, lay.ep_rank, lay.ep
         return 0, 0, 1
 
-    def _slice(self, full: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        dim, index, parts = self._split(local)
-        return full if parts == 1 else full.chunk(parts, dim=dim)[index]
-
-    @torch.no_grad()
-    def _load_model_state(self, model_state: dict[str, torch.Tensor]) -> None:
-        """Copy this rank's slice of every consolidated tensor into the model."""
-        params = dict(self.model.named_parameters())
-        local = self.model.state_dict()
-        missing = sorted(set(local) - set(model_state))
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} tensors of this model, e.g. {missing[0]} "
-                             "(was it saved from a different model config?)")
-        for name, tensor in local.items():
-            tensor.copy_(self._slice(model_state[name], params.get(name, tensor)))
+    def _chunk(self, tensor: torch.Tensor, param: torch.Tensor) -> Chunk:
+        """`tensor` (this rank's `param`, or state shaped like it) as a chunk of the full tensor."""
+        dim, index, parts = self._split(param)
+        offsets, shape = [0] * tensor.dim(), list(tensor.shape)
+        if parts > 1:
+            offsets[dim], shape[dim] = index * tensor.shape[dim], tensor.shape[dim] * parts
+        return Chunk(tensor, tuple(offsets), tuple(shape))

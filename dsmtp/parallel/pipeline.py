@@ -68,7 +68,7 @@ def prune_to_stage(model: DeepSeekV3, layout: Layout) -> range:
 
 
 def is_tied_copy(name: str, layout: Layout) -> bool:
-    """The last stage's embedding is a copy of the first stage's: count and save it once."""
+    """The last stage's embedding is a copy of the first stage's: count its gradient once."""
     return layout.pp > 1 and not layout.is_first_stage and name.startswith("embed.")
 
 

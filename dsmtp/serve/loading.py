@@ -1,7 +1,7 @@
 """Load a model and its tokenizer for inference: a dsmtp checkpoint or a HuggingFace DeepSeek-V3 export.
 
-A dsmtp checkpoint is a step directory (model.safetensors, config.yaml, tokenizer.model), or a run's
-out_dir / checkpoints dir whose `latest` file names one (dsmtp.convert.checkpoint_io knows the layout).
+A dsmtp checkpoint is a step directory, or a run's out_dir / checkpoints dir whose `latest` file names
+one; dsmtp.checkpoint verifies it and reads it tensor by tensor, whatever sharded layout it was saved in.
 A HuggingFace directory (config.json) is imported with dsmtp.convert.import_hf into a temporary
 checkpoint first.
 """
@@ -12,18 +12,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from dsmtp.config import Config, load_config
-from dsmtp.convert.checkpoint_io import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, resolve_checkpoint_dir
+from dsmtp.checkpoint import CheckpointError, load_model, resolve
+from dsmtp.config import Config
 from dsmtp.convert.import_hf import import_hf
 from dsmtp.data.tokenizer import Tokenizer, tokenizer_file
 from dsmtp.model import DeepSeekV3
-from dsmtp.parallel.topology import ensure_initialized
-
-
-class CheckpointError(ValueError):
-    """The checkpoint cannot be loaded; the message names the file and the fix."""
 
 
 def utf8_text(text: str, what: str) -> str:
@@ -51,21 +45,11 @@ def completion_text(tokenizer: Tokenizer, prompt: list[int], completion: list[in
 
 
 def _load_dsmtp(path: Path, overrides: list[str]) -> tuple[DeepSeekV3, Config, Tokenizer]:
-    ckpt = resolve_checkpoint_dir(path)
-    cfg = load_config(ckpt / CONFIG_FILE, overrides)
-    ensure_initialized()
-    model = DeepSeekV3(cfg.model)
-    result = model.load_state_dict(load_file(str(ckpt / MODEL_FILE)), strict=False)
-    # megatron-core's linears add an empty `_extra_state` entry while loading: not a tensor of ours
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt / MODEL_FILE} does not fit its config.yaml: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    if not tokenizer_file(ckpt).is_file():
-        raise CheckpointError(f"{ckpt / TOKENIZER_FILE} is missing: generation needs the tokenizer the model was "
-                              "trained with")
-    return model.eval(), cfg, Tokenizer.load(ckpt, expected_vocab_size=cfg.model.vocab_size)
+    tokenizer = tokenizer_file(resolve(path))  # tokenizer.model, or a brought tokenizer.json
+    if not tokenizer.is_file():
+        raise CheckpointError(f"{tokenizer} is missing: generation needs the tokenizer the model was trained with")
+    model, cfg = load_model(path, overrides=overrides)
+    return model, cfg, Tokenizer.load(tokenizer, expected_vocab_size=cfg.model.vocab_size)
 
 
 def inference_device(name: str | torch.device) -> torch.device:

@@ -2,46 +2,32 @@
 this rank's part of the model driven by an engine chosen by `parallel.engine`: DeepSpeed
 (`dsmtp.parallel.deepspeed_engine`, ZeRO-1/2 with TP and EP; the default when pp == 1) or dsmtp's own
 `dsmtp.parallel.engine.Engine` (TP, PP, EP, DP with ZeRO-1/2; the default when pp > 1). Both offer
-the same methods, and write and read the same consolidated checkpoints.
+the same methods, and write and read the same checkpoints.
 
 Batch semantics do not depend on the layout: `train.micro_batch_size` is the micro-batch of the whole
 data-parallel group, each DP rank reads its disjoint `micro_batch_size / dp` slice, and a step is
 `grad_accum` such micro-batches (the pipeline's micro-batches under PP). So any layout trains on the
 same global batches as one process, and a checkpoint resumes in any layout.
 
-Checkpoints are the single-process layout: every rank writes its shard (dsmtp.parallel.checkpoint),
-rank 0 concatenates them into full tensors and writes the usual step directory (model.safetensors,
-optimizer.pt in `torch.optim.AdamW.state_dict()` form of the single-process model, ...) with the
-same atomic rename and `latest` pointer; the shards are a temporary directory removed afterwards.
+Checkpoints (dsmtp.checkpoint) are sharded: the engine describes the chunks of the full tensors this
+rank holds (its TP slice, its experts, its stage, its ZeRO share of the optimizer state), every rank
+writes its own in parallel and reads back only what it needs, in whatever layout it resumes.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from dsmtp.checkpoint import State
 from dsmtp.config import ConfigError
-from dsmtp.model import DeepSeekV3, moe_layers, update_expert_bias
-from dsmtp.parallel import checkpoint as shards
+from dsmtp.model import moe_layers, update_expert_bias
 from dsmtp.parallel import collectives, topology
 from dsmtp.parallel.engine import Engine, build_model
-from dsmtp.train import checkpoint
 from dsmtp.train.metrics import LossSums, expert_load_ratios
-from dsmtp.train.optim import build_optimizer, parameter_groups
-from dsmtp.train.trainer import Data, Trainer, open_data, apply_train_settings
-
-
-def single_process_parameter_order(cfg) -> list[list[str]]:
-    """Names of the single-process optimizer's parameter groups, in order (its state_dict indexes
-    parameters by position in these groups). Built on the meta device: no memory, no init."""
-    with torch.device("meta"):
-        model = DeepSeekV3(cfg.model)
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [[names[id(p)] for p in group["params"]] for group in parameter_groups(model, 0.0)]
+from dsmtp.train.optim import build_optimizer
+from dsmtp.train.trainer import Data, Trainer, apply_train_settings, open_data
 
 
 class DistributedTrainer(Trainer):
@@ -111,41 +97,8 @@ class DistributedTrainer(Trainer):
         return {"kind": "eval", "step": self.step, "tokens": self.tokens, **sums.averages()}
 
     # ------------------------------------------------------------------------------------------
-    def save(self) -> None:
-        shard_dir = self.out_dir / checkpoint.CHECKPOINTS / f".tmp-shards-{self.step}"
-        shards.save_shard(shard_dir, self.layout.rank, self.engine.shard_pieces())
-        self.engine.barrier()
-        if self.is_writer:
-            full = shards.merge_shards(shard_dir)
-            tensors = {k[len("model/"):]: v for k, v in full.items() if k.startswith("model/")}
-            checkpoint.save_checkpoint(self.out_dir, self.step, self.tokens, tensors, self.cfg,
-                                       self.data.tokenizer_path, self._single_process_optimizer_state(full),
-                                       self.trainer_state(), self.cfg.train.keep_last)
-            shutil.rmtree(shard_dir)
-        self.engine.barrier()
-        self.saved_step = self.step
+    def state_to_save(self) -> State:
+        return self.engine.state_to_save()
 
-    def _single_process_optimizer_state(self, full: dict[str, torch.Tensor]) -> dict:
-        by_name: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in full.items():
-            if key.startswith("optim/"):
-                name, field = key[len("optim/"):].rsplit("/", 1)
-                by_name.setdefault(name, {})[field] = value
-        state, groups, index = {}, [], 0
-        hyper = {g["name"]: {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups}
-        for group_names, group in zip(single_process_parameter_order(self.cfg), ("decay", "no_decay")):
-            groups.append({**hyper[group], "params": list(range(index, index + len(group_names)))})
-            for name in group_names:
-                if name in by_name:
-                    state[index] = by_name[name]
-                index += 1
-        return {"state": state, "param_groups": groups}
-
-    def load_model_and_optimizer(self, ckpt: Path) -> dict:
-        tensors = load_file(str(ckpt / "model.safetensors"))
-        optimizer_state, state = checkpoint.load_training_state(ckpt)
-        names = [n for group in single_process_parameter_order(self.cfg) for n in group]
-        by_name = {names[int(i)]: s for i, s in optimizer_state["state"].items()}
-        self.engine.load_full({k: v.to(self.device) for k, v in tensors.items()},
-                              {n: {k: v.to(self.device) for k, v in s.items()} for n, s in by_name.items()})
-        return state
+    def state_to_load(self, with_optimizer: bool) -> State:
+        return self.engine.state_to_load(with_optimizer)

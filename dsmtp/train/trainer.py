@@ -23,21 +23,24 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from dsmtp import checkpoint
 from dsmtp.config import Config, ConfigError, load_config
 from dsmtp.data.errors import DataError
 from dsmtp.model import DeepSeekV3, ModelOutput, fp8, update_expert_bias
 from dsmtp.model.mtp import depth_weights
 from dsmtp.parallel import topology
-from dsmtp.train import checkpoint, memory, report, schedules, trackers
+from dsmtp.train import memory, report, schedules, trackers
 from dsmtp.train.cuda_graph import GraphedBackward
 from dsmtp.train.flops import mfu
 from dsmtp.train.metrics import IntervalMeter, LossSums, MetricsLog, expert_load_imbalance
@@ -55,7 +58,7 @@ class BatchStream(Protocol):
 
 @dataclass
 class Data:
-    train: BatchStream  # micro-batches [micro_batch_size, seq_len + mtp_depth + 1]
+    train: BatchStream  # micro-batches [micro_batch_size, seq_len + 1 + extra]: extra = train.sample_extra_tokens or mtp_depth
     val: list[torch.Tensor]
     val_tokens: torch.Tensor  # the whole val split, for its unigram entropy
     tokenizer_path: Path
@@ -70,7 +73,8 @@ def open_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Data:
 
     data_dir = Path(cfg.data.data_dir)
     tokenizer = Tokenizer.load(data_dir, expected_vocab_size=cfg.model.vocab_size)
-    t, extra = cfg.train, cfg.model.mtp_depth
+    t = cfg.train
+    extra = cfg.model.mtp_depth if t.sample_extra_tokens is None else t.sample_extra_tokens
     val_split = TokenSplit(data_dir, "val")
     # train.micro_batch_size counts the samples of all data-parallel ranks together: each reads its slice.
     weights = {source.label: source.weight for source in cfg.data.corpus}
@@ -118,6 +122,25 @@ def apply_train_settings(model: DeepSeekV3, t) -> None:
     model.set_activation_recompute(t.activation_recompute_every)
     if t.compile:
         model.compile_layers()
+
+
+def rng_state() -> dict:
+    """This process's random states, in a form torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class TrainingStopped(RuntimeError):
@@ -194,7 +217,8 @@ class Trainer:
     # One micro-batch, one optimizer step
 
     def split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A sample of S + D + 1 tokens -> inputs [.., :S] and shifted labels [.., 1:]."""
+        """A sample of S + 1 + extra tokens -> inputs [.., :S] and shifted labels [.., 1:] (the model uses
+        the first S + D of them)."""
         batch = batch.to(self.device, non_blocking=True)
         return batch[:, :self.cfg.train.seq_len], batch[:, 1:]
 
@@ -226,7 +250,7 @@ class Trainer:
         return self.backward_pass(batches, mtp_weight)
 
     def backward_pass(self, batches: torch.Tensor, mtp_weight: float | torch.Tensor) -> tuple[LossSums, torch.Tensor]:
-        """accumulate_gradients' device work, on batches [grad_accum, micro_batch, S + D + 1]: what
+        """accumulate_gradients' device work, on batches [grad_accum, micro_batch, S + 1 + extra]: what
         train.cuda_graph captures."""
         sums = LossSums(self.cfg.model.mtp_depth, self.device)
         for batch in batches:
@@ -266,33 +290,36 @@ class Trainer:
 
     def trainer_state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "loader": self.data.train.state_dict(),
-                "rng": checkpoint.rng_state(), "consecutive_skips": self.consecutive_skips,
+                "rng": rng_state(), "consecutive_skips": self.consecutive_skips,
                 "total_skips": self.total_skips}
 
-    def save(self) -> None:
-        if self.is_writer:
-            checkpoint.save_checkpoint(self.out_dir, self.step, self.tokens, self.model, self.cfg,
-                                       self.data.tokenizer_path, self.optimizer.state_dict(),
-                                       self.trainer_state(), self.cfg.train.keep_last)
-        self.saved_step = self.step
+    def state_to_save(self) -> checkpoint.State:
+        """The model and optimizer tensors this process holds (a distributed trainer: this rank's chunks)."""
+        return checkpoint.module_state(self.model, self.optimizer)
 
-    def load_model_and_optimizer(self, ckpt: Path) -> dict:
-        """Weights and optimizer state from a verified checkpoint; returns the trainer state."""
-        checkpoint.load_weights(self.model, ckpt)
-        optimizer_state, state = checkpoint.load_training_state(ckpt)
-        self.optimizer.load_state_dict(optimizer_state)
-        return state
+    def state_to_load(self, with_optimizer: bool) -> checkpoint.State:
+        """Where a checkpoint's tensors go, in place (the optimizer's state is created first when asked)."""
+        return checkpoint.module_state(self.model, self.optimizer if with_optimizer else None, create=True)
+
+    def save(self) -> None:
+        """Every process writes its part of the checkpoint (dsmtp.checkpoint)."""
+        checkpoint.save_training(self.out_dir, self.step, self.tokens, self.state_to_save(), self.cfg,
+                                 self.data.tokenizer_path, self.trainer_state(), self.cfg.train.keep_last)
+        self.saved_step = self.step
 
     def load(self, ckpt: Path) -> None:
         manifest = checkpoint.verify(ckpt)
         checkpoint.check_compatible(ckpt, manifest, self.cfg, checkpoint.sha256_file(self.data.tokenizer_path))
-        state = self.load_model_and_optimizer(ckpt)
+        state = checkpoint.load_trainer_state(ckpt)
+        checkpoint.load_sharded(ckpt, self.state_to_load)
         self.data.train.load_state_dict(state["loader"])
-        checkpoint.set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.consecutive_skips, self.total_skips = state["consecutive_skips"], state["total_skips"]
         self.saved_step = self.step
         self.resumed_from = ckpt
+        if self.is_writer:  # train.keep_last may have changed since those checkpoints were written
+            checkpoint.prune(ckpt.parent, self.cfg.train.keep_last, keep=ckpt.name)
 
     # ------------------------------------------------------------------------------------------
     # Orchestration

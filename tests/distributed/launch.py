@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+
+from tests._hf_helpers import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
@@ -56,11 +57,11 @@ def torchrun(nproc: int, args: list[str], timeout: int = 240) -> subprocess.Comp
 
 
 def run_layout(out: Path, nproc: int, layout: dict, extra: list[str] = (), timeout: int = 240) -> dict:
-    """Run the equivalence worker; returns rank 0's result with the consolidated parameters."""
+    """Run the equivalence worker; returns rank 0's result with the saved parameters (full tensors)."""
     flags = [f"--{k}={v}" for k, v in layout.items()]
     torchrun(nproc, [str(WORKER), *flags, f"--out={out}", *extra], timeout)
     result = json.loads((out / "result.json").read_text())
-    result["state"] = load_file(str(out / "ckpt" / "model.safetensors"))
+    result["state"] = read_checkpoint(out / "ckpt")
     return result
 
 

@@ -2,7 +2,7 @@
 
 Same harness and reference as test_equivalence.py: K=3 optimizer steps of the tiny MoE + MTP D=2 model
 (group-limited routing, gradient accumulation 2, clipping active, router bias updates) under torchrun,
-compared with `common.reference_run` (main and per-depth MTP losses, gradient norm, consolidated
+compared with `common.reference_run` (main and per-depth MTP losses, gradient norm, saved
 parameters with router biases). The EP layout checks DeepSpeed's expert-gradient handling: experts
 reduced over the expert-data-parallel group only, and scaled as one process scales them.
 """
@@ -35,8 +35,8 @@ def test_deepspeed_layout_matches_single_process(name, reference, reference_afte
 
 
 def test_deepspeed_expert_parallel_and_resume_in_another_layout(reference, reference_after_k, tmp_path):
-    """EP=2 x DP=4 (expert-DP 2) with ZeRO-2 for K steps; its consolidated checkpoint (parameters and
-    the Adam state gathered from ZeRO's partitions) resumes at DP=2 with ZeRO-1 for 2 more steps."""
+    """EP=2 x DP=4 (expert-DP 2) with ZeRO-2 for K steps; its checkpoint (each rank's ZeRO fragments of the
+    fp32 parameters and the Adam state, nothing gathered) resumes at DP=2 with ZeRO-1 for 2 more steps."""
     saved = run_layout(tmp_path / "ep2dp4", 4, {"ep": 2, "zero": 2}, extra=DEEPSPEED)
     assert_same_training(saved, reference)
     assert_same_parameters(saved["state"], reference_after_k)

@@ -2,8 +2,8 @@
 
 Each test runs K=3 optimizer steps of a tiny MoE model (group-limited routing, aux loss on, MTP D=2
 with depth weights [1, 0.5], gradient accumulation 2, clipping active, router bias updates) under
-torchrun and compares the main and per-depth MTP losses, the gradient norm and the consolidated
-parameters (router biases included) with `common.reference_run`, a plain single-process PyTorch loop.
+torchrun and compares the main and per-depth MTP losses, the gradient norm and the saved parameters
+(router biases included) with `common.reference_run`, a plain single-process PyTorch loop.
 Sequential MTP modules run in every layout; parallel heads, with their one-head-at-a-time backward,
 in layouts that cover each parallelism and both engines, against the plain single-process backward.
 """
@@ -74,8 +74,9 @@ def test_layout_matches_single_process(name, reference, reference_after_k, tmp_p
     assert_same_parameters(result["state"], reference_after_k)
 
 
-def test_resume_consolidated_checkpoint_in_another_layout(reference, reference_after_k, tmp_path):
-    """Save at TP=2 x PP=2 after K steps, consolidate, resume at EP=2 x DP=2 for 2 more steps."""
+def test_resume_sharded_checkpoint_in_another_layout(reference, reference_after_k, tmp_path):
+    """Save at TP=2 x PP=2 after K steps (each rank its shard), resume at EP=2 x DP=2 for 2 more steps (each
+    rank reading only its slices)."""
     saved = run_layout(tmp_path / "tp2pp2", 4, {"tp": 2, "pp": 2})
     assert_same_training(saved, reference)
     assert_same_parameters(saved["state"], reference_after_k)
@@ -104,3 +105,18 @@ def test_parallel_heads_layout_matches_single_process(name, parallel_heads_refer
     result = run_layout(tmp_path, nproc, {**layout, "mtp-kind": "parallel", "heads-one-at-a-time": 1})
     assert_same_training(result, parallel_heads_reference)
     assert_same_parameters(result["state"], parallel_heads_reference["state"])
+
+
+def test_parallel_heads_resume_in_another_layout(tmp_path):
+    """The checkpoint format knows no parameter names: parallel MTP heads save at PP=2 x EP=2 (native engine,
+    heads on the last stage) and resume under DeepSpeed at DP=2 (ZeRO-1 fragments) for 2 more steps."""
+    cfg = common.tiny_config(mtp_kind="parallel")
+    reference, after_k = common.reference_run(cfg, steps=common.STEPS + 2), common.reference_run(cfg)["state"]
+    heads = {"mtp-kind": "parallel", "heads-one-at-a-time": 1}
+    saved = run_layout(tmp_path / "pp2ep2", 4, {"pp": 2, "ep": 2, **heads})
+    assert_same_training(saved, reference)
+    assert_same_parameters(saved["state"], after_k)
+    resumed = run_layout(tmp_path / "dp2", 2, {"zero": 1, "engine": "deepspeed", **heads}, extra=[
+        f"--resume={tmp_path / 'pp2ep2' / 'ckpt'}", f"--first-step={common.STEPS}", "--steps=2"])
+    assert_same_training(resumed, reference, first_step=common.STEPS)
+    assert_same_parameters(resumed["state"], reference["state"])

@@ -1,13 +1,13 @@
 """A checkpoint saved in a parallel layout exports to HuggingFace byte for byte as the same model saved
-by one process (issue 6).
+by one process (issues 6 and 20).
 
 Checkpoint A: the tiny MoE + MTP D=2 model of `common.tiny_config`, built in this process, with router
 biases set to distinct non-zero values and every norm weight moved off its init of ones (so a dropped,
-swapped or re-initialised tensor shows), saved as a single-process checkpoint. A parallel layout under
-torchrun loads A (`Engine.load_full`, each rank slicing its part) and saves it again without training
-(0 optimizer steps: per-rank shards, consolidated by rank 0), giving checkpoint B. A and B are exported
-(fp32 and bf16) and every HF tensor must have the same name, dtype, shape and bytes, and config.json,
-the index and the shard files must be equal.
+swapped or re-initialised tensor shows), saved by one process (one shard of full tensors). A parallel
+layout under torchrun loads A (each rank reading only its slices) and saves it again without training
+(0 optimizer steps: every rank writes its own shard, nothing is consolidated), giving checkpoint B. A and
+B are exported (fp32 and bf16; the exporter reads B's shards directly) and every HF tensor must have the
+same name, dtype, shape and bytes, and config.json, the index and the shard files must be equal.
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from dsmtp.convert.checkpoint_io import MODEL_FILE, write_checkpoint_metadata
+from dsmtp.checkpoint import SHARDS, save_weights
 from dsmtp.convert.export_hf import INDEX_FILE, export
 from dsmtp.model import DeepSeekV3
-from dsmtp.parallel.checkpoint import SHARD_DIR
 from dsmtp.parallel.topology import ensure_initialized
 from tests.distributed import common
 from tests.distributed.launch import run_layout
@@ -53,11 +51,7 @@ def checkpoint_a(tmp_path_factory) -> Path:
         state[name] = tensor.detach().float().contiguous()
     biases = [k for k in state if k.endswith("expert_bias")]
     assert len(biases) == 4 and all((state[k] != 0).all() for k in biases)
-    ckpt = tmp_path_factory.mktemp("single") / "ckpt"
-    ckpt.mkdir()
-    save_file(state, str(ckpt / MODEL_FILE))
-    write_checkpoint_metadata(ckpt, cfg, tokenizer=None)
-    return ckpt
+    return save_weights(tmp_path_factory.mktemp("single") / "ckpt", cfg, state)
 
 
 def exported_tensors(hf_dir: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], bytes]]:
@@ -90,10 +84,8 @@ def assert_same_export(got: Path, want: Path) -> None:
 def test_layout_checkpoint_exports_like_single_process(name, checkpoint_a, tmp_path):
     nproc, layout, extra = LAYOUTS[name]
     run_layout(tmp_path / "run", nproc, layout, extra=[*extra, f"--resume={checkpoint_a}", "--steps=0"])
-    ckpt_b = tmp_path / "run" / "ckpt"
-    assert len(list((ckpt_b / SHARD_DIR).glob("rank*.safetensors"))) == nproc  # every rank wrote its part
-    # B's config is the one its layout ran with; only the model section reaches the HF export
-    write_checkpoint_metadata(ckpt_b, common.tiny_config(**layout), tokenizer=None)
+    ckpt_b = tmp_path / "run" / "ckpt"  # its config is the one its layout ran with; only the model section is exported
+    assert len(list((ckpt_b / SHARDS).glob("rank*.safetensors"))) == nproc  # every rank wrote its part
     for dtype in ("fp32", "bf16"):
         want = export(checkpoint_a, tmp_path / f"hf_single_{dtype}", dtype, max_shard_bytes=200_000)
         got = export(ckpt_b, tmp_path / f"hf_{name}_{dtype}", dtype, max_shard_bytes=200_000)

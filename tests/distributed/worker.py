@@ -1,5 +1,5 @@
 """One rank of a distributed equivalence run (started by torchrun from the tests):
-K optimizer steps of `common.tiny_config` in the given layout, then a consolidated checkpoint.
+K optimizer steps of `common.tiny_config` in the given layout, then a (sharded) checkpoint.
 
     torchrun --nproc-per-node 2 tests/distributed/worker.py --tp 2 --out DIR [--resume CKPT]
 """
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from dsmtp.parallel import checkpoint  # noqa: E402
+from dsmtp import checkpoint  # noqa: E402
 from dsmtp.parallel.engine import Engine, build_model  # noqa: E402
 from dsmtp.parallel.tensor import sequence_parallel  # noqa: E402
 from dsmtp.parallel.topology import init_distributed, shutdown  # noqa: E402
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--heads-one-at-a-time", type=int, default=0)
     parser.add_argument("--steps", type=int, default=common.STEPS)
     parser.add_argument("--first-step", type=int, default=0)
-    parser.add_argument("--resume", help="consolidated checkpoint dir to start from")
+    parser.add_argument("--resume", help="checkpoint dir to start from (any layout)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -52,7 +52,8 @@ def main() -> None:
     else:
         engine = Engine(model, layers, cfg, layout, lambda named: common.make_optimizer(named, cfg))
     if args.resume:
-        engine.load_full(*checkpoint.load_consolidated(Path(args.resume)))
+        checkpoint.verify(Path(args.resume))
+        checkpoint.load_sharded(Path(args.resume), engine.state_to_load)
     history, times = [], []
     for step in range(args.first_step, args.first_step + args.steps):
         start = time.perf_counter()
@@ -62,11 +63,8 @@ def main() -> None:
         times.append(time.perf_counter() - start)
         history.append({"main_loss": stats.main_loss, "mtp_losses": stats.mtp_losses, "grad_norm": stats.grad_norm})
     out = Path(args.out)
-    ckpt = out / "ckpt"
-    checkpoint.save_shard(ckpt, layout.rank, engine.shard_pieces())
-    dist.barrier()
+    checkpoint.save_sharded(out / "ckpt", engine.state_to_save(), cfg, step=args.first_step + args.steps)
     if layout.rank == 0:
-        checkpoint.consolidate(ckpt)
         (out / "result.json").write_text(json.dumps({"history": history, "step_seconds": times,
                                                      "layout": layout.describe(),
                                                      "sequence_parallel": sequence_parallel()}))

@@ -1,0 +1,1 @@
+"""`dsmtp study`: what MTP buys, measured at equal tokens (runner, evaluate, humaneval, report)."""
