@@ -17,6 +17,8 @@ import yaml
 
 
 MTP_KINDS = ("sequential", "parallel")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash")  # model.attention_backend (dsmtp.model.kernels.attention)
+OPTIMIZER_STATE_DTYPES = ("fp32", "bf16")  # train.optimizer_state_dtype (dsmtp.train.optim)
 MTP_DEPTH_WEIGHT_SCHEMES = ("uniform", "linear", "exponential")
 MAX_EXPERTS = 2**15 - 1  # routed expert ids are sorted as int16 (dsmtp.model.moe.sort_pairs_by_expert)
 TRACKERS = ("jsonl", "tensorboard", "wandb")  # train.trackers' names (writers: dsmtp.train.trackers)
@@ -70,6 +72,11 @@ class ModelConfig:
     # al.'s independent heads on the trunk's final hidden state (dsmtp.model.mtp).
     mtp_kind: str = "sequential"
     init_std: float = 0.006
+    # Attention kernel on CUDA (not part of the architecture): flash = flash-attn-4 (pip install
+    # 'dsmtp[gpu]'; Hopper or newer, bf16/fp16), sdpa = torch's scaled_dot_product_attention, auto =
+    # flash where it can run, SDPA elsewhere. CPU runs always take SDPA. The default stays sdpa until
+    # tests/gpu/test_gpu_flash.py has passed on a GPU: an untested kernel path is never picked unasked.
+    attention_backend: str = "sdpa"
 
     @property
     def qk_head_dim(self) -> int:
@@ -190,6 +197,9 @@ class TrainConfig:
     mtp_heads_one_at_a_time: bool = False
     bias_update_schedule: list[list[float]] = field(default_factory=lambda: [[0, 0.001]])
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp8
+    # AdamW's two moments: fp32, or bf16 as DeepSeek-V3 keeps them (report, section 3.3): half the
+    # optimizer memory and fewer bytes streamed per step. Master weights stay fp32 either way.
+    optimizer_state_dtype: str = "fp32"
     # Recompute every N-th transformer layer in backward instead of keeping its activations (0: none,
     # 1: all); trades one extra forward of those layers for their activation memory.
     activation_recompute_every: int = 0
@@ -431,6 +441,8 @@ def validate_model(m: ModelConfig) -> None:
              f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be a positive even number (RoPE rotates pairs)")
     _require(m.mtp_depth >= 0, f"model.mtp_depth={m.mtp_depth} must be >= 0 (0 disables MTP)")
     _require(m.mtp_kind in MTP_KINDS, f"model.mtp_kind={m.mtp_kind!r} must be one of {', '.join(MTP_KINDS)}")
+    _require(m.attention_backend in ATTENTION_BACKENDS,
+             f"model.attention_backend={m.attention_backend!r} must be one of {', '.join(ATTENTION_BACKENDS)}")
     _require(0 <= m.first_k_dense_replace <= m.num_layers,
              f"model.first_k_dense_replace={m.first_k_dense_replace} must be in [0, num_layers={m.num_layers}]")
     _require(m.q_lora_rank is None or m.q_lora_rank > 0,
@@ -558,6 +570,11 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.decay_start_fraction <= 1, f"train.decay_start_fraction={t.decay_start_fraction} must be in [0, 1]")
     _require(t.precision in ("auto", "fp32", "bf16", "fp8"),
              f"train.precision={t.precision!r} must be one of auto, fp32, bf16, fp8")
+    _require(not (m.attention_backend == "flash" and t.precision == "fp32"),
+             "model.attention_backend=flash computes in bf16, and train.precision=fp32 runs attention in fp32: "
+             "set train.precision to bf16 (or auto), or model.attention_backend to auto or sdpa")
+    _require(t.optimizer_state_dtype in OPTIMIZER_STATE_DTYPES,
+             f"train.optimizer_state_dtype={t.optimizer_state_dtype!r} must be one of {', '.join(OPTIMIZER_STATE_DTYPES)}")
     _require(t.activation_recompute_every >= 0,
              f"train.activation_recompute_every={t.activation_recompute_every} must be >= 0 (0: keep all "
              "activations, 1: recompute every layer, N: every N-th layer)")

@@ -139,6 +139,37 @@ def test_uniform_weights_are_lambda_over_d():
     assert torch.equal(out.loss.detach(), out.main_loss + out.aux_loss + 0.3 / 2 * out.mtp_losses.sum())
 
 
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_sequential_gradients_are_bitwise_deepseek_v3_written_out(depth):
+    """D = 0 and sequential runs are bitwise what they were before the MTP seam: the objective written out
+    as dsmtp computed it then (the depths' hidden states, the main head, the depths' heads, then
+    L_main + aux + lambda / D * sum_k L_k) gives exactly the model's gradients, float32."""
+    model = float64_model("sequential", depth=depth).float()
+    s = 16
+    sample = torch.randint(0, model.cfg.vocab_size, (2, s + 1 + depth))
+    model(sample[:, :s], sample[:, 1:], mtp_weight=0.3).loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    tokens = torch.cat([sample[:, :s], sample[:, s:s + depth]], dim=1)
+    cos, sin = model.rope(torch.arange(s))
+    emb = model.embed(tokens)
+    h, aux = model.trunk(emb[:, :s], cos, sin)
+    hidden, h_k = [], h
+    for k in range(1, depth + 1):
+        h_k, module_aux = model.mtp[k - 1](h_k, emb[:, k:k + s], cos, sin)
+        hidden.append(h_k)
+        aux = aux + module_aux
+    loss = model._lm_loss(h, sample[:, 1:s + 1])[0] + aux
+    if depth:
+        loss = loss + 0.3 / depth * torch.stack([model._lm_loss(h_k, sample[:, 1 + k:1 + k + s])[0]
+                                                 for k, h_k in enumerate(hidden, start=1)]).sum()
+    loss.backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[n], want[n]) for n in want), [n for n in want if not torch.equal(got[n], want[n])]
+
+
 # -- One head at a time ----------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from dsmtp.config import ModelConfig
 from dsmtp.model import recompute
-from dsmtp.model.attention import LatentCache
+from dsmtp.model.attention import MLA, LatentCache
 from dsmtp.model.layer import TransformerLayer
 from dsmtp.model.linear import ColumnParallelLinear, VocabParallelEmbedding
 from dsmtp.model.mtp import IGNORE_INDEX, MTP, build_mtp
@@ -67,6 +67,12 @@ class DeepSeekV3(nn.Module):
         for norm in [self.norm, *(n for m in self.mtp for n in m.norms())]:
             norm.compile()
         self._lm_loss = torch.compile(self._lm_loss)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Every MLA layer's attention kernel: "flash" or "sdpa" (kernels.resolve_attention_backend)."""
+        for module in self.modules():
+            if isinstance(module, MLA):
+                module.attention_backend = backend
 
     def set_activation_recompute(self, every: int) -> None:
         """Recompute every `every`-th transformer layer (trunk layers counted from the first, then the MTP
@@ -125,9 +131,8 @@ class DeepSeekV3(nn.Module):
         """Main and MTP losses from the trunk's final (post-norm) hidden state h [B, S, H], the tokens and
         labels from `mtp.inputs`, their embedding and the trunk's aux loss (a pipeline's last stage
         calls this directly)."""
-        s = emb.shape[1] - self.mtp.future_tokens
         mtp = self.mtp.losses(h, emb, tokens, labels, cos, sin, self._lm_loss, list(self.head.parameters()), mtp_weight)
-        main_loss, main_acc, main_n = self._lm_loss(h, labels[:, :s])
+        main_loss, main_acc, main_n = mtp.main
         return ModelOutput(loss=main_loss + aux + mtp.objective, main_loss=main_loss.detach(),
                            main_accuracy=main_acc, mtp_losses=mtp.losses, mtp_accuracies=mtp.accuracies,
                            aux_loss=(aux + mtp.aux_loss).detach(), main_tokens=main_n, mtp_tokens=mtp.counts)

@@ -65,6 +65,7 @@ def depth_weights(scheme: Union[str, list[float]], depth: int) -> list[float]:
 
 @dataclass
 class MTPOutput:
+    main: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # the main head's loss, accuracy and target count
     objective: torch.Tensor  # what MTP adds to the training loss: lambda * weighted mean of L_k, plus its aux loss
     aux_loss: torch.Tensor  # the MTP layers' balance loss (detached; already inside `objective`)
     losses: torch.Tensor  # [D] L_k (detached)
@@ -183,19 +184,22 @@ class MTP(nn.ModuleList):
     def losses(self, h0: torch.Tensor, emb: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor, lm_loss: LMLoss, lm_loss_parameters: list[nn.Parameter],
                mtp_weight: float | torch.Tensor) -> MTPOutput:
-        """Every depth's loss, and the objective lambda * sum_k w_k L_k / sum_k w_k + aux.
+        """The main head's loss, every depth's, and the objective lambda * sum_k w_k L_k / sum_k w_k + aux.
         `lm_loss_parameters`: the parameters `lm_loss` uses (the shared output head's)."""
+        s = emb.shape[1] - self.future_tokens
         if not self.depth:  # plain next-token training
             nothing = h0.new_zeros(0, dtype=torch.float32)
-            return MTPOutput(objective=h0.new_zeros((), dtype=torch.float32), aux_loss=nothing.sum(), losses=nothing,
-                             accuracies=nothing, counts=nothing.long())
-        s = emb.shape[1] - self.future_tokens
+            return MTPOutput(main=lm_loss(h0, labels[:, :s]), objective=h0.new_zeros((), dtype=torch.float32),
+                             aux_loss=nothing.sum(), losses=nothing, accuracies=nothing, counts=nothing.long())
         hidden, aux = self.hidden_states(h0, emb, cos, sin)
+        # The main head between the depths' hidden states and their heads: this order decides the order
+        # in which h_0 and the shared head's weight sum their gradients (float sums depend on it).
+        main = lm_loss(h0, labels[:, :s])
         per_depth = [lm_loss(h, self.targets(k, labels, tokens, s)) for k, h in enumerate(hidden, start=1)]
         losses, accuracies, counts = (torch.stack(t) for t in zip(*per_depth))
         weighted = torch.stack([w * loss for w, loss in zip(self.depth_weights, losses)]).sum()
-        return MTPOutput(objective=mtp_weight / sum(self.depth_weights) * weighted + aux, aux_loss=aux.detach(),
-                         losses=losses.detach(), accuracies=accuracies, counts=counts)
+        return MTPOutput(main=main, objective=mtp_weight / sum(self.depth_weights) * weighted + aux,
+                         aux_loss=aux.detach(), losses=losses.detach(), accuracies=accuracies, counts=counts)
 
 
 class SequentialMTP(MTP):
@@ -247,9 +251,11 @@ class ParallelHeads(MTP):
             loss, accuracy, count = lm_loss(h_k, self.targets(k, labels, tokens, s))
             return scale * self.depth_weights[k - 1] * loss + aux, loss, accuracy, count, aux
 
+        main = lm_loss(h0, labels[:, :s])
         params = [p for p in [*self.parameters(), *lm_loss_parameters] if p.requires_grad]
         objective, losses, accuracies, counts, aux = _HeadsOneAtATime.apply(h0, head, self.depth, *params)
-        return MTPOutput(objective=objective, aux_loss=aux, losses=losses, accuracies=accuracies, counts=counts)
+        return MTPOutput(main=main, objective=objective, aux_loss=aux, losses=losses, accuracies=accuracies,
+                         counts=counts)
 
 
 class _HeadsOneAtATime(torch.autograd.Function):

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from dsmtp import checkpoint
 from dsmtp.config import Config, ConfigError, load_config
 from dsmtp.data.errors import DataError
-from dsmtp.model import DeepSeekV3, ModelOutput, fp8, update_expert_bias
+from dsmtp.model import DeepSeekV3, ModelOutput, fp8, kernels, update_expert_bias
 from dsmtp.model.mtp import depth_weights
 from dsmtp.parallel import topology
 from dsmtp.train import memory, report, schedules, trackers
@@ -113,7 +113,10 @@ def autocast_for(precision: str, device: torch.device):
 def apply_train_settings(model: DeepSeekV3, t) -> None:
     """The train section's settings that live on the model: the MTP depth weights (and, for parallel
     heads, one-at-a-time backward); train.precision=fp8 switches the eligible GEMMs to FP8;
-    train.activation_recompute_every marks layers for recomputation; train.compile compiles layer by layer."""
+    train.activation_recompute_every marks layers for recomputation; train.compile compiles layer by layer.
+    Also model.attention_backend, resolved for the model's device (a forced flash that cannot run stops here)."""
+    model.set_attention_backend(kernels.resolve_attention_backend(model.cfg.attention_backend,
+                                                                  next(model.parameters()).device))
     model.mtp.depth_weights = depth_weights(t.mtp_depth_weights, model.cfg.mtp_depth)
     if t.mtp_heads_one_at_a_time:
         model.mtp.one_at_a_time = True
