@@ -106,18 +106,63 @@ class ParallelConfig:
         return self.engine
 
 
+SOURCE_KINDS = ("files", "jsonl", "parquet", "hf_disk")
+FILES_INCLUDE = ["**/*.py"]
+FILES_EXCLUDE = ["**/test/**", "**/tests/**", "**/site-packages/**"]
+# What a source that is a directory reads when its include is unset.
+KIND_INCLUDE = {"files": FILES_INCLUDE, "jsonl": ["**/*.jsonl", "**/*.jsonl.gz", "**/*.jsonl.zst"],
+                "parquet": ["**/*.parquet"], "hf_disk": []}
+
+
+@dataclass
+class SourceConfig:
+    """One corpus of data.sources (dsmtp.data.sources reads each kind)."""
+
+    kind: str = "files"  # files (a tree, each file a document) | jsonl (.gz, .zst) | parquet | hf_disk (save_to_disk)
+    path: Optional[str] = None  # a file or directory; files: None means the running Python's standard library
+    weight: float = 1.0  # training samples are drawn from the sources in proportion to their weights
+    text_field: str = "text"  # jsonl, parquet, hf_disk: the key or column holding each document's text
+    name: Optional[str] = None  # in the manifest and metrics; None: the path's last part, without extensions
+    include: Optional[list[str]] = None  # globs inside a directory path; None: the kind's (KIND_INCLUDE)
+    exclude: Optional[list[str]] = None  # None: files: FILES_EXCLUDE; other kinds: none
+
+    @property
+    def label(self) -> str:
+        if self.name is not None:
+            return self.name
+        return Path(self.path).name.split(".")[0] if self.path else "stdlib"
+
+    @property
+    def globs(self) -> tuple[list[str], list[str]]:
+        """(include, exclude) for a directory path."""
+        include = KIND_INCLUDE[self.kind] if self.include is None else self.include
+        exclude = (FILES_EXCLUDE if self.kind == "files" else []) if self.exclude is None else self.exclude
+        return include, exclude
+
+
 @dataclass
 class DataConfig:
+    # The corpus: data.sources; when that is empty, the one file tree of source_dir/include/exclude.
+    sources: list[SourceConfig] = field(default_factory=list)
     source_dir: Optional[str] = None  # None: the running interpreter's standard library
-    include: list[str] = field(default_factory=lambda: ["**/*.py"])
-    exclude: list[str] = field(default_factory=lambda: ["**/test/**", "**/tests/**", "**/site-packages/**"])
+    include: list[str] = field(default_factory=lambda: list(FILES_INCLUDE))
+    exclude: list[str] = field(default_factory=lambda: list(FILES_EXCLUDE))
     data_dir: str = "data/stdlib"
     val_fraction: float = 0.02
+    # "train": learn a BPE model on the train split; or a sentencepiece .model file, an HF tokenizer.json,
+    # or a directory holding one (dsmtp.data.tokenizer)
+    tokenizer: str = "train"
     tokenizer_sample_bytes: int = 20_000_000
     num_workers: int = 2
     # Keep one file of each content (the first by path): an environment holds vendored copies of the same
     # module, which would otherwise be trained on twice or land on both sides of the train/val split.
     dedup: bool = False
+
+    @property
+    def corpus(self) -> list[SourceConfig]:
+        """data.sources, or the single file tree they default to."""
+        return self.sources or [SourceConfig(kind="files", path=self.source_dir, include=self.include,
+                                             exclude=self.exclude)]
 
 
 @dataclass
@@ -455,6 +500,29 @@ def validate_mtp_training(m: ModelConfig, t: TrainConfig) -> None:
              "run one at a time; set it to false")
 
 
+def validate_sources(d: DataConfig) -> None:
+    _require(not (d.sources and d.source_dir is not None),
+             f"data.source_dir={d.source_dir} and data.sources are both set: list the tree as a source "
+             "({kind: files, path: ...}) or drop data.sources")
+    names: dict[str, int] = {}
+    for i, s in enumerate(d.corpus):
+        where = f"data.sources[{i}]"
+        _require(s.kind in SOURCE_KINDS,
+                 f"{where}.kind={_shown(s.kind)!r} is not a source kind: choose {', '.join(SOURCE_KINDS)}")
+        _require(s.path is not None or s.kind == "files",
+                 f"{where}.path is missing: a {s.kind} source needs the path of its file or directory")
+        _require(s.weight >= 0, f"{where}.weight={s.weight} must be >= 0 (0 prepares the source but draws nothing)")
+        _require(s.text_field != "", f"{where}.text_field is empty: name the key or column that holds the text")
+        _require(s.include is None or len(s.include) > 0,
+                 f"{where}.include is an empty list: give globs, or leave it unset for the kind's default")
+        _require(s.label != "" and s.label.isprintable(), f"{where}.name={s.label!r} must be a printable name")
+        _require(s.label not in names, f"data.sources[{names.get(s.label)}] and {where} are both named "
+                                       f"{s.label!r}: give one a different data.sources[i].name")
+        names[s.label] = i
+    _require(sum(s.weight for s in d.corpus) > 0, "data.sources weights are all 0: give at least one a positive weight")
+    _require(d.tokenizer != "", "data.tokenizer is empty: use train, or the path of a tokenizer.model/tokenizer.json")
+
+
 def validate(cfg: Config) -> None:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     validate_model(m)
@@ -530,6 +598,7 @@ def validate(cfg: Config) -> None:
     _require(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
     _require(d.num_workers >= 1, f"data.num_workers={d.num_workers} must be >= 1")
     _require(len(d.include) > 0, "data.include must list at least one glob, e.g. ['**/*.py']")
+    validate_sources(d)
 
     s = cfg.serve
     _require(0 <= s.port <= 65535, f"serve.port={s.port} must be in [0, 65535] (0: any free port)")

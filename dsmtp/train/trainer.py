@@ -51,6 +51,7 @@ class BatchStream(Protocol):
     """What the trainer needs from a training data loader (dsmtp.data.loader.TrainBatches)."""
 
     def __next__(self) -> torch.Tensor: ...
+    def source_tokens(self) -> dict[str, int]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -76,7 +77,9 @@ def open_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Data:
     extra = cfg.model.mtp_depth if t.sample_extra_tokens is None else t.sample_extra_tokens
     val_split = TokenSplit(data_dir, "val")
     # train.micro_batch_size counts the samples of all data-parallel ranks together: each reads its slice.
-    return Data(train=TrainBatches(data_dir, t.seq_len, extra, t.micro_batch_size // dp_size, t.seed, dp_rank, dp_size),
+    weights = {source.label: source.weight for source in cfg.data.corpus}
+    return Data(train=TrainBatches(data_dir, t.seq_len, extra, t.micro_batch_size // dp_size, t.seed, dp_rank, dp_size,
+                                   weights),
                 val=val_batches(data_dir, t.seq_len, extra, t.micro_batch_size, t.eval_batches),
                 val_tokens=torch.from_numpy(val_split.read(0, val_split.num_tokens).astype("int64")),
                 tokenizer_path=tokenizer.model_path, unigram_baseline=val_split.manifest.get("unigram", {}))
@@ -340,6 +343,9 @@ class Trainer:
         rec = {"kind": "train", "step": self.step, "tokens": self.tokens, "lr": schedules.learning_rate(t, self.step - 1),
                "mtp_weight": schedules.mtp_weight(t, self.tokens - self.tokens_per_step),
                "bias_rate": schedules.bias_update_rate(t, self.tokens - self.tokens_per_step), **rec}
+        source_tokens = self.data.train.source_tokens()
+        if len(source_tokens) > 1:  # a mixture: the main-loss tokens each source has served so far
+            rec["source_tokens"] = source_tokens
         if self.device.type == "cuda":
             rec["mfu"] = mfu(rec["tokens_per_second"], self.cfg.model, t.seq_len, torch.distributed.get_world_size())
             rec["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
