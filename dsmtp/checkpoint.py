@@ -5,7 +5,8 @@ import-hf).
     <out_dir>/checkpoints/step_00000200/
         manifest.json        format, step, tokens, and the sha256 of every file below but the shards
         config.yaml          the full Config
-        tokenizer.model      the sentencepiece model the run trained with (when there is one)
+        tokenizer.model      the sentencepiece model the run trained with (when there is one), or
+                             tokenizer.json and its tokenizer_config.json for a HuggingFace tokenizer
         trainer_state.pt     step, tokens, data-loader position, RNG states, skip counters (training only)
         index.json           every tensor: dtype, full shape and its chunks, each with where it sits in the
                              full tensor (offsets, sizes), the shard file and byte range holding it, and the
@@ -64,6 +65,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from dsmtp.config import Config, ConfigError, config_to_dict, load_config
+from dsmtp.data.tokenizer import tokenizer_files
 from dsmtp.safetensors_stream import DTYPE_CODES, SafetensorsWriter
 
 if TYPE_CHECKING:  # imported where used: converters read checkpoints without building a model
@@ -467,15 +469,15 @@ def _write_checkpoint_files(folder: Path, index: dict, cfg: Config, tokenizer: O
         INDEX: lambda p: p.write_text(json.dumps(index)),
         CONFIG: lambda p: p.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False)),
     }
-    if tokenizer is not None:
-        writers[TOKENIZER] = lambda p: shutil.copyfile(tokenizer, p)
+    for path in tokenizer_files(tokenizer) if tokenizer is not None else []:
+        writers[path.name] = lambda p, src=path: shutil.copyfile(src, p)
     if trainer_state is not None:
         writers[TRAINER_STATE] = lambda p: torch.save(trainer_state, p)
     files = {}
     for name, write in writers.items():
         write_file(folder / name, write)
         files[name] = sha256_file(folder / name)
-    manifest = {"format": FORMAT, "step": step, "tokens": tokens, "tokenizer_sha256": files.get(TOKENIZER),
+    manifest = {"format": FORMAT, "step": step, "tokens": tokens, "tokenizer_sha256": files.get(Path(tokenizer).name) if tokenizer is not None else None,
                 "config_sha256": files[CONFIG], "files": files}
     write_file(folder / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
     _fsync(folder / SHARDS)

@@ -17,6 +17,8 @@ import yaml
 
 
 MTP_KINDS = ("sequential", "parallel")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash")  # model.attention_backend (dsmtp.model.kernels.attention)
+OPTIMIZER_STATE_DTYPES = ("fp32", "bf16")  # train.optimizer_state_dtype (dsmtp.train.optim)
 MTP_DEPTH_WEIGHT_SCHEMES = ("uniform", "linear", "exponential")
 FP8_BACKENDS = ("torch", "transformer_engine")  # train.fp8_backend (dsmtp.model.fp8)
 MAX_EXPERTS = 2**15 - 1  # routed expert ids are sorted as int16 (dsmtp.model.moe.sort_pairs_by_expert)
@@ -71,6 +73,11 @@ class ModelConfig:
     # al.'s independent heads on the trunk's final hidden state (dsmtp.model.mtp).
     mtp_kind: str = "sequential"
     init_std: float = 0.006
+    # Attention kernel on CUDA (not part of the architecture): flash = flash-attn-4 (pip install
+    # 'dsmtp[gpu]'; Hopper or newer, bf16/fp16), sdpa = torch's scaled_dot_product_attention, auto =
+    # flash where it can run, SDPA elsewhere. CPU runs always take SDPA. The default stays sdpa until
+    # tests/gpu/test_gpu_flash.py has passed on a GPU: an untested kernel path is never picked unasked.
+    attention_backend: str = "sdpa"
 
     @property
     def qk_head_dim(self) -> int:
@@ -100,18 +107,63 @@ class ParallelConfig:
         return self.engine
 
 
+SOURCE_KINDS = ("files", "jsonl", "parquet", "hf_disk")
+FILES_INCLUDE = ["**/*.py"]
+FILES_EXCLUDE = ["**/test/**", "**/tests/**", "**/site-packages/**"]
+# What a source that is a directory reads when its include is unset.
+KIND_INCLUDE = {"files": FILES_INCLUDE, "jsonl": ["**/*.jsonl", "**/*.jsonl.gz", "**/*.jsonl.zst"],
+                "parquet": ["**/*.parquet"], "hf_disk": []}
+
+
+@dataclass
+class SourceConfig:
+    """One corpus of data.sources (dsmtp.data.sources reads each kind)."""
+
+    kind: str = "files"  # files (a tree, each file a document) | jsonl (.gz, .zst) | parquet | hf_disk (save_to_disk)
+    path: Optional[str] = None  # a file or directory; files: None means the running Python's standard library
+    weight: float = 1.0  # training samples are drawn from the sources in proportion to their weights
+    text_field: str = "text"  # jsonl, parquet, hf_disk: the key or column holding each document's text
+    name: Optional[str] = None  # in the manifest and metrics; None: the path's last part, without extensions
+    include: Optional[list[str]] = None  # globs inside a directory path; None: the kind's (KIND_INCLUDE)
+    exclude: Optional[list[str]] = None  # None: files: FILES_EXCLUDE; other kinds: none
+
+    @property
+    def label(self) -> str:
+        if self.name is not None:
+            return self.name
+        return Path(self.path).name.split(".")[0] if self.path else "stdlib"
+
+    @property
+    def globs(self) -> tuple[list[str], list[str]]:
+        """(include, exclude) for a directory path."""
+        include = KIND_INCLUDE[self.kind] if self.include is None else self.include
+        exclude = (FILES_EXCLUDE if self.kind == "files" else []) if self.exclude is None else self.exclude
+        return include, exclude
+
+
 @dataclass
 class DataConfig:
+    # The corpus: data.sources; when that is empty, the one file tree of source_dir/include/exclude.
+    sources: list[SourceConfig] = field(default_factory=list)
     source_dir: Optional[str] = None  # None: the running interpreter's standard library
-    include: list[str] = field(default_factory=lambda: ["**/*.py"])
-    exclude: list[str] = field(default_factory=lambda: ["**/test/**", "**/tests/**", "**/site-packages/**"])
+    include: list[str] = field(default_factory=lambda: list(FILES_INCLUDE))
+    exclude: list[str] = field(default_factory=lambda: list(FILES_EXCLUDE))
     data_dir: str = "data/stdlib"
     val_fraction: float = 0.02
+    # "train": learn a BPE model on the train split; or a sentencepiece .model file, an HF tokenizer.json,
+    # or a directory holding one (dsmtp.data.tokenizer)
+    tokenizer: str = "train"
     tokenizer_sample_bytes: int = 20_000_000
     num_workers: int = 2
     # Keep one file of each content (the first by path): an environment holds vendored copies of the same
     # module, which would otherwise be trained on twice or land on both sides of the train/val split.
     dedup: bool = False
+
+    @property
+    def corpus(self) -> list[SourceConfig]:
+        """data.sources, or the single file tree they default to."""
+        return self.sources or [SourceConfig(kind="files", path=self.source_dir, include=self.include,
+                                             exclude=self.exclude)]
 
 
 @dataclass
@@ -149,6 +201,9 @@ class TrainConfig:
     # train.precision=fp8's GEMMs: torch (dsmtp.model.fp8, tested on the device by tests/gpu) or transformer_engine
     # (te.Linear for the dense layers: no test has run it yet, so it runs only when asked for).
     fp8_backend: str = "torch"
+    # AdamW's two moments: fp32, or bf16 as DeepSeek-V3 keeps them (report, section 3.3): half the
+    # optimizer memory and fewer bytes streamed per step. Master weights stay fp32 either way.
+    optimizer_state_dtype: str = "fp32"
     # Recompute every N-th transformer layer in backward instead of keeping its activations (0: none,
     # 1: all); trades one extra forward of those layers for their activation memory.
     activation_recompute_every: int = 0
@@ -390,6 +445,8 @@ def validate_model(m: ModelConfig) -> None:
              f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be a positive even number (RoPE rotates pairs)")
     _require(m.mtp_depth >= 0, f"model.mtp_depth={m.mtp_depth} must be >= 0 (0 disables MTP)")
     _require(m.mtp_kind in MTP_KINDS, f"model.mtp_kind={m.mtp_kind!r} must be one of {', '.join(MTP_KINDS)}")
+    _require(m.attention_backend in ATTENTION_BACKENDS,
+             f"model.attention_backend={m.attention_backend!r} must be one of {', '.join(ATTENTION_BACKENDS)}")
     _require(0 <= m.first_k_dense_replace <= m.num_layers,
              f"model.first_k_dense_replace={m.first_k_dense_replace} must be in [0, num_layers={m.num_layers}]")
     _require(m.q_lora_rank is None or m.q_lora_rank > 0,
@@ -445,6 +502,29 @@ def validate_mtp_training(m: ModelConfig, t: TrainConfig) -> None:
              f"train.mtp_heads_one_at_a_time=true needs model.mtp_kind=parallel with model.mtp_depth >= 1 (got "
              f"mtp_kind={m.mtp_kind}, mtp_depth={m.mtp_depth}): sequential depths feed each other, so they cannot "
              "run one at a time; set it to false")
+
+
+def validate_sources(d: DataConfig) -> None:
+    _require(not (d.sources and d.source_dir is not None),
+             f"data.source_dir={d.source_dir} and data.sources are both set: list the tree as a source "
+             "({kind: files, path: ...}) or drop data.sources")
+    names: dict[str, int] = {}
+    for i, s in enumerate(d.corpus):
+        where = f"data.sources[{i}]"
+        _require(s.kind in SOURCE_KINDS,
+                 f"{where}.kind={_shown(s.kind)!r} is not a source kind: choose {', '.join(SOURCE_KINDS)}")
+        _require(s.path is not None or s.kind == "files",
+                 f"{where}.path is missing: a {s.kind} source needs the path of its file or directory")
+        _require(s.weight >= 0, f"{where}.weight={s.weight} must be >= 0 (0 prepares the source but draws nothing)")
+        _require(s.text_field != "", f"{where}.text_field is empty: name the key or column that holds the text")
+        _require(s.include is None or len(s.include) > 0,
+                 f"{where}.include is an empty list: give globs, or leave it unset for the kind's default")
+        _require(s.label != "" and s.label.isprintable(), f"{where}.name={s.label!r} must be a printable name")
+        _require(s.label not in names, f"data.sources[{names.get(s.label)}] and {where} are both named "
+                                       f"{s.label!r}: give one a different data.sources[i].name")
+        names[s.label] = i
+    _require(sum(s.weight for s in d.corpus) > 0, "data.sources weights are all 0: give at least one a positive weight")
+    _require(d.tokenizer != "", "data.tokenizer is empty: use train, or the path of a tokenizer.model/tokenizer.json")
 
 
 def validate_parallel(cfg: Config) -> None:
@@ -540,6 +620,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Optional[int]:
     _require(t.fp8_backend == "torch" or t.precision == "fp8",
              f"train.fp8_backend={t.fp8_backend} applies to train.precision=fp8 only (got {t.precision}): set "
              "train.precision=fp8 or train.fp8_backend=torch")
+    _require(not (m.attention_backend == "flash" and t.precision == "fp32"),
+             "model.attention_backend=flash computes in bf16, and train.precision=fp32 runs attention in fp32: "
+             "set train.precision to bf16 (or auto), or model.attention_backend to auto or sdpa")
+    _require(t.optimizer_state_dtype in OPTIMIZER_STATE_DTYPES,
+             f"train.optimizer_state_dtype={t.optimizer_state_dtype!r} must be one of {', '.join(OPTIMIZER_STATE_DTYPES)}")
     _require(t.activation_recompute_every >= 0,
              f"train.activation_recompute_every={t.activation_recompute_every} must be >= 0 (0: keep all "
              "activations, 1: recompute every layer, N: every N-th layer)")
@@ -563,6 +648,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Optional[int]:
     _require(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
     _require(d.num_workers >= 1, f"data.num_workers={d.num_workers} must be >= 1")
     _require(len(d.include) > 0, "data.include must list at least one glob, e.g. ['**/*.py']")
+    validate_sources(d)
 
     s = cfg.serve
     _require(0 <= s.port <= 65535, f"serve.port={s.port} must be in [0, 65535] (0: any free port)")

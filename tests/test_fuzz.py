@@ -137,7 +137,7 @@ def serving(tmp_path_factory):
     model_file = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     model_file.write_bytes(train_tokenizer(vocab_size=64))
     engine = Engine(random_model(tiny_config(mtp_depth=1)), speculative_k=1)
-    return Tokenizer(model_file), engine, ServeConfig(max_new_tokens=32)
+    return Tokenizer.load(model_file), engine, ServeConfig(max_new_tokens=32)
 
 
 BODIES = (st.binary(max_size=80)

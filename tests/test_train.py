@@ -36,14 +36,15 @@ def router_biases(model):
     return torch.cat([m.router.expert_bias for m in moe_layers(model)])
 
 
-def test_resume_is_bitwise_identical(make_trainer):
-    full = make_trainer("full")
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
+def test_resume_is_bitwise_identical(make_trainer, state_dtype):
+    full = make_trainer("full", optimizer_state_dtype=state_dtype)
     full.run()
 
-    part = make_trainer("part")
+    part = make_trainer("part", optimizer_state_dtype=state_dtype)
     part.run(stop_after=3)
     assert part.step == 3
-    resumed = make_trainer("part")  # a new process would do the same: auto-resume
+    resumed = make_trainer("part", optimizer_state_dtype=state_dtype)  # a new process would do the same: auto-resume
     assert resumed.resumed_from is not None and resumed.step == 3
     assert resumed.data.train.state_dict()["position"] == 3 * 2 * 2  # the next unseen sample
     resumed.run()
@@ -60,6 +61,8 @@ def test_resume_is_bitwise_identical(make_trainer):
         assert torch.equal(p, q), name
     evals = lambda t: [(r["step"], r["loss"]) for r in t.log.records() if r["kind"] == "eval"]  # noqa: E731
     assert evals(full) == evals(resumed)
+    moments = [s[k] for s in resumed.optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    assert moments and {m.dtype for m in moments} == {torch.float32 if state_dtype == "fp32" else torch.bfloat16}
 
 
 def test_logged_averages_cover_every_micro_batch(make_trainer, monkeypatch):

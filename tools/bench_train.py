@@ -3,7 +3,8 @@ where the GPU time goes (PyTorch profiler), at the configured MTP depth and at D
 
     python tools/bench_train.py --config configs/small.yaml [--set k=v ...] [--steps 20] [--warmup 5]
         [--precision bf16|fp8] [--compile] [--cuda-graph] [--disable grouped_mm] [--label NAME] [--results FILE]
-    python tools/bench_train.py --table FILE      # print the table of every row FILE holds
+    python tools/bench_train.py --table FILE [--peer TT_JSON]  # print the table of every row FILE holds
+        (--peer: torchtitan's bench_tt.py --json-out rows of the same run, side by side)
 
 The MTP design comes from the config: e.g. --set model.mtp_kind=parallel --set model.mtp_depth=3
 [--set train.mtp_heads_one_at_a_time=true]; the table's MTP column reads seq/par and the depth, with
@@ -194,6 +195,8 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
     row = dict(label=args.label or "", precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph,
                mtp_depth=d, mtp_kind=cfg.model.mtp_kind, heads_one_at_a_time=cfg.train.mtp_heads_one_at_a_time,
                disabled=",".join(args.disable), device=torch.cuda.get_device_name(),
+               attention_backend=next(m.attention_backend for m in model.modules() if hasattr(m, "attention_backend")),
+               optimizer_state_dtype=cfg.train.optimizer_state_dtype,
                step_ms=step_ms, step_ms_min=min(times), step_ms_max=max(times), tokens_per_s=tokens / step_ms * 1e3,
                gflop_per_token=fpt / 1e9, tflops=fpt * tokens / step_ms / 1e9,
                mfu=mfu(tokens / step_ms * 1e3, cfg.model, s),
@@ -262,6 +265,24 @@ def print_table(rows: list[dict]) -> None:
         print("\n".join(costs))
 
 
+# torchtitan's variant each dsmtp row is compared with, by MTP depth (../shared/anchors/torchtitan)
+PEER_VARIANTS = {0: "compile", 1: "compile+mtp1"}
+
+
+def print_peer_table(rows: list[dict], peer_rows: list[dict]) -> None:
+    """Compiled dsmtp rows against torchtitan's row of the same MTP depth, from the files one run wrote."""
+    peer = {r["variant"]: r for r in peer_rows if "error" not in r}
+    print(f"against torchtitan (bench_tt.py):\n{'run':<22}{'MTP':>7}{'tok/s':>9}{'peer':>14}{'peer tok/s':>11}"
+          f"{'ratio':>7}{'mem GiB':>8}{'peer GiB':>9}")
+    for r in rows:
+        variant = PEER_VARIANTS.get(r["mtp_depth"])
+        if not r["compile"] or variant not in peer or r.get("mtp_kind", "sequential") != "sequential":
+            continue
+        p = peer[variant]
+        print(f"{r['label'][:21]:<22}{mtp_column(r):>7}{r['tokens_per_s']:>9.0f}{variant:>14}{p['tokens_per_s']:>11.0f}"
+              f"{r['tokens_per_s'] / p['tokens_per_s']:>6.2f}x{r['peak_mem_gib']:>8.1f}{p['peak_mem_gib']:>9.1f}")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config")
@@ -278,9 +299,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--label")
     parser.add_argument("--results", default="bench_results.jsonl")
     parser.add_argument("--table", help="print the table of a results file and exit")
+    parser.add_argument("--peer", help="with --table: torchtitan's bench_tt.py --json-out file of the same run")
     args = parser.parse_args(argv)
     if args.table:
-        print_table([json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()])
+        rows = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
+        print_table(rows)
+        if args.peer:
+            print_peer_table(rows, json.loads(Path(args.peer).read_text()))
         return 0
     if not args.config:
         parser.error("--config is required")

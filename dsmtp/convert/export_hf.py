@@ -29,7 +29,8 @@ from dsmtp.config import ModelConfig
 from dsmtp.convert import fp8, names
 from dsmtp.convert.checkpoint_io import TensorSource
 from dsmtp.convert.hf_config import generation_config, to_hf_config
-from dsmtp.convert.hf_tokenizer import write_hf_tokenizer
+from dsmtp.convert.hf_tokenizer import save_brought_tokenizer, write_hf_tokenizer
+from dsmtp.data.tokenizer import HF_FILE, Tokenizer, tokenizer_file
 from dsmtp.safetensors_stream import SafetensorsWriter
 from dsmtp.io import atomic_directory
 
@@ -153,8 +154,10 @@ def export(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int = 5 
             config["quantization_config"] = dict(fp8.QUANTIZATION_CONFIG)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(), indent=2) + "\n")
-        tokenizer = ckpt_dir / TOKENIZER
-        if tokenizer.is_file():
+        tokenizer = tokenizer_file(ckpt_dir)
+        if tokenizer.name == HF_FILE:
+            save_brought_tokenizer(Tokenizer.load(tokenizer), tmp, cfg.model.max_position_embeddings)
+        elif tokenizer.is_file():
             write_hf_tokenizer(tokenizer, tmp, cfg.model.max_position_embeddings)
         else:
             print(f"note: {ckpt_dir} has no {TOKENIZER}; the export has no tokenizer files", file=sys.stderr)

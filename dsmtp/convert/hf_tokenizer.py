@@ -1,4 +1,5 @@
-"""Our sentencepiece model as HF tokenizer files that `AutoTokenizer.from_pretrained` loads.
+"""Our sentencepiece model as HF tokenizer files that `AutoTokenizer.from_pretrained` loads (a brought
+HF tokenizer.json is saved as it is, `save_brought_tokenizer`).
 
 transformers' `SpmConverter.build_tokenizer_from_spm_proto` rebuilds a `tokenizers` BPE from the
 sentencepiece model's own settings (byte fallback, normalizer spec, dummy prefix, merges ranked by piece
@@ -119,3 +120,11 @@ def write_hf_tokenizer(sp_model: Path, out_dir: Path, model_max_length: int) -> 
     )
     tokenizer.save_pretrained(str(out_dir))
     shutil.copyfile(sp_model, Path(out_dir) / "tokenizer.model")
+
+
+def save_brought_tokenizer(tokenizer, out_dir: Path, model_max_length: int) -> None:
+    """A HuggingFace tokenizer.json the run was trained with (dsmtp.data.tokenizer.HFTokenizer), saved as
+    transformers saves it, with the end-of-document token dsmtp used as its eos_token."""
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer.model_path), eos_token=tokenizer.eos_token,
+                                   model_max_length=model_max_length, clean_up_tokenization_spaces=False)
+    fast.save_pretrained(str(out_dir))

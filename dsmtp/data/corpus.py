@@ -61,19 +61,20 @@ def default_source_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def resolve_source_dir(source_dir: Optional[str]) -> Path:
+def resolve_source_dir(source_dir: Optional[str], field: str = "data.source_dir") -> Path:
     root = Path(source_dir).expanduser() if source_dir else default_source_dir()
     if not root.exists():
         raise DataError(
-            f"data.source_dir={root} does not exist: point it at a directory of text or code, or leave it "
+            f"{field}={root} does not exist: point it at a directory of text or code, or leave it "
             "unset to use the Python standard library"
         )
     if not root.is_dir():
-        raise DataError(f"data.source_dir={root} is a file, not a directory: give the directory that holds it")
+        raise DataError(f"{field}={root} is a file, not a directory: give the directory that holds it")
     return root.resolve()
 
 
-def scan(root: Path, include: list[str], exclude: list[str]) -> list[SourceFile]:
+def scan(root: Path, include: list[str], exclude: list[str], path_field: str = "data.source_dir",
+         include_field: str = "data.include") -> list[SourceFile]:
     """Every regular file under `root` matching an include glob and no exclude glob, sorted by path.
     Directories excluded as a whole (`.../**` globs) are never entered, so a site-packages with
     thousands of files under the standard library costs nothing."""
@@ -83,9 +84,9 @@ def scan(root: Path, include: list[str], exclude: list[str]) -> list[SourceFile]
     try:
         empty = not any(root.iterdir())
     except OSError as e:
-        raise DataError(f"data.source_dir={root} cannot be listed ({e.strerror}): check its permissions") from None
+        raise DataError(f"{path_field}={root} cannot be listed ({e.strerror}): check its permissions") from None
     if empty:
-        raise DataError(f"data.source_dir={root} is empty: point it at a directory of text or code files")
+        raise DataError(f"{path_field}={root} is empty: point it at a directory of text or code files")
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = Path(dirpath).relative_to(root).as_posix()
@@ -105,8 +106,9 @@ def scan(root: Path, include: list[str], exclude: list[str]) -> list[SourceFile]
                 files.append(SourceFile(rel, path, st.st_size, st.st_mtime_ns))
     if not files:
         raise DataError(
-            f"no file under {root} matches data.include={include} and not data.exclude={exclude}: "
-            "fix the globs (paths are relative to data.source_dir, e.g. '**/*.py')"
+            f"no file under {root} matches {include_field}={include} and not "
+            f"{include_field.replace('include', 'exclude')}={exclude}: fix the globs (paths are relative to "
+            f"{path_field}, e.g. '**/*.py')"
         )
     return sorted(files, key=lambda f: f.rel)
 

@@ -1,7 +1,8 @@
 """Token shards on disk: raw little-endian token ids, memory-mapped for reading, with checksums.
 
 A split (`train/`, `val/`) is a sequence of shards; its token stream is their concatenation, each
-document followed by EOS. Per shard:
+document followed by EOS. Each shard holds documents of one source (data.sources), the sources in
+config order, so a source's own stream is the concatenation of its shards. Per shard:
     NNNNN.tokens     token ids, dtype uint16 when every id fits (vocab <= 65536), else uint32
 `manifest.json` (written last) lists every shard with its token and document counts and a checksum of
 each block of BLOCK_TOKENS tokens. A data dir is accepted when its manifest has a schema this dsmtp reads
@@ -11,7 +12,8 @@ damage is reported naming the shard and offset, not met as an index error inside
 `dsmtp prepare` (which verifies every block before it calls a data dir up to date) repairs it.
 
 Schema 1 (written before the checksums) still loads, its blocks checked for ids only; the document index
-it wrote beside each shard (NNNNN.docs.npy, never read) is ignored. `dsmtp prepare` rewrites it as schema 2.
+it wrote beside each shard (NNNNN.docs.npy, never read) is ignored. Schemas 1 and 2 (before data.sources)
+hold one source. `dsmtp prepare` rewrites either as schema 3.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import numpy as np
 
 from dsmtp.data.errors import DataError
 
-SCHEMA_VERSION = 2  # 2: block checksums, no document index
-READABLE_SCHEMAS = (1, 2)
+SCHEMA_VERSION = 3  # 2: block checksums, no document index; 3: sources, each shard of one
+READABLE_SCHEMAS = (1, 2, 3)
 MANIFEST_FILE = "manifest.json"
 SPLITS = ("train", "val")
 SHARD_TOKENS = 1 << 28  # start a new shard past this many tokens (512 MiB at uint16)
@@ -47,6 +49,12 @@ class ShardWriter:
         split_dir.mkdir(parents=True, exist_ok=True)
         self.shards: list[dict] = []
         self._file = None
+        self._source: Optional[str] = None
+
+    def start_source(self, name: str) -> None:
+        """The documents added from now on are `name`'s: they start a new shard."""
+        self._finish_shard()
+        self._source = name
 
     def add(self, tokens: np.ndarray) -> None:
         if self._file is None or (self._size + len(tokens) + 1 > self.max_shard_tokens and self._size > 0):
@@ -72,7 +80,7 @@ class ShardWriter:
         self._file = None
         path = self.split_dir / f"{self._name}.tokens"
         self.shards.append({"tokens": f"{self.split_dir.name}/{path.name}", "num_tokens": self._size,
-                            "num_documents": self._documents,
+                            "num_documents": self._documents, "source": self._source,
                             "checksums": {"block_tokens": BLOCK_TOKENS, "blocks": block_checksums(path, self.dtype)}})
 
 
@@ -149,21 +157,14 @@ def verify_split(data_dir: Union[str, Path], manifest: dict, split: str, every_b
             check_token_ids(part, vocab_size, path, start)
 
 
-class TokenSplit:
-    """Random access to one split's token stream, memory-mapped (nothing is read until asked for)."""
+class TokenStream:
+    """Random access to the concatenated tokens of some shards, memory-mapped (nothing is read until
+    asked for); every read checks its ids against the vocabulary."""
 
-    def __init__(self, data_dir: Union[str, Path], split: str):
-        data_dir = Path(data_dir)
-        self.manifest = load_manifest(data_dir)
-        verify_split(data_dir, self.manifest, split)
-        self.dtype = np.dtype(self.manifest["dtype"])
-        self.vocab_size = self.manifest["tokenizer"]["vocab_size"]
-        shards = self.manifest["splits"][split]["shards"]
-        self._paths = [data_dir / s["tokens"] for s in shards]
-        sizes = [s["num_tokens"] for s in shards]
+    def __init__(self, paths: list[Path], sizes: list[int], dtype: np.dtype, vocab_size: int):
+        self._paths, self.dtype, self.vocab_size = paths, dtype, vocab_size
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.num_tokens = int(self._starts[-1])
-        self.num_documents = sum(s["num_documents"] for s in shards)
         self._maps: dict[int, np.memmap] = {}
 
     def _shard(self, i: int) -> np.memmap:
@@ -174,7 +175,7 @@ class TokenSplit:
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the stream, crossing shard boundaries as needed."""
         if start < 0 or start + length > self.num_tokens:
-            raise IndexError(f"tokens [{start}, {start + length}) outside the split's {self.num_tokens}")
+            raise IndexError(f"tokens [{start}, {start + length}) outside the stream's {self.num_tokens}")
         parts, pos, end = [], start, start + length
         while pos < end:
             i = int(np.searchsorted(self._starts, pos, side="right")) - 1
@@ -184,3 +185,25 @@ class TokenSplit:
             check_token_ids(parts[-1], self.vocab_size, self._paths[i], offset)
             pos = stop
         return np.concatenate(parts) if len(parts) != 1 else parts[0]
+
+
+class TokenSplit(TokenStream):
+    """One split's token stream (all sources), and each source's own (`sources`, `source`)."""
+
+    def __init__(self, data_dir: Union[str, Path], split: str):
+        data_dir = Path(data_dir)
+        self.manifest = load_manifest(data_dir)
+        verify_split(data_dir, self.manifest, split)
+        dtype = np.dtype(self.manifest["dtype"])
+        shards = self.manifest["splits"][split]["shards"]
+        super().__init__([data_dir / s["tokens"] for s in shards], [s["num_tokens"] for s in shards], dtype,
+                         self.manifest["tokenizer"]["vocab_size"])
+        self.num_documents = sum(s["num_documents"] for s in shards)
+        self._shards = shards
+        # the sources in manifest order; a data dir from before data.sources has one, named None
+        self.sources: list[Optional[str]] = [s["name"] for s in self.manifest.get("sources", [{"name": None}])]
+
+    def source(self, name: Optional[str]) -> TokenStream:
+        """The stream of one source's documents in this split (empty when it has none here)."""
+        mine = [(path, s["num_tokens"]) for path, s in zip(self._paths, self._shards) if s.get("source") == name]
+        return TokenStream([p for p, _ in mine], [n for _, n in mine], self.dtype, self.vocab_size)

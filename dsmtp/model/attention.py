@@ -45,6 +45,8 @@ class MLA(nn.Module):
         self.v_head_dim = cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
         self.softmax_scale = softmax_scale(cfg)
+        # "sdpa" until the run resolves model.attention_backend for its device (DeepSeekV3.set_attention_backend)
+        self.attention_backend = "sdpa"
         std = cfg.init_std
         q_out = cfg.num_heads * cfg.qk_head_dim
         if cfg.q_lora_rank is None:
@@ -83,7 +85,7 @@ class MLA(nn.Module):
         # only: its gradient must be summed over the TP ranks.
         k_rope = shared_by_local_heads(k_rope)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_local_heads, -1)], dim=-1)
-        out = kernels.attention(q, k, v, self.softmax_scale)
+        out = kernels.attention(q, k, v, self.softmax_scale, self.attention_backend)
         return self.wo(out.flatten(2))
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, keys: torch.Tensor,
@@ -113,4 +115,8 @@ class MLA(nn.Module):
         if cache is None:
             return self.attend(q_nope, q_rope, kv, k_rope)
         keys, q_positions = cache.append(kv, k_rope)
+        if self.attention_backend == "flash" and cache.from_start:
+            # A prefill into an empty cache: the new tokens are every key, at positions 0..S-1 (ragged
+            # prompts right-padded), which is plain causal attention: the flash kernel's case.
+            return self.attend(q_nope, q_rope, kv, k_rope)
         return self.attend_absorbed(q_nope, q_rope, keys, q_positions)

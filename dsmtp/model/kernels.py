@@ -8,12 +8,15 @@ benchmarks that measure what each one buys (tools/bench_train.py --disable NAME)
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from dsmtp.config import ConfigError
 from dsmtp.model import fp8
 
 
@@ -38,13 +41,19 @@ def static_shapes() -> Iterator[None]:
         _static_shapes = before
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str = "sdpa") -> torch.Tensor:
     """Causal attention. q [B, Sq, h, d_qk], k [B, Skv, h, d_qk], v [B, Skv, h, d_v] -> [B, Sq, h, d_v].
 
     When Sq < Skv (decoding after a cached prefix) the queries are the last Sq positions.
-    SDPA picks its cuDNN backend for MLA's shapes itself (q/k head dim != v head dim, which the flash
+    backend: "flash" (resolved by `resolve_attention_backend`) runs CUDA tensors in bf16 or fp16, or
+    under autocast, through flash-attn-4; everything else, and every CPU tensor, through SDPA.
+    SDPA picks its cuDNN backend for MLA's shapes itself (q/k head dim != v head dim, which its flash
     backend refuses): forcing that order gains nothing (notes/code-measurements.md).
     """
+    if backend == "flash" and q.is_cuda:
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
+        if dtype in (torch.bfloat16, torch.float16):
+            return flash_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     sq, skv = q.shape[2], k.shape[2]
     if sq == skv:
@@ -53,6 +62,99 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
         visible = torch.arange(skv, device=q.device)[None, :] <= torch.arange(sq, device=q.device)[:, None] + (skv - sq)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
     return out.transpose(1, 2)
+
+
+# flash-attn-4 (PyPI flash-attn-4, CuTe-DSL kernels; import name flash_attn.cute). Its interface is an
+# autograd.Function that torch.compile cannot trace into, so its forward and backward are wrapped as
+# two custom ops with fake (shape-only) implementations: compiled layers keep attention in their graph.
+# Its causal mask is bottom-right aligned when Sq < Skv, as `attention`'s.
+FLASH_PACKAGE = "flash-attn-4"
+FLASH_MIN_CAPABILITY = (9, 0)  # its sm90 kernels (Hopper); sm100+ has its own
+
+
+@functools.cache
+def _flash_interface():
+    """flash_attn.cute.interface, or None when it cannot be imported."""
+    try:
+        return importlib.import_module("flash_attn.cute.interface")
+    except Exception:  # ImportError, or a broken install (its CUDA-DSL runtime fails to load)
+        return None
+
+
+def flash_unavailable(device: torch.device) -> str | None:
+    """Why flash-attn-4 cannot run attention on `device`, or None when it can."""
+    if device.type != "cuda":
+        return f"it runs on CUDA devices only, and this run's device is {device.type}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FLASH_MIN_CAPABILITY:
+        return (f"its kernels need compute capability {FLASH_MIN_CAPABILITY[0]}.{FLASH_MIN_CAPABILITY[1]} or newer "
+                f"(Hopper), and {torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}")
+    if _flash_interface() is None:
+        return f"the {FLASH_PACKAGE} package is not importable (pip install 'dsmtp[gpu]', or pip install {FLASH_PACKAGE})"
+    return None
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """model.attention_backend for a run on `device`: "flash" or "sdpa". auto takes flash-attn-4 where it
+    can run; a forced flash that cannot is a ConfigError saying why, before any work starts."""
+    if name == "sdpa":
+        return "sdpa"
+    reason = flash_unavailable(device)
+    if reason is None:
+        return "flash"
+    if name == "flash":
+        raise ConfigError(f"model.attention_backend=flash, but {reason}: install it, or set "
+                          "model.attention_backend to auto (flash where it can run, SDPA elsewhere) or sdpa")
+    return "sdpa"
+
+
+@torch.library.custom_op("dsmtp::flash_attention_forward", mutates_args=())
+def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        out, lse = _flash_interface().flash_attn_func(q, k, v, softmax_scale=scale, causal=True, return_lse=True)[:2]
+    return out, lse
+
+
+@_flash_forward.register_fake
+def _(q, k, v, scale):
+    b, sq, h, _ = q.shape
+    return q.new_empty(b, sq, h, v.shape[-1]), q.new_empty(b, h, sq, dtype=torch.float32)
+
+
+@torch.library.custom_op("dsmtp::flash_attention_backward", mutates_args=())
+def _flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
+                    lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The interface's own backward calls this with the tensors its forward saved (4.0.0b36).
+    dq, dk, dv = _flash_interface()._flash_attn_bwd(q, k, v, out, grad_out.contiguous(), lse,
+                                                    softmax_scale=scale, causal=True)[:3]
+    return dq, dk, dv
+
+
+@_flash_backward.register_fake
+def _(q, k, v, out, grad_out, lse, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash_setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _flash_grad(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _flash_backward(q, k, v, out, grad_out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+_flash_forward.register_autograd(_flash_grad, setup_context=_flash_setup_context)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention through flash-attn-4, layout as `attention`'s; q, k, v bf16 or fp16 on CUDA.
+    Its kernels take MLA's q/k head dim != v head dim (sm90: each between 8 and 256, multiples of 8)."""
+    return _flash_forward(q.contiguous(), k.contiguous(), v.contiguous(), scale)[0]
 
 
 # Scores one call of shared_key_attention may hold ([B, Sq, h, Skv] elements); longer queries go in chunks.

@@ -18,7 +18,7 @@ from torch import nn
 
 from dsmtp.config import ModelConfig
 from dsmtp.model import fp8, recompute
-from dsmtp.model.attention import LatentCache
+from dsmtp.model.attention import MLA, LatentCache
 from dsmtp.model.layer import TransformerLayer
 from dsmtp.model.linear import ColumnParallelLinear, LocalGemm, VocabParallelEmbedding
 from dsmtp.model.moe import RoutedExperts
@@ -87,6 +87,12 @@ class DeepSeekV3(nn.Module):
                 module.fp8 = True
                 switched.append(name)
         return switched
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Every MLA layer's attention kernel: "flash" or "sdpa" (kernels.resolve_attention_backend)."""
+        for module in self.modules():
+            if isinstance(module, MLA):
+                module.attention_backend = backend
 
     def set_activation_recompute(self, every: int) -> None:
         """Recompute every `every`-th transformer layer (trunk layers counted from the first, then the MTP

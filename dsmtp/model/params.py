@@ -148,7 +148,8 @@ class TrainingMemory:
 def training_memory(cfg: Config, world_size: int = 1, device_type: str = "cpu") -> TrainingMemory:
     """What each of `world_size` processes holds to train `cfg` on `device_type`.
 
-    Weights and gradients are fp32 (4 bytes each) and AdamW keeps two fp32 moments (8 bytes). A process
+    Weights and gradients are fp32 (4 bytes each) and AdamW keeps two moments (8 bytes in fp32, 4 under
+    train.optimizer_state_dtype=bf16). A process
     holds 1 / (tp * pp) of the dense parameters and 1 / (tp * pp * ep) of the routed experts; ZeRO stage
     1 shards the moments over the data-parallel ranks, stage 2 the gradients too, stage 3 the weights too.
     Activations: one micro-batch of this rank's samples (train.micro_batch_size / dp), in bf16 when the
@@ -175,7 +176,7 @@ def training_memory(cfg: Config, world_size: int = 1, device_type: str = "cpu") 
                                       recompute_every=t.activation_recompute_every)
     fused = 2 if t.compile else 1
     activations = {part: activation_bytes * tokens * n // (model_parallel * fused) for part, n in per_token.items()}
-    return TrainingMemory(parameters=per_rank(4, 3), gradients=per_rank(4, 2), optimizer=per_rank(8, 1),
+    return TrainingMemory(parameters=per_rank(4, 3), gradients=per_rank(4, 2), optimizer=per_rank(2 * (2 if t.optimizer_state_dtype == "bf16" else 4), 1),
                           activations_by_part=activations)
 
 

@@ -32,6 +32,10 @@ class LayerCache:
     def __init__(self, stack: "StackCache", index: int):
         self.stack, self.index = stack, index
 
+    @property
+    def from_start(self) -> bool:
+        return self.stack.from_start
+
     def append(self, kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new tokens' latents [B, w, r] and rope keys [B, w, d] at the positions the stack
         handed out; return the cached keys [latent, rope key] up to the furthest position it reads
@@ -50,6 +54,10 @@ class StackCache:
         self.lengths = torch.zeros(keys.shape[1], dtype=torch.long, device=keys.device)  # tokens cached per sequence
         self.positions = torch.zeros(keys.shape[1], 0, dtype=torch.long, device=keys.device)
         self.end = 0  # one past the furthest position attention reads
+        # Host-side: nothing was ever written (lengths all zero), and the pass that follows writes
+        # positions 0..width-1 of every sequence (a prefill): plain causal attention over the new tokens.
+        self.never_written = True
+        self.from_start = False
         self.layers = [LayerCache(self, i) for i in range(keys.shape[0])]
 
     @classmethod
@@ -67,6 +75,7 @@ class StackCache:
         the forward pass that follows; returns them [B, width]. With `last` [B], a sequence with fewer
         positions to go repeats position last[b] instead of running past it (and past the capacity):
         the repeats recompute the same values."""
+        self.from_start, self.never_written = self.never_written and last is None and width > 0, False
         self.positions = self.lengths[:, None] + torch.arange(width, device=self.lengths.device)
         if last is not None:
             self.positions = torch.minimum(self.positions, torch.maximum(last, self.lengths - 1)[:, None])
@@ -83,6 +92,7 @@ class StackCache:
         attention read the whole capacity, masked per query: nothing is read back to the host."""
         self.positions = positions
         self.end = self.capacity
+        self.from_start = self.never_written = False
         return positions
 
     def truncate(self, lengths: torch.Tensor) -> None:
@@ -106,6 +116,7 @@ class StackCache:
         self.keys = torch.cat([grown(self.keys), grown(other.keys)], dim=1)
         self.lengths = torch.cat([self.lengths, other.lengths])
         self.capacity = capacity
+        self.from_start = self.never_written = False
 
     @property
     def bytes_per_token(self) -> int:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from dsmtp.checkpoint import TOKENIZER, CheckpointError, load_model, resolve
+from dsmtp.checkpoint import CheckpointError, load_model, resolve
 from dsmtp.config import Config
 from dsmtp.convert.import_hf import import_hf
-from dsmtp.data.tokenizer import Tokenizer
-from dsmtp.model import DeepSeekV3
+from dsmtp.data.tokenizer import Tokenizer, tokenizer_file
+from dsmtp.model import DeepSeekV3, kernels
 
 
 def utf8_text(text: str, what: str) -> str:
@@ -45,7 +45,7 @@ def completion_text(tokenizer: Tokenizer, prompt: list[int], completion: list[in
 
 
 def _load_dsmtp(path: Path, overrides: list[str]) -> tuple[DeepSeekV3, Config, Tokenizer]:
-    tokenizer = resolve(path) / TOKENIZER
+    tokenizer = tokenizer_file(resolve(path))  # tokenizer.model, or a brought tokenizer.json
     if not tokenizer.is_file():
         raise CheckpointError(f"{tokenizer} is missing: generation needs the tokenizer the model was trained with")
     model, cfg = load_model(path, overrides=overrides)
@@ -79,4 +79,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     else:
         model, cfg, tokenizer = _load_dsmtp(path, overrides or [])
     model.to(device=device, dtype=dtype)
+    # A checkpoint trained with attention_backend=flash still serves on a CPU (SDPA there).
+    model.set_attention_backend(kernels.resolve_attention_backend(
+        cfg.model.attention_backend if device.type == "cuda" else "sdpa", device))
     return model, cfg, tokenizer

@@ -159,12 +159,12 @@ def prepare_corpus(study: StudyConfig) -> dict:
     for split in ("train", "val"):
         for shard in splits[split]["shards"]:
             content.update(json.dumps([shard["num_tokens"], shard.get("checksums")]).encode())
-    return {"data_dir": str(data_dir), "source": manifest["source"], "content_sha256": content.hexdigest(),
+    return {"data_dir": str(data_dir), "source": manifest.get("source") or ", ".join(s["path"] for s in manifest["sources"]), "content_sha256": content.hexdigest(),
             "fingerprint": manifest["fingerprint"],
             "tokenizer_sha256": manifest["tokenizer"]["sha256"], "vocab_size": manifest["tokenizer"]["vocab_size"],
             "train_files": splits["train"]["documents"], "val_files": splits["val"]["documents"],
             "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],
-            "files_skipped": manifest["files"]["skipped"], "dedup": manifest["config"].get("dedup", False)}
+            "files_skipped": manifest.get("files", {}).get("skipped", {}), "dedup": manifest["config"].get("dedup", False)}
 
 
 def train_arm(cfg: Config, deadline: Optional[float]) -> Optional[Trainer]:

@@ -36,6 +36,11 @@ class DistributedTrainer(Trainer):
         if self.cfg.train.cuda_graph:
             raise ConfigError("train.cuda_graph=true replays the single-process step, not a step under torchrun: "
                               "set it to false")
+        if self.cfg.parallel.resolved_engine == "deepspeed" and self.cfg.train.optimizer_state_dtype != "fp32":
+            raise ConfigError(f"train.optimizer_state_dtype={self.cfg.train.optimizer_state_dtype} under DeepSpeed "
+                              f"(parallel.engine={self.cfg.parallel.engine}): its ZeRO optimizer keeps the moments "
+                              "in fp32 partitions of its own; use parallel.engine=native, or "
+                              "train.optimizer_state_dtype=fp32")
         self.layout = topology.layout()
         model, layers = build_model(self.cfg, self.layout, self.cfg.train.seed)
         self.model = model.to(self.device).train()

@@ -1,5 +1,10 @@
 """AdamW with decoupled weight decay, applied to matrices only, as one fused kernel.
 
+train.optimizer_state_dtype=bf16 keeps the two moments in bf16, as DeepSeek-V3 does (report, section
+3.3), over fp32 master weights: `AdamWLowPrecisionMoments`. torch's AdamW (fused, foreach or single
+tensor) keeps moments in the parameters' dtype, so this is our own small step: each moment is read,
+updated in fp32, used at fp32 for this step's update and stored rounded to bf16 (round to nearest).
+
 Norm weights and any other 1-D parameters (biases) are not decayed: shrinking a norm's gain or a
 bias toward zero is not regularization. The router's expert_bias is a buffer updated by the
 balancing rule, never by the optimizer.
@@ -28,9 +33,98 @@ def parameter_groups(model: nn.Module | Iterable[nn.Parameter], weight_decay: fl
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
 
-def build_optimizer(model: nn.Module | Iterable[nn.Parameter], t: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr,
-                             betas=(t.beta1, t.beta2), eps=t.adam_eps, fused=True)
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MOMENTS = ("exp_avg", "exp_avg_sq")  # torch's AdamW state names, kept so checkpoints read the same
+
+
+def build_optimizer(model: nn.Module | Iterable[nn.Parameter], t: TrainConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, t.weight_decay)
+    if t.optimizer_state_dtype == "fp32":
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps, fused=True)
+    return AdamWLowPrecisionMoments(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps,
+                                    state_dtype=STATE_DTYPES[t.optimizer_state_dtype])
+
+
+def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 step: torch.Tensor, lr: torch.Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
+                 grad_scale: torch.Tensor, skip: torch.Tensor) -> None:
+    """One AdamW step of one parameter, in place, as torch.optim.AdamW computes it, with the moments
+    updated in fp32 and stored in their own dtype. grad_scale divides
+    the gradient (clipping); where `skip` is set nothing changes, `step` (the count before this step)
+    included. Tensors, not numbers, for everything that changes between steps: compiled, one graph
+    serves every step."""
+    step.add_((~skip).float())
+    g = grad.float() / grad_scale
+    m = exp_avg.float().lerp(g, 1 - beta1)
+    v = exp_avg_sq.float() * beta2 + (1 - beta2) * g * g
+    step = step.float()
+    bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
+    update = (m / bias1) / (v.sqrt() / bias2.sqrt() + eps)
+    new_param = param * (1 - lr * weight_decay) - lr * update
+    param.copy_(torch.where(skip, param, new_param))
+    exp_avg.copy_(torch.where(skip, exp_avg, m.to(exp_avg.dtype)))
+    exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v.to(exp_avg_sq.dtype)))
+
+
+class AdamWLowPrecisionMoments(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) over fp32 parameters with its moments stored in `state_dtype`.
+
+    Takes what clipped_step hands a fused optimizer: `grad_scale` (gradients are divided by it) and
+    `found_inf` (skip the step: parameters, moments and step counts stay), both device tensors, so
+    neither costs a host read. On CUDA each parameter's update is one compiled kernel; elsewhere the
+    same function runs eagerly. State: "step" (a float32 device tensor, as fused AdamW's) and the two
+    moments under torch's names; a state loaded from an fp32 checkpoint is stored at state_dtype.
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0,
+                 state_dtype: torch.dtype = torch.bfloat16):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.state_dtype = state_dtype
+        self.register_load_state_dict_post_hook(AdamWLowPrecisionMoments._store_moments_at_state_dtype)
+        self._compiled = None
+
+    @staticmethod
+    def _store_moments_at_state_dtype(optimizer: "AdamWLowPrecisionMoments") -> None:
+        # torch's load_state_dict casts every floating state tensor to its parameter's dtype (fp32)
+        for state in optimizer.state.values():
+            for key in MOMENTS:
+                if key in state:
+                    state[key] = state[key].to(optimizer.state_dtype)
+
+    def _update_fn(self, device: torch.device):
+        if device.type != "cuda":
+            return adamw_update
+        if self._compiled is None:
+            # dynamic: one kernel for every parameter size (the tensors are flattened)
+            self._compiled = torch.compile(adamw_update, dynamic=True, fullgraph=True)
+        return self._compiled
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            device = params[0].device
+            lr = torch.tensor(group["lr"], dtype=torch.float32, device=device)
+            scale = torch.ones((), device=device) if grad_scale is None else grad_scale.to(device)
+            skip = torch.zeros((), dtype=torch.bool, device=device) if found_inf is None else found_inf.to(device) > 0
+            update = self._update_fn(device)
+            beta1, beta2 = group["betas"]
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    for key in MOMENTS:
+                        state[key] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
+                update(p.view(-1), p.grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
+                       state["step"], lr, beta1, beta2, group["eps"], group["weight_decay"], scale, skip)
+        return loss
 
 
 def clipped_step(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], max_norm: float,

@@ -5,7 +5,8 @@ the logging rank only, so a dashboard shows exactly what the file holds. A recor
 numbers already read from the device, so a tracker never makes the host wait for the GPU.
 
 Tags are `{kind}/{field}` (`train/loss`, `eval/loss`, `train/grad_norm`, ...), a per-depth list as
-`{kind}/{field}_depth{k}` (`train/mtp_loss_depth1`); the x axis is the record's optimizer step.
+`{kind}/{field}_depth{k}` (`train/mtp_loss_depth1`), a per-source mapping as `{kind}/{field}/{source}`; the x
+axis is the record's optimizer step.
 
 TensorBoard writes `out_dir/tensorboard` (`tensorboard --logdir runs` compares runs); the run's config
 is its hparams and a text summary. A resumed run makes TensorBoard drop the events an interrupted run
@@ -53,6 +54,8 @@ def scalars(record: dict) -> dict[str, float]:
             continue
         if isinstance(value, list):
             tags.update({f"{kind}/{key}_depth{k}": v for k, v in enumerate(value, start=1)})
+        elif isinstance(value, dict):  # e.g. source_tokens: one tag per source
+            tags.update({f"{kind}/{key}/{name}": v for name, v in value.items()})
         else:
             tags[f"{kind}/{key}"] = value
     return tags

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from dsmtp import checkpoint
 from dsmtp.config import Config, ConfigError
-from dsmtp.model import DeepSeekV3, ModelOutput, fp8, update_expert_bias
+from dsmtp.model import DeepSeekV3, ModelOutput, fp8, kernels, update_expert_bias
 from dsmtp.model.mtp import depth_weights, split_sample
 from dsmtp.parallel import topology
 from dsmtp.train import memory, report, schedules, trackers
@@ -48,6 +48,7 @@ class BatchStream(Protocol):
     """What the trainer needs from a training data loader (dsmtp.data.loader.TrainBatches)."""
 
     def __next__(self) -> torch.Tensor: ...
+    def source_tokens(self) -> dict[str, int]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -73,7 +74,9 @@ def open_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Data:
     extra = cfg.model.mtp_depth if t.sample_extra_tokens is None else t.sample_extra_tokens
     val_split = TokenSplit(data_dir, "val")
     # train.micro_batch_size counts the samples of all data-parallel ranks together: each reads its slice.
-    return Data(train=TrainBatches(data_dir, t.seq_len, extra, t.micro_batch_size // dp_size, t.seed, dp_rank, dp_size),
+    weights = {source.label: source.weight for source in cfg.data.corpus}
+    return Data(train=TrainBatches(data_dir, t.seq_len, extra, t.micro_batch_size // dp_size, t.seed, dp_rank, dp_size,
+                                   weights),
                 val=val_batches(data_dir, t.seq_len, extra, t.micro_batch_size, t.eval_batches),
                 val_tokens=torch.from_numpy(val_split.read(0, val_split.num_tokens).astype("int64")),
                 tokenizer_path=tokenizer.model_path, unigram_baseline=val_split.manifest.get("unigram", {}))
@@ -107,7 +110,10 @@ def autocast_for(precision: str, device: torch.device, fp8_backend: str = "torch
 def apply_train_settings(model: DeepSeekV3, t) -> None:
     """The train section's settings that live on the model: the MTP depth weights (and, for parallel
     heads, one-at-a-time backward); train.precision=fp8 switches the eligible GEMMs to FP8;
-    train.activation_recompute_every marks layers for recomputation; train.compile compiles layer by layer."""
+    train.activation_recompute_every marks layers for recomputation; train.compile compiles layer by layer.
+    Also model.attention_backend, resolved for the model's device (a forced flash that cannot run stops here)."""
+    model.set_attention_backend(kernels.resolve_attention_backend(model.cfg.attention_backend,
+                                                                  next(model.parameters()).device))
     model.mtp.depth_weights = depth_weights(t.mtp_depth_weights, model.cfg.mtp_depth)
     if t.mtp_heads_one_at_a_time:
         model.mtp.one_at_a_time = True
@@ -332,6 +338,9 @@ class Trainer:
         rec = {"kind": "train", "step": self.step, "tokens": self.tokens, "lr": schedules.learning_rate(t, self.step - 1),
                "mtp_weight": schedules.mtp_weight(t, self.tokens - self.tokens_per_step),
                "bias_rate": schedules.bias_update_rate(t, self.tokens - self.tokens_per_step), **rec}
+        source_tokens = self.data.train.source_tokens()
+        if len(source_tokens) > 1:  # a mixture: the main-loss tokens each source has served so far
+            rec["source_tokens"] = source_tokens
         if self.device.type == "cuda":
             rec["mfu"] = mfu(rec["tokens_per_second"], self.cfg.model, t.seq_len, torch.distributed.get_world_size())
             rec["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from dsmtp.config import Config, load_config
 from dsmtp.model import DeepSeekV3, ModelOutput, moe_layers, update_expert_bias
 from dsmtp.parallel.topology import Layout
+from dsmtp.train.optim import AdamWLowPrecisionMoments
 from dsmtp.train.trainer import apply_train_settings
 
 SEED = 1234
@@ -23,7 +24,8 @@ GRAD_CLIP = 0.05  # small enough to clip: the test checks it is active
 
 
 def tiny_config(tp: int = 1, pp: int = 1, ep: int = 1, zero: int = 1, sp: bool = False,
-                mtp_kind: str = "sequential", heads_one_at_a_time: bool = False, engine: str = "auto") -> Config:
+                mtp_kind: str = "sequential", heads_one_at_a_time: bool = False, state_dtype: str = "fp32",
+                engine: str = "auto") -> Config:
     overrides = {
         "model.vocab_size": 256, "model.hidden_size": 64, "model.num_layers": 3, "model.num_heads": 2,
         "model.first_k_dense_replace": 1, "model.intermediate_size": 96, "model.moe_intermediate_size": 32,
@@ -37,7 +39,7 @@ def tiny_config(tp: int = 1, pp: int = 1, ep: int = 1, zero: int = 1, sp: bool =
         "train.seq_len": 16, "train.micro_batch_size": GLOBAL_MICRO_BATCH, "train.grad_accum": GRAD_ACCUM,
         "train.steps": STEPS, "train.lr": LR, "train.warmup_steps": 0, "train.grad_clip": GRAD_CLIP,
         "parallel.tp": tp, "parallel.pp": pp, "parallel.ep": ep, "parallel.zero_stage": zero,
-        "parallel.sequence_parallel": sp, "parallel.engine": engine,
+        "parallel.sequence_parallel": sp, "train.optimizer_state_dtype": state_dtype, "parallel.engine": engine,
     }
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
 
@@ -74,8 +76,11 @@ def loss_stats(outputs: list[ModelOutput], cfg: Config, layout: Layout, device: 
 
 def make_optimizer(named_params, cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
-    return torch.optim.AdamW([p for _, p in named_params], lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps,
-                             weight_decay=t.weight_decay)
+    params = [p for _, p in named_params]
+    if t.optimizer_state_dtype == "bf16":
+        return AdamWLowPrecisionMoments(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps,
+                                        weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
 
 
 def reference_run(cfg: Config, steps: int = STEPS) -> dict:

@@ -36,11 +36,11 @@ def assert_same_training(result: dict, reference: dict, first_step: int = 0) -> 
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), f"grad norm, step {step}"
 
 
-def assert_same_parameters(state: dict, reference_state: dict) -> None:
+def assert_same_parameters(state: dict, reference_state: dict, tol: float = TOL) -> None:
     assert set(state) == set(reference_state)
     errors = {k: relative_error(state[k], v) for k, v in reference_state.items()}
     worst = max(errors, key=errors.get)
-    assert errors[worst] < TOL, f"{worst}: relative error {errors[worst]:.2e}"
+    assert errors[worst] < tol, f"{worst}: relative error {errors[worst]:.2e}"
     biases = [k for k in state if k.endswith("expert_bias")]
     assert len(biases) == 4 and all(state[k].abs().sum() > 0 for k in biases)  # the biases moved, and match
 
@@ -105,6 +105,18 @@ def test_parallel_heads_layout_matches_single_process(name, parallel_heads_refer
     result = run_layout(tmp_path, nproc, {**layout, "mtp-kind": "parallel", "heads-one-at-a-time": 1})
     assert_same_training(result, parallel_heads_reference)
     assert_same_parameters(result["state"], parallel_heads_reference["state"])
+
+
+def test_bf16_optimizer_states_under_the_native_engine(tmp_path):
+    """train.optimizer_state_dtype=bf16: ZeRO-2 over two ranks with experts over EP trains as one process
+    with the same optimizer (its moments rounded to bf16 the same way). Gradients summed in another
+    order can round a moment to the neighbouring bf16 value (2^-8 apart), which moves that element's
+    update by as much: the parameters get 1e-4 (measured worst: 1.0e-5 after 3 steps), losses and grad
+    norms the usual tolerance."""
+    reference = common.reference_run(common.tiny_config(state_dtype="bf16"))
+    result = run_layout(tmp_path, 2, {"ep": 2, "zero": 2, "state-dtype": "bf16"})
+    assert_same_training(result, reference)
+    assert_same_parameters(result["state"], reference["state"], tol=1e-4)
 
 
 def test_parallel_heads_resume_in_another_layout(tmp_path):

@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--engine", choices=["native", "deepspeed"], default="native")
     parser.add_argument("--mtp-kind", choices=["sequential", "parallel"], default="sequential")
     parser.add_argument("--heads-one-at-a-time", type=int, default=0)
+    parser.add_argument("--state-dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--steps", type=int, default=common.STEPS)
     parser.add_argument("--first-step", type=int, default=0)
     parser.add_argument("--resume", help="checkpoint dir to start from (any layout)")
@@ -42,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = common.tiny_config(args.tp, args.pp, args.ep, args.zero, bool(args.sp), args.mtp_kind,
-                             bool(args.heads_one_at_a_time), args.engine)
+                             bool(args.heads_one_at_a_time), args.state_dtype, args.engine)
     layout = init_distributed(cfg)
     model, layers = build_model(cfg, layout, common.SEED)
     apply_train_settings(model, cfg.train)

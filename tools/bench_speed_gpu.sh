@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Issue 25 on one H200 (notes/gpu/PLAN_25.md gives the device calls, their carry lists and minutes):
+# each change's before/after on configs/small.yaml at D=1 and D=0, torchtitan's harness in the same
+# run, the CUDA tests, the bf16-vs-fp32 optimizer-state curves.
+#
+#   SUITE="fa4 setup probe tests bench tt table" OUT=/tmp/out bash tools/bench_speed_gpu.sh
+#
+# Steps ($SUITE, in the order given; default: setup probe tests bench1 bench2 tt table):
+#   fa4a   first of the two flash-attn-4 transfers: keep .fa4a's files on the machine (~/fa4)
+#   fa4    second: join the runtime wheel from ~/fa4 and .fa4b, install into ~/fa4site
+#   setup  install the carried wheels (.whl or .whl-core: dsmtp's dependencies; .whl-tt: torchtitan) into /tmp/site, /tmp/tt
+#   probe  GPU, torch, flash-attn-4 importable
+#   tests  tests/gpu (flash attention, training, kernels)
+#   bench1 tools/bench_train.py --compile, one process per row (D=1 then D=0), rows appended to
+#          $OUT/speed25.jsonl: main's path (SDPA, fp32 states) and flash attention
+#   bench2 the same for bf16 optimizer states, with SDPA and with flash
+#   tt     torchtitan's harness (.tt: a copy of ../shared/anchors/torchtitan), rows to $OUT/torchtitan.json
+#   curves 500 steps x 2 seeds x fp32/bf16 optimizer states on the real corpus (data/stdlib-32k carried),
+#          eager (no compile time in 500 steps); each run's metrics.jsonl to $OUT/runs/, plotted here
+#          afterwards: python3 tools/fp8_vs_bf16.py RUN... --out notes/gpu/optimizer_states.png
+#   table  the table of every row $OUT/speed25.jsonl holds, and torchtitan's
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+R=$OUT/speed25.jsonl
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+[ -d ~/fa4site ] && export PYTHONPATH=$PYTHONPATH:$HOME/fa4site:$HOME/fa4site/nvidia_cutlass_dsl/dsl_packages
+B="python3 tools/bench_train.py --config configs/small.yaml --compile --warmup 8 --results $R"
+# before/after rows: the old path is forced by a --set, the new one by another; D=1 then D=0 in one process
+SDPA="--set model.attention_backend=sdpa"; FLASH="--set model.attention_backend=flash"
+FP32="--set train.optimizer_state_dtype=fp32"; BF16="--set train.optimizer_state_dtype=bf16"
+
+step() {
+  case $1 in
+    fa4a) mkdir -p ~/fa4 && cp .fa4a/* ~/fa4/ && ls -la ~/fa4 ;;
+    fa4) test -f ~/fa4/cu13.part.aa || { echo "~/fa4 is missing: a different machine, start again with fa4a"; exit 3; }
+         cat ~/fa4/cu13.part.aa .fa4b/cu13.part.ab > ~/fa4/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
+         rm ~/fa4/cu13.part.aa
+         python3 -m pip install -q --no-index --no-deps --no-compile --target ~/fa4site ~/fa4/*.whl
+         export PYTHONPATH=$PYTHONPATH:$HOME/fa4site:$HOME/fa4site/nvidia_cutlass_dsl/dsl_packages ;;
+    setup) for d in .whl .whl-core; do [ -d $d ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $d/*.whl; done
+           [ -d .whl-tt ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tt .whl-tt/*.whl ;;
+    probe) nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
+           python3 -c "import torch; print(torch.__version__, torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
+           python3 -c "from dsmtp.model import kernels; import torch; print('flash-attn-4:', kernels.flash_unavailable(torch.device('cuda')) or 'usable')" ;;
+    tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rA tests/gpu 2>&1 \
+             | grep -E "PASS|FAIL|ERROR|Error|assert|passed|failed|skipped" | head -80 ;;
+    # before/after: main's path forced (SDPA, fp32 states), each change alone, both; the middle rows unprofiled
+    bench1) timeout 200 $B --label "base sdpa fp32" $SDPA $FP32
+            timeout 170 $B --label "flash fp32" $FLASH $FP32 --profile-steps 0 ;;
+    bench2) timeout 170 $B --label "sdpa bf16-states" $SDPA $BF16 --profile-steps 0
+            timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
+    tt) (cd .tt && PYTHONPATH=/tmp/tt:$PYTHONPATH timeout 400 python3 bench_tt.py --variants compile,compile+mtp1 \
+           --json-out "$OUT/torchtitan.json") ;;
+    curves) mkdir -p "$OUT/runs"
+            for dtype in fp32 bf16; do for seed in 0 1; do
+              timeout 140 python3 -m dsmtp.cli train --config configs/small.yaml --set train.steps=500 \
+                --set train.seed=$seed --set train.optimizer_state_dtype=$dtype \
+                --set train.save_interval=100000 --set train.eval_interval=250 \
+                --set train.out_dir=/tmp/runs/$dtype-seed$seed 2>&1 | tail -3
+              mkdir -p "$OUT/runs/$dtype-seed$seed"; cp /tmp/runs/$dtype-seed$seed/metrics.jsonl "$OUT/runs/$dtype-seed$seed/"
+            done; done
+            python3 tools/fp8_vs_bf16.py /tmp/runs/fp32-seed0 /tmp/runs/fp32-seed1 /tmp/runs/bf16-seed0 /tmp/runs/bf16-seed1 ;;
+    table) [ -f "$R" ] && python3 tools/bench_train.py --table "$R"
+           [ -f "$OUT/torchtitan.json" ] && python3 tools/bench_train.py --table "$R" --peer "$OUT/torchtitan.json" ;;
+  esac
+}
+{
+for s in ${SUITE:-setup probe tests bench1 bench2 tt table}; do echo "==== step $s $(date +%T)"; step "$s"; done
+} 2>&1 | tee -a "$OUT/log.txt"
