@@ -577,8 +577,15 @@ def validate_parallel(cfg: Config) -> None:
 
 
 def validate_world(cfg: Config, world_size: int) -> int:
-    """The layout over `world_size` processes; returns the data-parallel size."""
+    """The layout over `world_size` processes started by a launcher, each driving an engine
+    (dsmtp.parallel.rank.build_engine); returns the data-parallel size."""
     p, t = cfg.parallel, cfg.train
+    _require(not t.cuda_graph, "train.cuda_graph=true replays the single-process step, not a step under torchrun: "
+                               "set it to false")
+    _require(not (p.resolved_engine == "deepspeed" and t.optimizer_state_dtype != "fp32"),
+             f"train.optimizer_state_dtype={t.optimizer_state_dtype} under DeepSpeed (parallel.engine={p.engine}): "
+             "its ZeRO optimizer keeps the moments in fp32 partitions of its own; use parallel.engine=native, or "
+             "train.optimizer_state_dtype=fp32")
     model_parallel = p.tp * p.pp
     _require(world_size % model_parallel == 0,
              f"world size {world_size} is not a multiple of parallel.tp={p.tp} x parallel.pp={p.pp} = "

@@ -21,7 +21,6 @@ import math
 import torch
 
 from dsmtp.checkpoint import State
-from dsmtp.config import ConfigError
 from dsmtp.model import update_expert_bias
 from dsmtp.parallel import collectives, topology
 from dsmtp.parallel.rank import build_engine, build_model
@@ -33,14 +32,6 @@ from dsmtp.train.trainer import Data, Trainer, apply_train_settings, open_data
 
 class DistributedTrainer(Trainer):
     def build_model(self) -> None:
-        if self.cfg.train.cuda_graph:
-            raise ConfigError("train.cuda_graph=true replays the single-process step, not a step under torchrun: "
-                              "set it to false")
-        if self.cfg.parallel.resolved_engine == "deepspeed" and self.cfg.train.optimizer_state_dtype != "fp32":
-            raise ConfigError(f"train.optimizer_state_dtype={self.cfg.train.optimizer_state_dtype} under DeepSpeed "
-                              f"(parallel.engine={self.cfg.parallel.engine}): its ZeRO optimizer keeps the moments "
-                              "in fp32 partitions of its own; use parallel.engine=native, or "
-                              "train.optimizer_state_dtype=fp32")
         self.layout = topology.layout()
         model, layers = build_model(self.cfg, self.layout, self.cfg.train.seed)
         self.model = model.to(self.device).train()
