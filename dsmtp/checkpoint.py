@@ -65,7 +65,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from dsmtp.config import Config, ConfigError, config_to_dict, load_config
-from dsmtp.data.tokenizer import tokenizer_files
+from dsmtp.data.tokenizer import HF_FILE, tokenizer_files
 from dsmtp.safetensors_stream import DTYPE_CODES, SafetensorsWriter
 
 if TYPE_CHECKING:  # imported where used: converters read checkpoints without building a model
@@ -469,15 +469,20 @@ def _write_checkpoint_files(folder: Path, index: dict, cfg: Config, tokenizer: O
         INDEX: lambda p: p.write_text(json.dumps(index)),
         CONFIG: lambda p: p.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False)),
     }
-    for path in tokenizer_files(tokenizer) if tokenizer is not None else []:
-        writers[path.name] = lambda p, src=path: shutil.copyfile(src, p)
+    tokenizer_name = None
+    if tokenizer is not None:  # stored under the standard names, whatever the source files are called
+        tokenizer = Path(tokenizer)
+        tokenizer_name = HF_FILE if tokenizer.suffix == ".json" else TOKENIZER
+        for path in tokenizer_files(tokenizer):
+            name = tokenizer_name if path == tokenizer else path.name
+            writers[name] = lambda p, src=path: shutil.copyfile(src, p)
     if trainer_state is not None:
         writers[TRAINER_STATE] = lambda p: torch.save(trainer_state, p)
     files = {}
     for name, write in writers.items():
         write_file(folder / name, write)
         files[name] = sha256_file(folder / name)
-    manifest = {"format": FORMAT, "step": step, "tokens": tokens, "tokenizer_sha256": files.get(Path(tokenizer).name) if tokenizer is not None else None,
+    manifest = {"format": FORMAT, "step": step, "tokens": tokens, "tokenizer_sha256": files.get(tokenizer_name),
                 "config_sha256": files[CONFIG], "files": files}
     write_file(folder / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
     _fsync(folder / SHARDS)

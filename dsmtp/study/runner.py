@@ -68,6 +68,9 @@ class OrderHashing:
         self.batches += 1
         return batch
 
+    def source_tokens(self) -> dict[str, int]:
+        return self.inner.source_tokens()
+
     def state_dict(self) -> dict:
         return {**self.inner.state_dict(), "order_sha256": self.digest, "order_batches": self.batches}
 
