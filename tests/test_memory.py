@@ -125,3 +125,39 @@ def test_this_machine_holds_tiny_yaml_and_refuses_100000_mtp_modules():
     assert training_memory(huge).total > 1000 * GiB
     with pytest.raises(ConfigError, match=r"the 100000 MTP modules \(model.mtp_depth=100000\)"):
         memory.check_training_memory(huge, torch.device("cpu"))
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_memory_cgroup_limit_is_the_free_memory_of_a_container_or_job(tmp_path, monkeypatch):
+    """A slurm job or container sees the node's RAM in psutil; its cgroup says what it may use: the
+    tightest limit minus usage over its cgroup and the ancestors, v2 and v1, unlimited ones ignored."""
+    fs, proc = tmp_path / "cgroup", tmp_path / "self-cgroup"
+    # v2: job limit 8 GiB with 3 used, its parent (the slurm user) 6 GiB with 5 used, the root none
+    _write(proc, "0::/slurm/uid_0/job_7\n")
+    _write(fs / "slurm/uid_0/job_7/memory.max", f"{8 * GiB}\n")
+    _write(fs / "slurm/uid_0/job_7/memory.current", f"{3 * GiB}\n")
+    _write(fs / "slurm/uid_0/memory.max", f"{6 * GiB}\n")
+    _write(fs / "slurm/uid_0/memory.current", f"{5 * GiB}\n")
+    _write(fs / "slurm/memory.max", "max\n")
+    _write(fs / "slurm/memory.current", f"{9 * GiB}\n")
+    assert memory.cgroup_memory_free(proc, fs) == 1 * GiB
+    # v1 (hybrid: the unified line carries no memory controller here): the memory hierarchy's files
+    _write(proc, "4:memory:/docker/abc\n1:cpu:/docker/abc\n0::/\n")
+    _write(fs / "memory/docker/abc/memory.limit_in_bytes", f"{2 * GiB}\n")
+    _write(fs / "memory/docker/abc/memory.usage_in_bytes", f"{GiB // 2}\n")
+    _write(fs / "memory/memory.limit_in_bytes", "9223372036854771712\n")
+    _write(fs / "memory/memory.usage_in_bytes", f"{20 * GiB}\n")
+    assert memory.cgroup_memory_free(proc, fs) == 3 * GiB // 2
+    # no limit anywhere, or nothing readable
+    _write(fs / "memory/docker/abc/memory.limit_in_bytes", "9223372036854771712\n")
+    assert memory.cgroup_memory_free(proc, fs) is None
+    assert memory.cgroup_memory_free(tmp_path / "missing", fs) is None
+
+    # the check names the cgroup when its limit is the tighter one
+    monkeypatch.setattr(memory, "cgroup_memory_free", lambda: 1024)
+    with pytest.raises(ConfigError, match=r"this process's memory cgroup .* has 0.0 GiB free"):
+        memory.check_training_memory(tiny(), torch.device("cpu"))

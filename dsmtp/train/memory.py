@@ -10,6 +10,8 @@ is for the expert who knows better (memory another process is about to free, off
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import Optional
 
 import psutil
 import torch
@@ -22,12 +24,52 @@ FIX = ("make the model smaller, lower train.micro_batch_size or train.seq_len, s
        "this check")
 
 
+CGROUP_FS = Path("/sys/fs/cgroup")
+NO_LIMIT = 2 ** 60  # cgroup v1 writes "no limit" as a huge page-rounded number
+
+
+def cgroup_memory_free(proc_cgroup: Path = Path("/proc/self/cgroup"), fs: Path = CGROUP_FS) -> Optional[int]:
+    """Bytes this process's memory cgroup still allows (a container's or a slurm job's limit): the
+    tightest limit minus usage over its cgroup and their ancestors, v2 (memory.max, memory.current) or v1
+    (memory.limit_in_bytes, memory.usage_in_bytes); None where no limit applies or none can be read."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    groups = []
+    for line in lines:
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and not controllers:
+            groups.append((fs / path.lstrip("/"), "memory.max", "memory.current"))
+        elif "memory" in controllers.split(","):
+            groups.append((fs / "memory" / path.lstrip("/"), "memory.limit_in_bytes", "memory.usage_in_bytes"))
+    free = None
+    for leaf, limit_file, usage_file in groups:
+        for group in [leaf, *leaf.parents]:
+            if not group.is_relative_to(fs):
+                break
+            try:
+                limit = (group / limit_file).read_text().strip()
+                usage = int((group / usage_file).read_text())
+            except (OSError, ValueError):
+                continue
+            if limit == "max" or int(limit) >= NO_LIMIT:
+                continue
+            left = max(int(limit) - usage, 0)
+            free = left if free is None else min(free, left)
+    return free
+
+
 def free_memory(device: torch.device) -> tuple[int, str]:
     """(bytes this process can still allocate on `device`, the device in words)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free, f"{device} ({torch.cuda.get_device_name(device)})"
-    return psutil.virtual_memory().available, "this machine's RAM"
+    ram = psutil.virtual_memory().available
+    allowed = cgroup_memory_free()
+    if allowed is not None and allowed < ram:
+        return allowed, "this process's memory cgroup (the limit of its container or job)"
+    return ram, "this machine's RAM"
 
 
 def largest_part(cfg: Config, need: TrainingMemory) -> str:
