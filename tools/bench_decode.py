@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsmtp.config import load_config  # noqa: E402
+from dsmtp.machine import describe as machine  # noqa: E402
 from dsmtp.model import DeepSeekV3  # noqa: E402
 from dsmtp.parallel.topology import ensure_initialized  # noqa: E402
 from dsmtp.serve.engine import Engine, Request  # noqa: E402
@@ -37,18 +37,6 @@ from dsmtp.serve.static import StaticEngine  # noqa: E402
 
 DEFAULT_PROMPTS = ["import os\n", "def main(", "class Config:\n", "    return ", "for i in range(",
                    "if __name__ == ", "# Copyright", "from typing import "]
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
 
 
 def best_rates(engines: dict[int, Engine], requests: list[Request], repeats: int, device: torch.device):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -36,16 +35,9 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"
+from dsmtp.machine import describe  # noqa: E402
 
 
 def write_corpus(path: Path, target_bytes: int) -> tuple[int, int]:
@@ -117,7 +109,7 @@ def run(args) -> dict:
     tokens = sum(manifest["splits"][s]["tokens"] for s in ("train", "val"))
     phases = manifest["seconds"]
     return {
-        "machine": machine(), "date": time.strftime("%Y-%m-%d"), "workers": args.workers, "vocab": args.vocab,
+        "machine": describe(), "date": time.strftime("%Y-%m-%d"), "workers": args.workers, "vocab": args.vocab,
         "tokenizer": args.tokenizer, "input_bytes": size, "documents": documents, "tokens": tokens,
         "seconds": round(seconds, 1), "seconds_tokenizer": phases["tokenizer"], "seconds_tokenize": phases["tokenize"],
         "cpu_seconds": round(cpu, 1),

@@ -16,23 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dsmtp.machine import describe  # noqa: E402
+
 DEFAULT_TRACKERS = ["jsonl", "jsonl,tensorboard", "jsonl,wandb", "jsonl,tensorboard,wandb", "jsonl"]
-
-
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"CPU, {os.cpu_count()} cores, {platform.processor() or platform.machine()} (torch {torch.__version__})"
 
 
 def train(config: str, overrides: list[str], trackers: str, out_dir: Path) -> list[dict]:
@@ -78,7 +75,8 @@ def main(argv: list[str]) -> int:
             rows.append(dict(trackers=trackers, records=len(intervals),
                              median=statistics.median(rate for _, rate in intervals),
                              overall=sum(tokens for tokens, _ in intervals) / seconds))
-    print(f"\nmachine: {machine()}; {args.steps} steps, rates over the records after step {args.warmup}; "
+    here = describe(torch.device("cuda") if torch.cuda.is_available() else None)
+    print(f"\nmachine: {here}; {args.steps} steps, rates over the records after step {args.warmup}; "
           f"overrides: {' '.join(args.set) or 'none'}")
     print(f"{'train.trackers':<28}{'records':>8}{'median tok/s':>14}{'overall tok/s':>15}{'vs first':>10}")
     for row in rows:

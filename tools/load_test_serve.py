@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from bench_decode import machine  # noqa: E402
+from dsmtp.machine import describe as machine  # noqa: E402
 
 HOST = "127.0.0.1"
 TIMEOUT = 300  # seconds one request may take under load before it counts as unanswered

@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -36,6 +35,7 @@ from typing import Optional
 import torch
 
 from dsmtp import checkpoint
+from dsmtp.machine import describe as describe_machine
 from dsmtp.config import (Config, ConfigError, StudyArm, StudyConfig, arm_config, config_to_dict, load_study_config,
                           tokens_per_run)
 from dsmtp.data.errors import DataError
@@ -90,18 +90,6 @@ def parameter_digests(model: torch.nn.Module) -> dict[str, str]:
         part.update(name.encode())
         part.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return {key: d.hexdigest() for key, d in digests.items()}
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -249,7 +237,7 @@ def measure(study: StudyConfig, arm: StudyArm, seed: int, cfg: Config, trainer: 
                       "mtp_heads_one_at_a_time": t.mtp_heads_one_at_a_time},
         "parameters": {"total": counts.total, "activated": counts.activated, "trunk_total": counts.trunk_total,
                        "trunk_activated": counts.trunk_activated},
-        "machine": machine(trainer.device), "device": trainer.device.type,
+        "machine": describe_machine(trainer.device), "device": trainer.device.type,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "corpus": corpus,
         "checks": {**init, "data_order_sha256": trainer.data.train.digest,
