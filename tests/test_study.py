@@ -142,14 +142,18 @@ def test_arms_draw_the_same_batches_and_start_from_the_same_shared_parameters(tm
 # Metrics against independent computations
 
 
-def test_validation_metrics_match_the_model_loss_and_the_decoded_bytes(tmp_path):
+def seq2_untrained(tmp_path):
+    """(study, the seq2 arm's config, its model at initialisation, the tokenizer) over a prepared mini corpus."""
     study = study_from_dict(tiny_study(tmp_path, copy.deepcopy(ARMS)))
     prepare(study.base.data, study.base.model.vocab_size)
     ensure_initialized()
     cfg = arm_config(study, study.arm("seq2"), 0)
     torch.manual_seed(0)
-    model = DeepSeekV3(cfg.model).eval()
-    tokenizer = Tokenizer.load(cfg.data.data_dir)
+    return study, cfg, DeepSeekV3(cfg.model).eval(), Tokenizer.load(cfg.data.data_dir)
+
+
+def test_validation_metrics_match_the_model_loss_and_the_decoded_bytes(tmp_path):
+    study, cfg, model, tokenizer = seq2_untrained(tmp_path)
     seq_len, extra = cfg.train.seq_len, cfg.train.sample_extra_tokens
     fp32 = autocast_for("fp32", torch.device("cpu"))
     got = evaluate.validation(model, cfg.data.data_dir, seq_len, extra, study.eval, fp32,
@@ -202,13 +206,7 @@ def test_completions_and_decoding_on_the_static_engine_equal_the_dynamic_engine(
     on_tokens); run eagerly on CPU it must give the dynamic engine's greedy tokens and acceptance."""
     from dsmtp.serve.static import StaticEngine
 
-    study = study_from_dict(tiny_study(tmp_path, copy.deepcopy(ARMS)))
-    prepare(study.base.data, study.base.model.vocab_size)
-    ensure_initialized()
-    cfg = arm_config(study, study.arm("seq2"), 0)
-    torch.manual_seed(0)
-    model = DeepSeekV3(cfg.model).eval()
-    tokenizer = Tokenizer.load(cfg.data.data_dir)
+    study, cfg, model, tokenizer = seq2_untrained(tmp_path)
     problems = humaneval.load_problems(3)
     e = study.eval
     e.humaneval_batch_size = 2  # three requests through two slots
