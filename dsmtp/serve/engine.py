@@ -252,14 +252,13 @@ class Engine:
         cos, sin = self.model.rope(stack.begin(tokens.shape[1]))
         return self.model.trunk(self.model.embed(tokens), cos, sin, stack.layers)[0]
 
-    def _mtp(self, batch: Batch, depth: int, h_source: torch.Tensor, tokens: Optional[torch.Tensor],
-             last: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Depth `depth` at the next positions of its cache (up to `last`, see StackCache.begin), from its
-        source's hidden states [B, w, H] and (for a design that reads them) the tokens there [B, w]."""
-        stack = batch.cache.mtp[depth - 1]
-        cos, sin = self.model.rope(stack.begin(h_source.shape[1], last))
+    def _mtp(self, batch: Batch, depth: int, positions: torch.Tensor, h_source: torch.Tensor,
+             tokens: Optional[torch.Tensor]) -> torch.Tensor:
+        """Depth `depth` at `positions` [B, w] (handed out by its cache's `begin`), from its source's hidden
+        states [B, w, H] and (for a design that reads them) the tokens there [B, w]."""
+        cos, sin = self.model.rope(positions)
         embedding = None if tokens is None else self.model.embed(tokens)
-        return self.model.mtp.step(depth, h_source, embedding, cos, sin, stack.layers[0])[0]
+        return self.model.mtp.step(depth, h_source, embedding, cos, sin, batch.cache.mtp[depth - 1].layers[0])[0]
 
     def _advance_mtp(self, batch: Batch, depth: int, upto: torch.Tensor) -> None:
         """Run MTP depth `depth` over its next positions up to `upto` [B] (inclusive) of each sequence."""
@@ -269,14 +268,13 @@ class Engine:
         width = int(count.max()) if batch.size else 0
         if width == 0:
             return
-        # Sequences with fewer positions to go repeat their last one (rows of a batch go as far as the
-        # furthest; a row merged in later catches up over its whole prompt).
-        last = torch.maximum(upto, start - 1)
-        positions = torch.minimum(start[:, None] + torch.arange(width, device=start.device), last[:, None])
+        # Rows of a batch go as far as the furthest (a row merged in later catches up over its whole
+        # prompt): one with fewer positions to go repeats its last one.
+        positions = stack.begin(width, last=upto)
         mtp = self.model.mtp
         offset = mtp.token_offset(depth)
         tokens = None if offset is None else batch.seq.gather(1, positions + offset)
-        h = self._mtp(batch, depth, _gather(batch.hidden[mtp.source(depth)], positions), tokens, upto)
+        h = self._mtp(batch, depth, positions, _gather(batch.hidden[mtp.source(depth)], positions), tokens)
         _scatter(batch.hidden[depth], positions, h)
         stack.truncate(start + count)
 
@@ -306,7 +304,8 @@ class Engine:
                 self._advance_mtp(batch, i, n - 1)
                 h = _gather(batch.hidden[i], (n - 1)[:, None])
             else:  # sequential: reuse the last module one position further, on its own last output
-                h = self._mtp(batch, mtp.depth, h, batch.seq.gather(1, (n + i - 1)[:, None]))
+                positions = batch.cache.mtp[mtp.depth - 1].begin(1)
+                h = self._mtp(batch, mtp.depth, positions, h, batch.seq.gather(1, (n + i - 1)[:, None]))
             q = batch.sampler.probabilities(self.model.logits(h))[:, 0]
             token = draw(q, u[:, i - 1])
             batch.seq.scatter_(1, (n + i)[:, None], token[:, None])
