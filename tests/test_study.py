@@ -323,6 +323,12 @@ def test_cpu_mini_study_end_to_end(tmp_path, capsys):
         next(chain)
     assert ntp["checks"]["data_order_sha256"] == chain.digest and ntp["checks"]["data_order_batches"] == 4
     assert json.loads((runs / "ntp-s0" / runner.WALL_FILE).read_text())["starts"] == 2
+    # Arms that finish before the baseline has run end the run normally, their tables waiting for it.
+    only_mtp = tmp_path / "only_mtp" / "seq2-s0"
+    only_mtp.mkdir(parents=True)
+    (only_mtp / "results.json").write_text((runs / "seq2-s0" / "results.json").read_text())
+    assert "none of them the next-token baseline" in runner.closing_summary(only_mtp.parent)
+    assert "### Quality at equal tokens" in runner.closing_summary(runs)
 
     # Schema: every section, shaped by the arm's objective.
     for r in results.values():

@@ -275,8 +275,18 @@ def run(study: StudyConfig, runs: list[tuple[StudyArm, int]], deadline: Optional
         results = measure(study, arm, seed, cfg, trainer, corpus)
         write_json_atomic(Path(cfg.train.out_dir) / RESULTS_FILE, results)
         print(f"wrote {cfg.train.out_dir}/{RESULTS_FILE}")
-    print(report.text_summary(report.load_results([Path(study.out_dir)])))
+    print(closing_summary(Path(study.out_dir)))
     return 0
+
+
+def closing_summary(out_dir: Path) -> str:
+    """The study's tables so far; arms run before the next-token baseline have nothing to be compared with yet
+    (a finished run is not an error)."""
+    results = report.load_results([out_dir])
+    if not any(r["objective"]["mtp_depth"] == 0 for r in results):
+        return (f"{len(results)} results in {out_dir}, none of them the next-token baseline (mtp_depth 0): "
+                "the tables compare against it once it has run")
+    return report.text_summary(results)
 
 
 def plan(study: StudyConfig, runs: list[tuple[StudyArm, int]]) -> None:
