@@ -344,9 +344,10 @@ def write_plots(results: list[dict], out_dir: Path) -> dict[str, Path]:
         for j, r in enumerate(runs):
             points = [(p["tokens"], p["loss"]) for p in r["training"]["curve"] if p["tokens"] and p["loss"] is not None]
             if points:
-                ax.plot(*zip(*points), color=colors[name], linestyle=["-", "--", ":", "-."][j % 4], marker=".",
-                        label=f"{name} s{r['seed']}")
-    ax.set_xlabel("training tokens")
+                tokens, losses = zip(*points)
+                ax.plot([t / 1e6 for t in tokens], losses, color=colors[name],
+                        linestyle=["-", "--", ":", "-."][j % 4], marker=".", label=f"{name} s{r['seed']}")
+    ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("validation loss, main head (nats/token)")
     ax.set_title("Validation loss against tokens (periodic eval)")
     ax.legend(fontsize=7, ncol=2)
@@ -381,6 +382,7 @@ def write_plots(results: list[dict], out_dir: Path) -> dict[str, Path]:
             k = specs[i]["k"]
             mean = [statistics.fmean(r["decoding"]["speculative"][i]["acceptance"][j] for r in runs) for j in range(k)]
             ax.plot(range(1, k + 1), mean, color=colors[name], marker="o", label=f"{name} (K={k})")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("draft position")
     ax.set_ylabel("acceptance (all drafts up to it accepted)")
     ax.set_ylim(0, 1)
