@@ -5,13 +5,12 @@ stand-in for the package, and the prefill switch. The kernels themselves are che
 
 from __future__ import annotations
 
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dsmtp.config import Config, ConfigError, ModelConfig, validate
+from dsmtp.config import Config, ConfigError, validate
 from dsmtp.model import kernels
 from dsmtp.serve.cache import ModelCache
 from dsmtp.train.trainer import apply_train_settings

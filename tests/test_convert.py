@@ -88,7 +88,7 @@ def greedy(model, prompt: torch.Tensor, new_tokens: int, eos_id: int = 2, pad_id
 def test_export_loads_in_transformers_with_same_logits_generation_and_mtp(tmp_path, sp_model):
     cfg = tiny_config(q_lora_rank=32, yarn=True)
     model, pattern = trained_model(cfg)
-    ckpt = save_checkpoint(model, cfg, tmp_path / "run" / "checkpoints" / "step_00000025", sp_model)
+    save_checkpoint(model, cfg, tmp_path / "run" / "checkpoints" / "step_00000025", sp_model)
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000025\n")
     out = export(tmp_path / "run", tmp_path / "hf", dtype="fp32", max_shard_bytes=300_000)
 

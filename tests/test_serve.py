@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 import torch
 
-from dsmtp.checkpoint import CheckpointError, step_dir_name
+from dsmtp.checkpoint import CheckpointError
 from dsmtp.convert.export_hf import export
 from dsmtp.serve import speculative
 from dsmtp.serve.cache import ModelCache

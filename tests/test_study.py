@@ -212,7 +212,7 @@ def test_completions_and_decoding_on_the_static_engine_equal_the_dynamic_engine(
     e.humaneval_batch_size = 2  # three requests through two slots
     prompts = [evaluate.prompt_tokens(tokenizer, p.prompt, 12)[0] for p in problems[:2]]
     dynamic = (evaluate.humaneval_completions(model, tokenizer, problems, e, 16), evaluate.decoding(model, prompts, e))
-    monkeypatch.setattr(evaluate, "decoding_engine", lambda m, k, max_batch, max_length: StaticEngine(
+    monkeypatch.setattr(evaluate, "make_engine", lambda m, k, max_batch, max_length: StaticEngine(
         m, k, max_batch=max_batch, max_length=max_length, cuda_graphs=False))
     static = (evaluate.humaneval_completions(model, tokenizer, problems, e, 16), evaluate.decoding(model, prompts, e))
     assert static[0] == dynamic[0] and dynamic[0][1] == 3  # every prompt was cut to fit the 16-token context

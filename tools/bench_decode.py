@@ -33,7 +33,7 @@ from dsmtp.model import DeepSeekV3  # noqa: E402
 from dsmtp.parallel.topology import ensure_initialized  # noqa: E402
 from dsmtp.serve.engine import Engine, Request  # noqa: E402
 from dsmtp.serve.loading import encode_prompt, load  # noqa: E402
-from dsmtp.serve.static import StaticEngine  # noqa: E402
+from dsmtp.serve.static import add_engine_arguments, compile_for_decoding, engine_kind, make_engine  # noqa: E402
 
 DEFAULT_PROMPTS = ["import os\n", "def main(", "class Config:\n", "    return ", "for i in range(",
                    "if __name__ == ", "# Copyright", "from typing import "]
@@ -127,45 +127,35 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="default: as stored (--config: bfloat16 on CUDA)")
-    parser.add_argument("--engine", choices=["static", "dynamic"], default=None,
-                        help="default: static (CUDA graphs) on CUDA, dynamic elsewhere")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--max-k", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt", action="append", help="repeatable; default: a few code openings")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model's layers first")
+    add_engine_arguments(parser)
     parser.add_argument("--hf", help="an HF export of the same model: also time transformers' generate")
     parser.add_argument("--label", default="")
     parser.add_argument("--results", help="append one JSON row per measurement to this file")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    engine_kind = args.engine or ("static" if device.type == "cuda" else "dynamic")
+    kind = engine_kind(device, args.engine)
     model, cfg, prompts = load_model(args, device)
     if args.compile:
-        # Each batch bucket, draft count and prefill width is a shape of its own: past the default limit
-        # of 8 compiled variants a layer would fall back to eager kernels.
-        torch._dynamo.config.cache_size_limit = 64
-        model.compile_layers()
+        compile_for_decoding(model)
     max_k = min(args.max_k, model.mtp.max_drafts or args.max_k) if cfg.model.mtp_depth else 0  # parallel heads: K <= D
     ks = [0] + list(range(1, max_k + 1))
     described = (f"{args.ckpt or args.config}: {cfg.model.num_layers} layers + {cfg.model.mtp_depth} "
                  f"{cfg.model.mtp_kind} MTP, hidden {cfg.model.hidden_size}, dtype {next(model.parameters()).dtype}")
-    print(f"# {described}\n# machine: {machine(device)}; engine: {engine_kind}")
+    print(f"# {described}\n# machine: {machine(device)}; engine: {kind}")
     print(f"# greedy, {args.max_new_tokens} new tokens per sequence, best of {args.repeats}; tok/fwd: tokens per "
           "trunk forward; same: tokens identical to plain decoding")
     header = (f"{'batch':>5} {'mode':>6} {'tokens/s':>10} {'speedup':>8} {'tok/fwd':>8} {'same':>5}  "
               "acceptance per draft position")
     print(header + "\n" + "-" * len(header))
 
-    def engine(k: int) -> Engine:
-        if engine_kind == "dynamic":
-            return Engine(model, k)
-        longest = max(map(len, prompts)) + args.max_new_tokens
-        return StaticEngine(model, k, max_batch=max(args.batch_sizes), max_length=longest)
-
-    engines = {k: engine(k) for k in ks}
+    longest = max(map(len, prompts)) + args.max_new_tokens
+    engines = {k: make_engine(model, k, kind, max_batch=max(args.batch_sizes), max_length=longest) for k in ks}
     rows = []
     for batch_size in args.batch_sizes:
         requests = [Request(prompts[i % len(prompts)], args.max_new_tokens) for i in range(batch_size)]
@@ -173,7 +163,7 @@ def main(argv: list[str]) -> int:
             e.generate(requests)  # warm-up (and, for the static engine, graph capture)
         rates, stats, tokens = best_rates(engines, requests, args.repeats, device)
         for k in ks:
-            row = dict(label=args.label, model=described, machine=machine(device), engine=engine_kind,
+            row = dict(label=args.label, model=described, machine=machine(device), engine=kind,
                        compile=args.compile,
                        batch=batch_size, k=k, tokens_per_s=rates[k], speedup=rates[k] / rates[0],
                        tokens_per_forward=stats[k].tokens_per_forward, same=tokens[k] == tokens[0],

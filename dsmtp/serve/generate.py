@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from dsmtp.serve.engine import DecodeStats, Engine, Request
+from dsmtp.serve.engine import DecodeStats, Request
 from dsmtp.serve.loading import completion_text, encode_prompt, load, utf8_text
 from dsmtp.serve.sampling import SamplingParams
-from dsmtp.serve.static import StaticEngine
+from dsmtp.serve.static import add_engine_arguments, compile_for_decoding, make_engine
 
 
 def describe(stats: DecodeStats, new_tokens: int, seconds: float) -> str:
@@ -43,11 +43,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: as stored")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    parser.add_argument("--engine", choices=["static", "dynamic"], default=None,
-                        help="static: CUDA-graphed steps over a preallocated cache (default on CUDA); dynamic: the "
-                             "reference engine (default elsewhere)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the layers first: fewer, fused kernels per step (minutes of compiling)")
+    add_engine_arguments(parser)
     args = parser.parse_args(argv)
 
     try:  # bad arguments or checkpoint: one clear message before any work
@@ -60,13 +56,10 @@ def main(argv: list[str]) -> int:
         requests = [Request(encode_prompt(tokenizer, p), args.max_new_tokens, s, (tokenizer.eos_id,))
                     for p, s in zip(args.prompt, sampling)]
         if args.compile:
-            model.compile_layers()
-        if (args.engine or ("static" if model.embed.weight.is_cuda else "dynamic")) == "static":
-            longest = max(len(r.prompt) for r in requests) + args.max_new_tokens
-            engine = StaticEngine(model, args.speculative, max_batch=len(requests),
-                                  max_length=min(longest, model.cfg.max_position_embeddings))
-        else:
-            engine = Engine(model, args.speculative)
+            compile_for_decoding(model)
+        longest = max(len(r.prompt) for r in requests) + args.max_new_tokens
+        engine = make_engine(model, args.speculative, args.engine, max_batch=len(requests),
+                             max_length=min(longest, model.cfg.max_position_embeddings))
         for r in requests:
             engine.check(r)
     except (ValueError, OSError) as e:

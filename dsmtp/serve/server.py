@@ -36,7 +36,7 @@ from dsmtp.serve.loading import load
 from dsmtp.serve.logprobs import TokenLogprob
 from dsmtp.serve.openai_api import (CompletionRequest, Piece, RequestError, TokenTable, answer, choice,
                                     parse_request, prompt_piece, usage)
-from dsmtp.serve.static import StaticEngine
+from dsmtp.serve.static import add_engine_arguments, compile_for_decoding, make_engine
 
 # path -> the method it answers; GET /v1/models/<name> too
 ROUTES = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET", "/health": "GET"}
@@ -440,11 +440,7 @@ def main(argv: list[str]) -> int:
                                                     "default: the --ckpt path)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. serve.port=8001 or serve.max_batch_size=16")
-    parser.add_argument("--engine", choices=["static", "dynamic"], default=None,
-                        help="static: CUDA-graphed steps over a preallocated cache of serve.max_batch_size slots "
-                             "(default on CUDA); dynamic: the reference engine (default elsewhere)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the layers first: fewer, fused kernels per step (minutes of compiling)")
+    add_engine_arguments(parser)  # the static engine has serve.max_batch_size slots
     args = parser.parse_args(argv)
     # The flags are --set overrides (applied last, so they win), validated with the rest of the config.
     flags = {"host": args.host, "port": args.port, "served_model_name": args.served_model_name}
@@ -452,11 +448,8 @@ def main(argv: list[str]) -> int:
     try:
         model, cfg, tokenizer = load(args.ckpt, args.device, overrides=overrides)
         if args.compile:
-            model.compile_layers()
-        if (args.engine or ("static" if model.embed.weight.is_cuda else "dynamic")) == "static":
-            engine = StaticEngine(model, args.speculative, max_batch=cfg.serve.max_batch_size)
-        else:
-            engine = Engine(model, args.speculative)
+            compile_for_decoding(model)
+        engine = make_engine(model, args.speculative, args.engine, max_batch=cfg.serve.max_batch_size)
     except (ValueError, OSError) as e:
         print(f"dsmtp serve: error: {e}", file=sys.stderr)
         return 2

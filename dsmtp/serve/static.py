@@ -292,3 +292,33 @@ class StaticEngine(Engine):
             drafts.append(token)
             dists.append(q)
         return torch.stack(drafts, dim=1), torch.stack(dists, dim=1)
+
+
+def engine_kind(device: torch.device, requested: Optional[str] = None) -> str:
+    """`requested`, else the static engine on CUDA and the dynamic (reference) engine elsewhere."""
+    return requested or ("static" if device.type == "cuda" else "dynamic")
+
+
+def make_engine(model: DeepSeekV3, speculative_k: int, kind: Optional[str] = None, max_batch: int = 8,
+                max_length: Optional[int] = None) -> Engine:
+    """The engine `engine_kind` picks for the model's device; the static one sized for `max_batch` requests of
+    up to `max_length` positions (default: the model's context)."""
+    if engine_kind(model.embed.weight.device, kind) == "static":
+        return StaticEngine(model, speculative_k, max_batch=max_batch, max_length=max_length)
+    return Engine(model, speculative_k)
+
+
+def compile_for_decoding(model: DeepSeekV3) -> None:
+    """torch.compile the model's layers for decoding. Each batch bucket, draft count and prefill width is a
+    shape of its own: past dynamo's default of 8 compiled variants a layer would fall back to eager kernels."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    model.compile_layers()
+
+
+def add_engine_arguments(parser) -> None:
+    """--engine and --compile, as generate, serve and tools/bench_decode.py take them."""
+    parser.add_argument("--engine", choices=["static", "dynamic"], default=None,
+                        help="static: CUDA-graphed steps over a preallocated cache (default on CUDA); dynamic: the "
+                             "reference engine (default elsewhere)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the layers first: fewer, fused kernels per step (minutes of compiling)")

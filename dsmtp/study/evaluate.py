@@ -26,9 +26,9 @@ from dsmtp.data.shards import TokenSplit
 from dsmtp.data.tokenizer import Tokenizer
 from dsmtp.model import DeepSeekV3
 from dsmtp.model.mtp import IGNORE_INDEX, split_sample
-from dsmtp.serve.engine import DecodeStats, Engine, Request
+from dsmtp.serve.engine import DecodeStats, Request
 from dsmtp.serve.loading import completion_text
-from dsmtp.serve.static import StaticEngine
+from dsmtp.serve.static import make_engine
 from dsmtp.study import humaneval
 
 Autocast = Callable[[], object]  # a context manager factory (dsmtp.train.trainer.autocast_for)
@@ -125,13 +125,6 @@ def humaneval_loss(model: DeepSeekV3, tokenizer: Tokenizer, problems: list[human
             "bits_per_byte": loss_sum / math.log(2) / solution_bytes, "truncated": cut}
 
 
-def decoding_engine(model: DeepSeekV3, k: int, max_batch: int, max_length: int) -> Engine:
-    """The static (CUDA-graphed) engine on CUDA, the dynamic one elsewhere."""
-    if model.embed.weight.is_cuda:
-        return StaticEngine(model, k, max_batch=max_batch, max_length=max_length)
-    return Engine(model, k)
-
-
 @torch.no_grad()
 def humaneval_completions(model: DeepSeekV3, tokenizer: Tokenizer, problems: list[humaneval.Problem],
                           cfg: StudyEval, context: int) -> tuple[list[str], int]:
@@ -139,7 +132,7 @@ def humaneval_completions(model: DeepSeekV3, tokenizer: Tokenizer, problems: lis
     (completions cut at the first stop sequence, prompts that had to be shortened to fit)."""
     new = cfg.humaneval_max_new_tokens
     prompts = [prompt_tokens(tokenizer, p.prompt, context - new) for p in problems]
-    engine = decoding_engine(model, 0, cfg.humaneval_batch_size, context)
+    engine = make_engine(model, 0, max_batch=cfg.humaneval_batch_size, max_length=context)
     generated: list[list[int]] = [[] for _ in problems]
 
     def watcher(i: int):
@@ -194,7 +187,7 @@ def decoding(model: DeepSeekV3, prompts: list[list[int]], cfg: StudyEval) -> dic
     new = cfg.decode_new_tokens
     ks = [0] + list(range(1, min(model.mtp.depth, model.mtp.max_drafts or model.mtp.depth) + 1))
     length = max(map(len, prompts)) + new
-    engines = {k: decoding_engine(model, k, 1, length) for k in ks}
+    engines = {k: make_engine(model, k, max_batch=1, max_length=length) for k in ks}
     for engine in engines.values():
         engine.generate([Request(prompts[0], new)])  # warm-up (and, on CUDA, graph capture)
     best = {k: 0.0 for k in ks}

@@ -11,7 +11,6 @@ in layouts that cover each parallelism and both engines, against the plain singl
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.distributed import common
 from tests.distributed.launch import relative_error, run_layout
