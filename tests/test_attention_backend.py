@@ -5,7 +5,6 @@ stand-in for the package, and the prefill switch. The kernels themselves are che
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

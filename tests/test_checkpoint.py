@@ -120,6 +120,16 @@ def test_refuses_corrupted_checkpoint(tmp_path, make_trainer, trained, damage):
             load_model(tmp_path / "run")
 
 
+def crash_in_step_6_save(make_trainer, monkeypatch, write_file_that_crashes) -> None:
+    """Resume the trained run (step 4) and train on to step 6, whose save crashes inside `write_file`."""
+    trainer = make_trainer(steps=6, save_interval=2, eval_interval=100)
+    assert trainer.step == 4
+    monkeypatch.setattr(checkpoint, "write_file", write_file_that_crashes)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    monkeypatch.undo()
+
+
 def test_crash_between_files_keeps_previous_checkpoint(tmp_path, make_trainer, trained, monkeypatch):
     write_file = checkpoint.write_file
 
@@ -128,12 +138,7 @@ def test_crash_between_files_keeps_previous_checkpoint(tmp_path, make_trainer, t
             raise KeyboardInterrupt("simulated crash while writing a checkpoint")
         write_file(path, write)
 
-    trainer = make_trainer(steps=6, save_interval=2, eval_interval=100)
-    assert trainer.step == 4
-    monkeypatch.setattr(checkpoint, "write_file", crash_on_trainer_state)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run()
-    monkeypatch.undo()
+    crash_in_step_6_save(make_trainer, monkeypatch, crash_on_trainer_state)
     root = tmp_path / "run/checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000004"
     assert not (root / "step_00000006").exists()
@@ -179,11 +184,7 @@ def test_crash_while_moving_latest_leaves_it_and_the_temporary_is_cleaned(tmp_pa
         if path.name == ".tmp-latest":
             raise KeyboardInterrupt("simulated crash before the new pointer replaces `latest`")
 
-    trainer = make_trainer(steps=6, save_interval=2, eval_interval=100)
-    monkeypatch.setattr(checkpoint, "write_file", crash_after_new_pointer)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run()
-    monkeypatch.undo()
+    crash_in_step_6_save(make_trainer, monkeypatch, crash_after_new_pointer)
     root = tmp_path / "run/checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000004"
     assert (root / ".tmp-latest").read_text().strip() == "step_00000006" and (root / "step_00000006").is_dir()

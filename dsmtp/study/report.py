@@ -82,8 +82,13 @@ def arms_of(results: list[dict]) -> dict[str, list[dict]]:
     return arms
 
 
+def next_token_arms(arms: dict[str, list[dict]]) -> list[str]:
+    """The arms trained without MTP (mtp_depth 0): the baseline a report compares against."""
+    return [name for name, runs in arms.items() if runs[0]["objective"]["mtp_depth"] == 0]
+
+
 def baseline_name(arms: dict[str, list[dict]]) -> str:
-    names = [name for name, runs in arms.items() if runs[0]["objective"]["mtp_depth"] == 0]
+    names = next_token_arms(arms)
     if len(names) != 1:
         raise ValueError(f"a report compares against one next-token arm (mtp_depth 0); these results hold "
                          f"{len(names)}: {names or 'none'} (report one study at a time)")

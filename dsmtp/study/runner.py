@@ -283,7 +283,7 @@ def closing_summary(out_dir: Path) -> str:
     """The study's tables so far; arms run before the next-token baseline have nothing to be compared with yet
     (a finished run is not an error)."""
     results = report.load_results([out_dir])
-    if not any(r["objective"]["mtp_depth"] == 0 for r in results):
+    if not report.next_token_arms(report.arms_of(results)):
         return (f"{len(results)} results in {out_dir}, none of them the next-token baseline (mtp_depth 0): "
                 "the tables compare against it once it has run")
     return report.text_summary(results)
