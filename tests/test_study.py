@@ -297,6 +297,18 @@ def test_differences_are_claimed_only_beyond_the_seed_spread():
     assert "better" in report.compare([_fake("m", s, 1, 2.5, passed=3) for s in (0, 1)], zero, pass1)
 
 
+def test_paired_differences_subtract_the_baseline_run_of_the_same_seed():
+    arms = {"ntp": [_fake("ntp", 0, 0, 2.50), _fake("ntp", 1, 0, 2.40)],
+            "a": [_fake("a", 0, 1, 2.45), _fake("a", 1, 1, 2.38)],  # lower than its own seed's baseline twice
+            "b": [_fake("b", 0, 1, 2.45), _fake("b", 1, 1, 2.46)],  # lower once, higher once
+            "c": [_fake("c", 1, 1, 2.30)]}
+    rows = [line for line in report.paired_by_seed(arms, "ntp", report.QUALITY[0]) if line.startswith("| ")]
+    assert rows == ["| arm | seed 0 | seed 1 | sign |",
+                    "| a | -0.0500 | -0.0200 | lower in every seed |",
+                    "| b | -0.0500 | +0.0600 | mixed |",
+                    "| c | - | -0.1000 | one seed |"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The pipeline end to end: two arms, a few steps, a resumed arm, the report
 
