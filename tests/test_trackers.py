@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -153,3 +154,27 @@ def test_writing_a_record_counts_as_training_time(tmp_path, data_dir, monkeypatc
     rates = [r["tokens_per_second"] for r in trainer.log.records() if r["kind"] == "train"]
     per_step = trainer.tokens_per_step
     assert rates == [pytest.approx(2 * per_step / 2.0), pytest.approx(2 * per_step / 12.0)]
+
+
+def test_tracker_benchmark_rates_and_table_from_its_results_file(tmp_path, capsys):
+    """tools/bench_trackers.py: rates from hand-made records (intervals after the warm-up only; overall =
+    tokens over summed interval times) and the table printed back from the rows it appended."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import bench_trackers
+
+    records = [{"step": s, "tokens": 100 * s, "tokens_per_second": rate}
+               for s, rate in [(1, 1.0), (2, 50.0), (3, 100.0), (4, 200.0)]]
+    row = bench_trackers.rate_row("jsonl", records, warmup=2)  # intervals ending at steps 3 and 4
+    assert row == {"trackers": "jsonl", "records": 2, "median": 150.0, "overall": 200 / (1.0 + 0.5)}
+    with pytest.raises(SystemExit, match="no record after step 4"):
+        bench_trackers.rate_row("jsonl", records, warmup=4)
+
+    results = tmp_path / "trackers.jsonl"
+    setting = {"machine": "m", "steps": 4, "warmup": 2, "overrides": ""}
+    rows = [{**row, **setting}, {**row, "trackers": "jsonl,wandb", "overall": row["overall"] * 0.9, **setting}]
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert bench_trackers.main(["--table", str(results)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "machine: m; 4 steps, rates over the records after step 2; overrides: none"
+    assert lines[2].split() == ["jsonl", "2", "150", "133", "+0.00%"]
+    assert lines[3].split() == ["jsonl,wandb", "2", "150", "120", "-10.00%"]
