@@ -111,7 +111,8 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
             if not params:
                 continue
             device = params[0].device
-            lr = torch.tensor(group["lr"], dtype=torch.float32, device=device)
+            # a fill kernel with the value as its argument: torch.tensor(lr, device=cuda) is a blocking copy
+            lr = torch.full((), group["lr"], dtype=torch.float32, device=device)
             scale = torch.ones((), device=device) if grad_scale is None else grad_scale.to(device)
             skip = torch.zeros((), dtype=torch.bool, device=device) if found_inf is None else found_inf.to(device) > 0
             update = self._update_fn(device)

@@ -13,14 +13,16 @@ from tests.train_helpers import prepare_tiny_corpus, tiny_config
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def test_training_step_never_waits_for_the_device(tmp_path):
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
+def test_training_step_never_waits_for_the_device(tmp_path, state_dtype):
     """CUDA's sync debug mode raises on any host-device synchronisation (.item(), .cpu(), a blocking
     copy, nonzero, ...) inside a whole optimizer step: forward, backward, clipping, the skip decision,
-    AdamW, router-bias update. The statistics it returns are read afterwards, once."""
+    AdamW (fused, or ours with bf16 moments), router-bias update. The statistics it returns are read
+    afterwards, once."""
     ensure_initialized()
     data = prepare_tiny_corpus(tmp_path / "data")
     trainer = Trainer(tiny_config(tmp_path / "run", data, steps=4, log_interval=100, save_interval=100,
-                                  eval_interval=100))
+                                  eval_interval=100, optimizer_state_dtype=state_dtype))
     assert trainer.device.type == "cuda"
     trainer.train_step()  # the first step creates the optimizer state
     torch.cuda.synchronize()
