@@ -18,7 +18,9 @@ import yaml
 
 MTP_KINDS = ("sequential", "parallel")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash")  # model.attention_backend (dsmtp.model.kernels.attention)
-OPTIMIZER_STATE_DTYPES = ("fp32", "bf16")  # train.optimizer_state_dtype (dsmtp.train.optim)
+# train.optimizer_state_dtype -> bytes per element of each AdamW moment (dsmtp.train.optim keeps them)
+OPTIMIZER_STATE_BYTES = {"fp32": 4, "bf16": 2}
+OPTIMIZER_STATE_DTYPES = tuple(OPTIMIZER_STATE_BYTES)
 MTP_DEPTH_WEIGHT_SCHEMES = ("uniform", "linear", "exponential")
 FP8_BACKENDS = ("torch", "transformer_engine")  # train.fp8_backend (dsmtp.model.fp8)
 MAX_EXPERTS = 2**15 - 1  # routed expert ids are sorted as int16 (dsmtp.model.moe.sort_pairs_by_expert)

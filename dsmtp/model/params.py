@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from dsmtp.config import Config, ModelConfig, load_config
+from dsmtp.config import OPTIMIZER_STATE_BYTES, Config, ModelConfig, load_config
 
 GiB = 2**30
 
@@ -176,7 +176,8 @@ def training_memory(cfg: Config, world_size: int = 1, device_type: str = "cpu") 
                                       recompute_every=t.activation_recompute_every)
     fused = 2 if t.compile else 1
     activations = {part: activation_bytes * tokens * n // (model_parallel * fused) for part, n in per_token.items()}
-    return TrainingMemory(parameters=per_rank(4, 3), gradients=per_rank(4, 2), optimizer=per_rank(2 * (2 if t.optimizer_state_dtype == "bf16" else 4), 1),
+    return TrainingMemory(parameters=per_rank(4, 3), gradients=per_rank(4, 2),
+                          optimizer=per_rank(2 * OPTIMIZER_STATE_BYTES[t.optimizer_state_dtype], 1),
                           activations_by_part=activations)
 
 
