@@ -13,7 +13,8 @@
 #   tests  tests/gpu (flash attention, training, kernels)
 #   bench1 tools/bench_train.py --compile, one process per row (D=1 then D=0), rows appended to
 #          $OUT/speed25.jsonl: main's path (SDPA, fp32 states) and flash attention
-#   bench2 the same for bf16 optimizer states, with SDPA and with flash
+#   bench2 bf16 optimizer states with flash (their before/after: bench1's "flash fp32" row)
+#   moe    the grouped-GEMM fusion lever sized: tools/bench_moe_kernels.py (quack, from flash-attn-4's wheels)
 #   tt     torchtitan's harness (.tt: a copy of ../shared/anchors/torchtitan), rows to $OUT/torchtitan.json
 #   curves 500 steps x 2 seeds x fp32/bf16 optimizer states on the real corpus (data/stdlib-32k carried),
 #          eager (no compile time in 500 steps); each run's metrics.jsonl to $OUT/runs/, plotted here
@@ -48,8 +49,8 @@ step() {
     # before/after: main's path forced (SDPA, fp32 states), each change alone, both; the middle rows unprofiled
     bench1) timeout 200 $B --label "base sdpa fp32" $SDPA $FP32
             timeout 170 $B --label "flash fp32" $FLASH $FP32 --profile-steps 0 ;;
-    bench2) timeout 170 $B --label "sdpa bf16-states" $SDPA $BF16 --profile-steps 0
-            timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
+    bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
+    moe) timeout 180 python3 tools/bench_moe_kernels.py --config configs/small.yaml --results "$OUT/moe_kernels.jsonl" ;;
     tt) (cd .tt && PYTHONPATH=/tmp/tt:$PYTHONPATH timeout 400 python3 bench_tt.py --variants compile,compile+mtp1 \
            --json-out "$OUT/torchtitan.json") ;;
     curves) mkdir -p "$OUT/runs"
