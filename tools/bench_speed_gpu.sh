@@ -5,14 +5,16 @@
 #
 #   SUITE="fa4 setup probe tests bench tt table" OUT=/tmp/out bash tools/bench_speed_gpu.sh
 #
-# Steps ($SUITE, in the order given; default: setup probe tests bench1 bench2 tt table):
+# Steps ($SUITE, in the order given; default: setup probe tests bench1 flash bench2 tt table):
 #   fa4a   first of the two flash-attn-4 transfers: keep .fa4a's files on the machine (~/fa4)
 #   fa4    second: join the runtime wheel from ~/fa4 and .fa4b, install into ~/fa4site
 #   setup  install the carried wheels (.whl or .whl-core: dsmtp's dependencies; .whl-tt: torchtitan) into /tmp/site, /tmp/tt
 #   probe  GPU, torch, flash-attn-4 importable
 #   tests  tests/gpu (flash attention, training, kernels)
+#   optim  the GPU tests of the bf16-moment optimizer alone
 #   bench1 tools/bench_train.py --compile, one process per row (D=1 then D=0), rows appended to
-#          $OUT/speed25.jsonl: main's path (SDPA, fp32 states) and flash attention
+#          $OUT/speed25.jsonl: main's path (SDPA, fp32 states)
+#   flash  the same with flash attention
 #   bench2 bf16 optimizer states with flash (their before/after: bench1's "flash fp32" row)
 #   moe    the grouped-GEMM fusion lever sized: tools/bench_moe_kernels.py (quack, from flash-attn-4's wheels)
 #   tt     torchtitan's harness (.tt: a copy of ../shared/anchors/torchtitan), rows to $OUT/torchtitan.json
@@ -47,15 +49,17 @@ step() {
     tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rA tests/gpu 2>&1 \
              | grep -E "PASS|FAIL|ERROR|Error|assert|passed|failed|skipped" | head -80 ;;
     # before/after: main's path forced (SDPA, fp32 states), each change alone, both; the middle rows unprofiled
-    bench1) timeout 200 $B --label "base sdpa fp32" $SDPA $FP32
-            timeout 170 $B --label "flash fp32" $FLASH $FP32 --profile-steps 0 ;;
+    optim) timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -rA tests/gpu/test_gpu_train.py \
+             -k "low_precision or never_waits" 2>&1 | grep -E "PASS|FAIL|Error|assert|passed|failed" | head -40 ;;
+    bench1) timeout 200 $B --label "base sdpa fp32" $SDPA $FP32 ;;
+    flash) timeout 170 $B --label "flash fp32" $FLASH $FP32 --profile-steps 0 ;;
     bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
     moe) timeout 180 python3 tools/bench_moe_kernels.py --config configs/small.yaml --results "$OUT/moe_kernels.jsonl" ;;
     tt) (cd .tt && PYTHONPATH=/tmp/tt:$PYTHONPATH timeout 400 python3 bench_tt.py --variants compile,compile+mtp1 \
            --json-out "$OUT/torchtitan.json") ;;
     curves) mkdir -p "$OUT/runs"
             for dtype in fp32 bf16; do for seed in 0 1; do
-              timeout 140 python3 -m dsmtp.cli train --config configs/small.yaml --set train.steps=500 \
+              timeout 170 python3 -m dsmtp.cli train --config configs/small.yaml --set train.steps=500 \
                 --set train.seed=$seed --set train.optimizer_state_dtype=$dtype \
                 --set train.save_interval=100000 --set train.eval_interval=250 \
                 --set train.out_dir=/tmp/runs/$dtype-seed$seed 2>&1 | tail -3
@@ -67,5 +71,5 @@ step() {
   esac
 }
 {
-for s in ${SUITE:-setup probe tests bench1 bench2 tt table}; do echo "==== step $s $(date +%T)"; step "$s"; done
+for s in ${SUITE:-setup probe tests bench1 flash bench2 tt table}; do echo "==== step $s $(date +%T)"; step "$s"; done
 } 2>&1 | tee -a "$OUT/log.txt"
