@@ -50,7 +50,7 @@ step() {
              | grep -E "PASS|FAIL|ERROR|Error|assert|passed|failed|skipped" | head -80 ;;
     # before/after: main's path forced (SDPA, fp32 states), each change alone, both; the middle rows unprofiled
     optim) timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -rA tests/gpu/test_gpu_train.py \
-             -k "low_precision or never_waits" 2>&1 | grep -E "PASS|FAIL|Error|assert|passed|failed" | head -40 ;;
+             -k "adamw or never_waits" 2>&1 | grep -E "PASS|FAIL|Error|assert|passed|failed" | head -40 ;;
     bench1) timeout 200 $B --label "base sdpa fp32" $SDPA $FP32 ;;
     flash) timeout 170 $B --label "flash fp32" $FLASH $FP32 --profile-steps 0 ;;
     bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;

@@ -66,14 +66,25 @@ def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v.to(exp_avg_sq.dtype)))
 
 
+def adamw_update_all(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                     exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], lr: torch.Tensor, beta1: float,
+                     beta2: float, eps: float, weight_decay: float, grad_scale: torch.Tensor,
+                     skip: torch.Tensor) -> None:
+    """adamw_update over a group's parameters, one at a time: the reference that
+    multi_tensor_adamw.MultiTensorAdamW computes in one CUDA launch."""
+    for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        adamw_update(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, grad_scale, skip)
+
+
 class AdamWLowPrecisionMoments(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) over fp32 parameters with its moments stored in `state_dtype`.
 
     Takes what clipped_step hands a fused optimizer: `grad_scale` (gradients are divided by it) and
     `found_inf` (skip the step: parameters, moments and step counts stay), both device tensors, so
-    neither costs a host read. On CUDA each parameter's update is one compiled kernel; elsewhere the
-    same function runs eagerly. State: "step" (a float32 device tensor, as fused AdamW's) and the two
-    moments under torch's names; a state loaded from an fp32 checkpoint is stored at state_dtype.
+    neither costs a host read. On CUDA a group's update is one Triton launch (multi_tensor_adamw);
+    elsewhere adamw_update runs eagerly per parameter. State: "step" (a float32 device tensor, as fused
+    AdamW's) and the two moments under torch's names; a state loaded from an fp32 checkpoint is stored
+    at state_dtype.
     """
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0,
@@ -81,7 +92,7 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.state_dtype = state_dtype
         self.register_load_state_dict_post_hook(AdamWLowPrecisionMoments._store_moments_at_state_dtype)
-        self._compiled = None
+        self._multi_tensor = None
 
     @staticmethod
     def _store_moments_at_state_dtype(optimizer: "AdamWLowPrecisionMoments") -> None:
@@ -93,11 +104,12 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
 
     def _update_fn(self, device: torch.device):
         if device.type != "cuda":
-            return adamw_update
-        if self._compiled is None:
-            # dynamic: one kernel for every parameter size (the tensors are flattened)
-            self._compiled = torch.compile(adamw_update, dynamic=True, fullgraph=True)
-        return self._compiled
+            return adamw_update_all
+        if self._multi_tensor is None:
+            from dsmtp.train.multi_tensor_adamw import MultiTensorAdamW  # triton: CUDA installs only
+
+            self._multi_tensor = MultiTensorAdamW()
+        return self._multi_tensor
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -123,8 +135,10 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     for key in MOMENTS:
                         state[key] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
-                update(p.view(-1), p.grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
-                       state["step"], lr, beta1, beta2, group["eps"], group["weight_decay"], scale, skip)
+            states = [self.state[p] for p in params]
+            update(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                   [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr, beta1, beta2,
+                   group["eps"], group["weight_decay"], scale, skip)
         return loss
 
 

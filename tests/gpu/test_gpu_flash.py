@@ -62,3 +62,31 @@ def test_compiled_mla_with_flash_matches_sdpa():
         results[backend] = [out.detach(), *(p.grad.clone() for p in mla.parameters())]
     for flash, sdpa in zip(results["flash"], results["sdpa"]):
         assert rel_err(flash, sdpa) < 2e-2
+
+
+class _EmptyCache:
+    """A KV cache before its first write (dsmtp.serve.cache's prefill case): the new tokens are every key."""
+
+    from_start = True
+
+    def append(self, kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(kv.shape[1], device=kv.device).expand(kv.shape[0], -1)
+        return torch.cat([kv, k_rope], dim=-1), positions
+
+
+def test_prefill_with_flash_matches_absorbed_attention():
+    """A prefill into an empty cache takes flash (MLA.forward's from_start case); with SDPA selected the
+    same call attends over the cached latents in the absorbed form. bf16 weights, as served."""
+    ensure_initialized()
+    cfg = ModelConfig(hidden_size=512, num_heads=8)
+    torch.manual_seed(0)
+    mla = MLA(cfg).cuda().to(torch.bfloat16)
+    rope = RotaryEmbedding(cfg).cuda()
+    x = torch.randn(2, 777, 512, device="cuda", dtype=torch.bfloat16)
+    cos, sin = rope(torch.arange(777, device="cuda"))
+    outputs = {}
+    with torch.no_grad():
+        for backend in ("flash", "sdpa"):
+            mla.attention_backend = backend
+            outputs[backend] = mla(x, cos, sin, cache=_EmptyCache())
+    assert rel_err(outputs["flash"], outputs["sdpa"]) < 2e-2

@@ -1,0 +1,114 @@
+"""optim.adamw_update over a whole parameter group in one Triton launch, for CUDA.
+
+torch's fused AdamW does this for moments in the parameters' dtype; ours keeps them in bf16 over fp32
+parameters, which no torch kernel takes. One compiled call per parameter left the GPU waiting for the
+host (~185 Python calls a step), and one compiled graph over a group's parameters took minutes to
+compile, so the kernel is written here once: each program updates one block of one tensor, finding the
+tensor's parameter, gradient, moments and step count through a table of addresses, as multi-tensor
+kernels do. The table is rebuilt only when a gradient's address changes and is uploaded without a host
+wait.
+
+The arithmetic is optim.adamw_update's, line for line (the CPU reference and the GPU test compare them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+
+
+@triton.jit
+def _tensor_pointer(addresses, row, n_tensors, t, dtype: tl.constexpr):
+    # torch's allocator aligns every tensor it hands out: the hint lets loads and stores be vectorized
+    return tl.multiple_of(tl.load(addresses + row * n_tensors + t), 16).to(tl.pointer_type(dtype))
+
+
+@triton.jit
+def _adamw_blocks(addresses, block_tensor, block_start, numels, n_tensors, lr_ptr, grad_scale_ptr, skip_ptr,
+                  beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
+                  MOMENTS_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    offsets = tl.multiple_of(tl.load(block_start + pid), BLOCK) + tl.arange(0, BLOCK)
+    # a skipped step writes nothing: no element is in range
+    mask = offsets < tl.where(tl.load(skip_ptr) == 0, tl.load(numels + t), 0)
+    moment_type = tl.bfloat16 if MOMENTS_BF16 else tl.float32
+    param_ptr = _tensor_pointer(addresses, 0, n_tensors, t, tl.float32)
+    grad_ptr = _tensor_pointer(addresses, 1, n_tensors, t, tl.float32)
+    exp_avg_ptr = _tensor_pointer(addresses, 2, n_tensors, t, moment_type)
+    exp_avg_sq_ptr = _tensor_pointer(addresses, 3, n_tensors, t, moment_type)
+    step = tl.load(_tensor_pointer(addresses, 4, n_tensors, t, tl.float32))
+    lr = tl.load(lr_ptr)
+
+    # IEEE division and square root (Triton's defaults approximate them), as torch computes them
+    g = tl.div_rn(tl.load(grad_ptr + offsets, mask=mask, other=0.0), tl.load(grad_scale_ptr))
+    m = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    m = m + (1 - beta1) * (g - m)
+    v = v * beta2 + (1 - beta2) * g * g
+    bias1 = 1 - tl.exp2(step * log2_beta1)
+    bias2 = 1 - tl.exp2(step * log2_beta2)
+    update = tl.div_rn(tl.div_rn(m, bias1), tl.div_rn(tl.sqrt_rn(v), tl.sqrt_rn(bias2)) + eps)
+    param = tl.load(param_ptr + offsets, mask=mask, other=0.0)
+    tl.store(param_ptr + offsets, param * (1 - lr * weight_decay) - lr * update, mask=mask)
+    tl.store(exp_avg_ptr + offsets, m.to(moment_type), mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, v.to(moment_type), mask=mask)
+
+
+def _log2(beta: float) -> float:
+    return math.log2(beta) if beta > 0 else -math.inf  # beta ** step = 0 for every step >= 1
+
+
+class MultiTensorAdamW:
+    """adamw_update_all's signature, one launch per call. Keeps, per parameter group, the block map
+    (static: sizes do not change) and the address table of the last call."""
+
+    def __init__(self):
+        self._blocks: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._addresses: dict[tuple, tuple[list[int], torch.Tensor]] = {}
+
+    def _block_map(self, key: tuple, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if key not in self._blocks:
+            numels = [p.numel() for p in params]
+            counts = [math.ceil(n / BLOCK) for n in numels]
+            tensor_of_block = torch.repeat_interleave(torch.arange(len(params), dtype=torch.int32), torch.tensor(counts))
+            start_of_block = torch.cat([torch.arange(c, dtype=torch.int64) * BLOCK for c in counts])
+            device = params[0].device
+            # built once, at the first step: the only blocking copies this class makes
+            self._blocks[key] = (tensor_of_block.to(device), start_of_block.to(device),
+                                 torch.tensor(numels, dtype=torch.int64, device=device))
+        return self._blocks[key]
+
+    def _address_table(self, key: tuple, tensors: list[list[torch.Tensor]]) -> torch.Tensor:
+        addresses = [t.data_ptr() for group in tensors for t in group]
+        cached = self._addresses.get(key)
+        if cached is None or cached[0] != addresses:
+            # pinned staging and an asynchronous copy: the host does not wait for the device
+            table = torch.tensor(addresses, dtype=torch.int64)
+            device = tensors[0][0].device
+            if device.type == "cuda":  # (Triton's interpreter runs the kernel on host tensors)
+                table = table.pin_memory().to(device, non_blocking=True)
+            self._addresses[key] = (addresses, table)
+        return self._addresses[key][1]
+
+    def __call__(self, params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                 exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], lr: torch.Tensor, beta1: float,
+                 beta2: float, eps: float, weight_decay: float, grad_scale: torch.Tensor,
+                 skip: torch.Tensor) -> None:
+        if any(t.dtype != torch.float32 for t in params + grads) or not all(
+                t.is_contiguous() for t in params + grads + exp_avgs + exp_avg_sqs):
+            raise ValueError("MultiTensorAdamW updates contiguous fp32 parameters and gradients; "
+                             "keep train.optimizer_state_dtype=fp32 for other parameter dtypes")
+        key = tuple(id(p) for p in params)
+        tensor_of_block, start_of_block, numels = self._block_map(key, params)
+        table = self._address_table(key, [params, grads, exp_avgs, exp_avg_sqs, steps])
+        torch._foreach_add_(steps, (~skip).float())
+        _adamw_blocks[(tensor_of_block.numel(),)](
+            table, tensor_of_block, start_of_block, numels, len(params), lr, grad_scale.float(),
+            skip.to(torch.uint8), beta1, beta2, _log2(beta1), _log2(beta2), eps, weight_decay,
+            MOMENTS_BF16=exp_avgs[0].dtype == torch.bfloat16, BLOCK=BLOCK)
