@@ -11,14 +11,14 @@
 #   setup  install the carried wheels (.whl or .whl-core: dsmtp's dependencies; .whl-tt: torchtitan) into /tmp/site, /tmp/tt
 #   probe  GPU, torch, flash-attn-4 importable
 #   tests  tests/gpu (flash attention, training, kernels)
-#   optim  the GPU tests of the bf16-moment optimizer alone
+#   optim  the GPU tests of the bf16-moment optimizer and of flash prefill
 #   bench1 tools/bench_train.py --compile, one process per row (D=1 then D=0), rows appended to
 #          $OUT/speed25.jsonl: main's path (SDPA, fp32 states)
 #   flash  the same with flash attention
 #   bench2 bf16 optimizer states with flash (their before/after: bench1's "flash fp32" row)
 #   moe    the grouped-GEMM fusion lever sized: tools/bench_moe_kernels.py (quack, from flash-attn-4's wheels)
 #   tt     torchtitan's harness (.tt: a copy of ../shared/anchors/torchtitan), rows to $OUT/torchtitan.json
-#   curves 500 steps x 2 seeds x fp32/bf16 optimizer states on the real corpus (data/stdlib-32k carried),
+#   curves 500 steps x 2 seeds x fp32/bf16 optimizer states ($CURVES: which) on the real corpus (data/stdlib-32k carried),
 #          eager (no compile time in 500 steps); each run's metrics.jsonl to $OUT/runs/, plotted here
 #          afterwards: python3 tools/fp8_vs_bf16.py RUN... --out notes/gpu/optimizer_states.png
 #   table  the table of every row $OUT/speed25.jsonl holds, and torchtitan's
@@ -49,8 +49,8 @@ step() {
     tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rA tests/gpu 2>&1 \
              | grep -E "PASS|FAIL|ERROR|Error|assert|passed|failed|skipped" | head -80 ;;
     # before/after: main's path forced (SDPA, fp32 states), each change alone, both; the middle rows unprofiled
-    optim) timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -rA tests/gpu/test_gpu_train.py \
-             -k "adamw or never_waits" 2>&1 | grep -E "PASS|FAIL|Error|assert|passed|failed" | head -40 ;;
+    optim) timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -rA tests/gpu/test_gpu_train.py tests/gpu/test_gpu_flash.py \
+             -k "adamw or never_waits or prefill" 2>&1 | grep -E "PASS|FAIL|Error|assert|passed|failed" | head -40 ;;
     bench1) timeout 200 $B --label "base sdpa fp32" $SDPA $FP32 ;;
     flash) timeout 170 $B --label "flash fp32" $FLASH $FP32 --profile-steps 0 ;;
     bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
@@ -58,14 +58,14 @@ step() {
     tt) (cd .tt && PYTHONPATH=/tmp/tt:$PYTHONPATH timeout 400 python3 bench_tt.py --variants compile,compile+mtp1 \
            --json-out "$OUT/torchtitan.json") ;;
     curves) mkdir -p "$OUT/runs"
-            for dtype in fp32 bf16; do for seed in 0 1; do
+            for dtype in ${CURVES:-fp32 bf16}; do for seed in 0 1; do
               timeout 170 python3 -m dsmtp.cli train --config configs/small.yaml --set train.steps=500 \
                 --set train.seed=$seed --set train.optimizer_state_dtype=$dtype \
                 --set train.save_interval=100000 --set train.eval_interval=250 \
                 --set train.out_dir=/tmp/runs/$dtype-seed$seed 2>&1 | tail -3
               mkdir -p "$OUT/runs/$dtype-seed$seed"; cp /tmp/runs/$dtype-seed$seed/metrics.jsonl "$OUT/runs/$dtype-seed$seed/"
             done; done
-            python3 tools/fp8_vs_bf16.py /tmp/runs/fp32-seed0 /tmp/runs/fp32-seed1 /tmp/runs/bf16-seed0 /tmp/runs/bf16-seed1 ;;
+            python3 tools/fp8_vs_bf16.py /tmp/runs/*-seed* ;;
     table) [ -f "$R" ] && python3 tools/bench_train.py --table "$R"
            [ -f "$OUT/torchtitan.json" ] && python3 tools/bench_train.py --table "$R" --peer "$OUT/torchtitan.json" ;;
   esac
