@@ -7,7 +7,7 @@
 #
 # Steps ($SUITE, in the order given; default: setup probe tests bench1 flash bench2 tt table):
 #   fa4a   first of the two flash-attn-4 transfers: keep .fa4a's files on the machine (~/fa4)
-#   fa4    second: join the runtime wheel from ~/fa4 and .fa4b, install into ~/fa4site
+#   fa4    second: join the runtime wheel from ~/fa4 and .fa4b (its version: $CUTLASS_DSL_VERSION, default 4.8.1), install into ~/fa4site
 #   setup  install the carried wheels (.whl or .whl-core: dsmtp's dependencies; .whl-tt: torchtitan) into /tmp/site, /tmp/tt
 #   probe  GPU, torch, flash-attn-4 importable
 #   tests  tests/gpu (flash attention, training, kernels)
@@ -37,7 +37,7 @@ step() {
   case $1 in
     fa4a) mkdir -p ~/fa4 && cp .fa4a/* ~/fa4/ && ls -la ~/fa4 ;;
     fa4) test -f ~/fa4/cu13.part.aa || { echo "~/fa4 is missing: a different machine, start again with fa4a"; exit 3; }
-         cat ~/fa4/cu13.part.aa .fa4b/cu13.part.ab > ~/fa4/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
+         cat ~/fa4/cu13.part.aa .fa4b/cu13.part.ab > ~/fa4/nvidia_cutlass_dsl_libs_cu13-${CUTLASS_DSL_VERSION:-4.8.1}-cp312-cp312-manylinux_2_28_x86_64.whl
          rm ~/fa4/cu13.part.aa
          python3 -m pip install -q --no-index --no-deps --no-compile --target ~/fa4site ~/fa4/*.whl
          export PYTHONPATH=$PYTHONPATH:$HOME/fa4site:$HOME/fa4site/nvidia_cutlass_dsl/dsl_packages ;;
