@@ -20,44 +20,55 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024
+MOMENT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @triton.jit
 def _tensor_pointer(addresses, row, n_tensors, t, dtype: tl.constexpr):
     # torch's allocator aligns every tensor it hands out: the hint lets loads and stores be vectorized
-    return tl.multiple_of(tl.load(addresses + row * n_tensors + t), 16).to(tl.pointer_type(dtype))
+    return tl.multiple_of(tl.load(addresses + row * n_tensors + t).to(tl.pointer_type(dtype)), 16)
 
 
 @triton.jit
-def _adamw_blocks(addresses, block_tensor, block_start, numels, n_tensors, lr_ptr, grad_scale_ptr, skip_ptr,
-                  beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
-                  MOMENTS_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    offsets = tl.multiple_of(tl.load(block_start + pid), BLOCK) + tl.arange(0, BLOCK)
-    # a skipped step writes nothing: no element is in range
-    mask = offsets < tl.where(tl.load(skip_ptr) == 0, tl.load(numels + t), 0)
-    moment_type = tl.bfloat16 if MOMENTS_BF16 else tl.float32
-    param_ptr = _tensor_pointer(addresses, 0, n_tensors, t, tl.float32)
-    grad_ptr = _tensor_pointer(addresses, 1, n_tensors, t, tl.float32)
-    exp_avg_ptr = _tensor_pointer(addresses, 2, n_tensors, t, moment_type)
-    exp_avg_sq_ptr = _tensor_pointer(addresses, 3, n_tensors, t, moment_type)
-    step = tl.load(_tensor_pointer(addresses, 4, n_tensors, t, tl.float32))
-    lr = tl.load(lr_ptr)
-
+def _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask, step, lr, grad_scale,
+                 beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, MOMENT_DTYPE: tl.constexpr):
     # IEEE division and square root (Triton's defaults approximate them), as torch computes them
-    g = tl.div_rn(tl.load(grad_ptr + offsets, mask=mask, other=0.0), tl.load(grad_scale_ptr))
-    m = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.div_rn(tl.load(grad_ptr + offsets, mask=mask), grad_scale)
+    m = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
+    v = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
     m = m + (1 - beta1) * (g - m)
     v = v * beta2 + (1 - beta2) * g * g
     bias1 = 1 - tl.exp2(step * log2_beta1)
     bias2 = 1 - tl.exp2(step * log2_beta2)
     update = tl.div_rn(tl.div_rn(m, bias1), tl.div_rn(tl.sqrt_rn(v), tl.sqrt_rn(bias2)) + eps)
-    param = tl.load(param_ptr + offsets, mask=mask, other=0.0)
+    param = tl.load(param_ptr + offsets, mask=mask)
     tl.store(param_ptr + offsets, param * (1 - lr * weight_decay) - lr * update, mask=mask)
-    tl.store(exp_avg_ptr + offsets, m.to(moment_type), mask=mask)
-    tl.store(exp_avg_sq_ptr + offsets, v.to(moment_type), mask=mask)
+    tl.store(exp_avg_ptr + offsets, m.to(MOMENT_DTYPE), mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, v.to(MOMENT_DTYPE), mask=mask)
+
+
+@triton.jit
+def _adamw_blocks(addresses, block_tensor, block_start, numels, n_tensors, lr_ptr, grad_scale_ptr, skip_ptr,
+                  beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
+                  MOMENT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    start = tl.multiple_of(tl.load(block_start + pid), BLOCK)
+    offsets = start + tl.arange(0, BLOCK)
+    numel = tl.load(numels + t)
+    param = _tensor_pointer(addresses, 0, n_tensors, t, tl.float32)
+    grad = _tensor_pointer(addresses, 1, n_tensors, t, tl.float32)
+    exp_avg = _tensor_pointer(addresses, 2, n_tensors, t, MOMENT_DTYPE)
+    exp_avg_sq = _tensor_pointer(addresses, 3, n_tensors, t, MOMENT_DTYPE)
+    step = tl.load(_tensor_pointer(addresses, 4, n_tensors, t, tl.float32))  # this step already counted
+    lr, grad_scale = tl.load(lr_ptr), tl.load(grad_scale_ptr)
+    if tl.load(skip_ptr) == 0:  # a skipped step writes nothing
+        if start + BLOCK <= numel:  # whole blocks unmasked, so their loads and stores are vectorized
+            _adamw_block(param, grad, exp_avg, exp_avg_sq, offsets, None, step, lr, grad_scale,
+                         beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, MOMENT_DTYPE)
+        else:
+            _adamw_block(param, grad, exp_avg, exp_avg_sq, offsets, offsets < numel, step, lr, grad_scale,
+                         beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, MOMENT_DTYPE)
 
 
 def _log2(beta: float) -> float:
@@ -111,4 +122,4 @@ class MultiTensorAdamW:
         _adamw_blocks[(tensor_of_block.numel(),)](
             table, tensor_of_block, start_of_block, numels, len(params), lr, grad_scale.float(),
             skip.to(torch.uint8), beta1, beta2, _log2(beta1), _log2(beta2), eps, weight_decay,
-            MOMENTS_BF16=exp_avgs[0].dtype == torch.bfloat16, BLOCK=BLOCK)
+            MOMENT_DTYPE=MOMENT_DTYPES[exp_avgs[0].dtype], BLOCK=BLOCK)
