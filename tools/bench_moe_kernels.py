@@ -1,7 +1,7 @@
-"""Sizing issue 25's grouped-GEMM fusion lever before building it: a config's routed experts, forward and
-backward, through main's path (kernels.grouped_swiglu: torch._grouped_mm, SwiGLU fused by torch.compile)
-against quack's grouped GEMMs (the flash-attn-4 dependency) with SwiGLU in the first GEMM's epilogue and
-its gradient in the epilogue of the backward GEMM that makes it (SonicMoE's design). CUDA only.
+"""Issue 25's grouped-GEMM fusion lever alone: a config's routed experts, forward and backward, through
+kernels.grouped_swiglu's default CUDA path (torch._grouped_mm, SwiGLU fused by torch.compile) and through
+kernels.backends.quack_experts (quack's grouped GEMMs, the flash-attn-4 dependency, with the SwiGLU in the
+first GEMM's epilogue and its gradient in the epilogue of the backward GEMM that makes it). CUDA only.
 
     python tools/bench_moe_kernels.py --config configs/small.yaml [--results FILE]
 
@@ -25,41 +25,18 @@ from dsmtp.config import load_config  # noqa: E402
 from dsmtp.model import kernels  # noqa: E402
 
 
-class QuackGroupedSwiGLU(torch.autograd.Function):
-    """Rows sorted by expert [M, H] -> w2(swiglu(w13 x)) per expert, with w13 [E, 2I, H] holding the gate
-    and up rows interleaved (quack's gated epilogue pairs column 2j with 2j+1)."""
+def experts(quack: bool):
+    """kernels.grouped_swiglu, compiled as the training step compiles its layers, with
+    kernels.backends.quack_experts set while it traces and runs."""
+    compiled = torch.compile(kernels.grouped_swiglu)
 
-    @staticmethod
-    def forward(ctx, x, w13, w2, cu_seqlens):
-        from quack.gemm_interface import gemm, gemm_gated
-
-        preact, h = gemm_gated(x, w13.transpose(1, 2), activation="swiglu", cu_seqlens_m=cu_seqlens, tuned=False)
-        ctx.save_for_backward(x, w13, w2, cu_seqlens, preact)
-        return gemm(h, w2.transpose(1, 2), cu_seqlens_m=cu_seqlens, tuned=False)
-
-    @staticmethod
-    def backward(ctx, grad):
-        from quack.gemm_interface import gemm, gemm_dgated
-
-        x, w13, w2, cu_seqlens, preact = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_preact, h = gemm_dgated(grad, w2, preact, activation="swiglu", cu_seqlens_m=cu_seqlens, tuned=False)
-        offsets = cu_seqlens[1:]
-        grad_w2 = torch._grouped_mm(grad.t(), h, offs=offsets)
-        grad_w13 = torch._grouped_mm(grad_preact.t(), x, offs=offsets)
-        grad_x = gemm(grad_preact, w13, cu_seqlens_m=cu_seqlens, tuned=False)
-        return grad_x, grad_w13, grad_w2, None
-
-
-def quack_swiglu(x, tokens_per_expert, w1, w2, w3):
-    e, i, h = w1.shape
-    w13 = torch.stack([w1.to(torch.bfloat16), w3.to(torch.bfloat16)], dim=2).reshape(e, 2 * i, h)
-    cu_seqlens = torch.nn.functional.pad(tokens_per_expert.cumsum(0), (1, 0)).to(torch.int32)
-    return QuackGroupedSwiGLU.apply(x, w13, w2.to(torch.bfloat16), cu_seqlens)
-
-
-def main_swiglu(x, tokens_per_expert, w1, w2, w3):
-    return kernels.grouped_swiglu(x, tokens_per_expert, w1, w2, w3)
+    def run(*args):
+        before, kernels.backends.quack_experts = kernels.backends.quack_experts, quack
+        try:
+            return compiled(*args)
+        finally:
+            kernels.backends.quack_experts = before
+    return run
 
 
 def routed_inputs(cfg, tokens: int, seed: int):
@@ -110,12 +87,12 @@ def main() -> None:
     inputs = routed_inputs(cfg, tokens, seed=0)
     device = torch.cuda.get_device_name()
     names = ["out", "grad x", "grad w1", "grad w2", "grad w3"]
-    reference = forward_backward(torch.compile(main_swiglu), *inputs)
+    reference = forward_backward(experts(quack=False), *inputs)
     print(f"{device}, {args.config}: {tokens} tokens x top-{cfg.model.num_experts_per_tok}, routed experts only")
     print(f"| path | ms fwd+bwd | {' | '.join(names)} (max diff / max) |")
     print("|---|---|" + "---|" * len(names))
-    for label, fn in (("main: torch._grouped_mm, compiled", torch.compile(main_swiglu)),
-                      ("quack: SwiGLU in the GEMM epilogues", quack_swiglu)):
+    for label, fn in (("torch._grouped_mm, compiled", experts(quack=False)),
+                      ("quack_experts: SwiGLU in the GEMM epilogues, compiled", experts(quack=True))):
         try:
             for _ in range(3):
                 forward_backward(fn, *inputs)

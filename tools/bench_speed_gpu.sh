@@ -6,17 +6,21 @@
 #   SUITE="fa4 setup probe tests bench tt table" OUT=/tmp/out bash tools/bench_speed_gpu.sh
 #
 # Steps ($SUITE, in the order given; default: setup probe tests bench1 flash bench2 tt table):
-#   fa4a   first of the two flash-attn-4 transfers: keep .fa4a's files on the machine (~/fa4)
-#   fa4    second: join the runtime wheel from ~/fa4 and .fa4b (its version: $CUTLASS_DSL_VERSION, default 4.8.1), install into ~/fa4site
+#   fa4a   first of the two flash-attn-4 transfers: keep $FA4A's files on the machine ($FA4DIR)
+#   fa4    second: join the runtime wheel from $FA4DIR and $FA4B, install into $FA4SITE
+#          (defaults .fa4a, .fa4b, ~/fa4, ~/fa4site and CUTLASS_DSL_VERSION=4.8.1, the runtime wheel's
+#          version; a second set, e.g. with cutlass-dsl 4.7.1, goes to other folders on the same machine)
 #   setup  install the carried wheels (.whl or .whl-core: dsmtp's dependencies; .whl-tt: torchtitan) into /tmp/site, /tmp/tt
 #   probe  GPU, torch, flash-attn-4 importable
 #   tests  tests/gpu (flash attention, training, kernels)
-#   optim  the GPU tests of the bf16-moment optimizer and of flash prefill
+#   tests25 the GPU tests written after session 10's run: the bf16-moment update, flash prefill, the
+#          routed experts through torch._grouped_mm and through quack ($TESTS_K: pytest -k, to pick some)
 #   bench1 tools/bench_train.py --compile, one process per row (D=1 then D=0), rows appended to
 #          $OUT/speed25.jsonl: main's path (SDPA, fp32 states)
 #   flash  the same with flash attention
 #   bench2 bf16 optimizer states with flash (their before/after: bench1's "flash fp32" row)
-#   moe    the grouped-GEMM fusion lever sized: tools/bench_moe_kernels.py (quack, from flash-attn-4's wheels)
+#   quack  bench2's row with kernels.backends.quack_experts on (the routed experts' SwiGLU in quack's GEMM epilogues)
+#   moe    the same lever alone, per MoE layer call: tools/bench_moe_kernels.py (quack, from flash-attn-4's wheels)
 #   tt     torchtitan's harness (.tt: a copy of ../shared/anchors/torchtitan), rows to $OUT/torchtitan.json
 #   curves 500 steps x 2 seeds x fp32/bf16 optimizer states ($CURVES: which) on the real corpus (data/stdlib-32k carried),
 #          eager (no compile time in 500 steps); each run's metrics.jsonl to $OUT/runs/, plotted here
@@ -26,8 +30,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 R=$OUT/speed25.jsonl
+FA4A=${FA4A:-.fa4a}; FA4B=${FA4B:-.fa4b}; FA4DIR=${FA4DIR:-$HOME/fa4}; FA4SITE=${FA4SITE:-$HOME/fa4site}
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
-[ -d ~/fa4site ] && export PYTHONPATH=$PYTHONPATH:$HOME/fa4site:$HOME/fa4site/nvidia_cutlass_dsl/dsl_packages
+[ -d "$FA4SITE" ] && export PYTHONPATH=$PYTHONPATH:$FA4SITE:$FA4SITE/nvidia_cutlass_dsl/dsl_packages
 B="python3 tools/bench_train.py --config configs/small.yaml --compile --warmup 8 --results $R"
 # before/after rows: the old path is forced by a --set, the new one by another; D=1 then D=0 in one process
 SDPA="--set model.attention_backend=sdpa"; FLASH="--set model.attention_backend=flash"
@@ -35,12 +40,13 @@ FP32="--set train.optimizer_state_dtype=fp32"; BF16="--set train.optimizer_state
 
 step() {
   case $1 in
-    fa4a) mkdir -p ~/fa4 && cp .fa4a/* ~/fa4/ && ls -la ~/fa4 ;;
-    fa4) test -f ~/fa4/cu13.part.aa || { echo "~/fa4 is missing: a different machine, start again with fa4a"; exit 3; }
-         cat ~/fa4/cu13.part.aa .fa4b/cu13.part.ab > ~/fa4/nvidia_cutlass_dsl_libs_cu13-${CUTLASS_DSL_VERSION:-4.8.1}-cp312-cp312-manylinux_2_28_x86_64.whl
-         rm ~/fa4/cu13.part.aa
-         python3 -m pip install -q --no-index --no-deps --no-compile --target ~/fa4site ~/fa4/*.whl
-         export PYTHONPATH=$PYTHONPATH:$HOME/fa4site:$HOME/fa4site/nvidia_cutlass_dsl/dsl_packages ;;
+    fa4a) mkdir -p "$FA4DIR" && cp "$FA4A"/* "$FA4DIR"/ && ls -la "$FA4DIR" ;;
+    fa4) test -f "$FA4DIR"/cu13.part.aa || { echo "$FA4DIR is missing: a different machine, start again with fa4a"; exit 3; }
+         cat "$FA4DIR"/cu13.part.aa "$FA4B"/cu13.part.ab \
+           > "$FA4DIR"/nvidia_cutlass_dsl_libs_cu13-${CUTLASS_DSL_VERSION:-4.8.1}-cp312-cp312-manylinux_2_28_x86_64.whl
+         rm "$FA4DIR"/cu13.part.aa
+         python3 -m pip install -q --no-index --no-deps --no-compile --target "$FA4SITE" "$FA4DIR"/*.whl
+         export PYTHONPATH=$PYTHONPATH:$FA4SITE:$FA4SITE/nvidia_cutlass_dsl/dsl_packages ;;
     setup) for d in .whl .whl-core; do [ -d $d ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $d/*.whl; done
            [ -d .whl-tt ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tt .whl-tt/*.whl ;;
     probe) nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
@@ -49,11 +55,12 @@ step() {
     tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rA tests/gpu 2>&1 \
              | grep -E "PASS|FAIL|ERROR|Error|assert|passed|failed|skipped" | head -80 ;;
     # before/after: main's path forced (SDPA, fp32 states), each change alone, both; the middle rows unprofiled
-    optim) timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -rA tests/gpu/test_gpu_train.py tests/gpu/test_gpu_flash.py \
-             -k "adamw or never_waits or prefill" 2>&1 | grep -E "PASS|FAIL|Error|assert|passed|failed" | head -40 ;;
+    tests25) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rA tests/gpu/test_gpu_train.py tests/gpu/test_gpu_flash.py tests/gpu/test_gpu_kernels.py \
+             -k "${TESTS_K:-adamw or never_waits or prefill or grouped_swiglu}" 2>&1 | grep -E "PASS|FAIL|Error|assert|passed|failed" | head -40 ;;
     bench1) timeout 200 $B --label "base sdpa fp32" $SDPA $FP32 ;;
     flash) timeout 170 $B --label "flash fp32" $FLASH $FP32 --profile-steps 0 ;;
     bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
+    quack) timeout 200 $B --label "flash bf16-states quack" $FLASH $BF16 --enable quack_experts --profile-steps 0 ;;
     moe) timeout 180 python3 tools/bench_moe_kernels.py --config configs/small.yaml --results "$OUT/moe_kernels.jsonl" ;;
     tt) (cd .tt && PYTHONPATH=/tmp/tt:$PYTHONPATH timeout 400 python3 bench_tt.py --variants compile,compile+mtp1 \
            --json-out "$OUT/torchtitan.json") ;;

@@ -2,7 +2,7 @@
 where the GPU time goes (PyTorch profiler), at the configured MTP depth and at D=0.
 
     python tools/bench_train.py --config configs/small.yaml [--set k=v ...] [--steps 20] [--warmup 5]
-        [--precision bf16|fp8] [--compile] [--cuda-graph] [--disable grouped_mm] [--label NAME] [--results FILE]
+        [--precision bf16|fp8] [--compile] [--cuda-graph] [--disable grouped_mm] [--enable quack_experts] [--label NAME] [--results FILE]
     python tools/bench_train.py --table FILE [--peer TT_JSON]  # print the table of every row FILE holds
         (--peer: torchtitan's bench_tt.py --json-out rows of the same run, side by side)
 
@@ -194,7 +194,7 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
     fpt = flops_per_token(cfg.model, s)
     row = dict(label=args.label or "", precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph,
                mtp_depth=d, mtp_kind=cfg.model.mtp_kind, heads_one_at_a_time=cfg.train.mtp_heads_one_at_a_time,
-               disabled=",".join(args.disable), device=torch.cuda.get_device_name(),
+               disabled=",".join(args.disable), enabled=",".join(args.enable), device=torch.cuda.get_device_name(),
                attention_backend=next(m.attention_backend for m in model.modules() if hasattr(m, "attention_backend")),
                optimizer_state_dtype=cfg.train.optimizer_state_dtype,
                step_ms=step_ms, step_ms_min=min(times), step_ms_max=max(times), tokens_per_s=tokens / step_ms * 1e3,
@@ -295,6 +295,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cuda-graph", action="store_true", help="replay forward + backward as one CUDA graph "
                         "(train.cuda_graph; captured during the warm-up)")
     parser.add_argument("--disable", action="append", default=[], help="a kernels.backends fast path to switch off")
+    parser.add_argument("--enable", action="append", default=[], help="a kernels.backends path to switch on")
     parser.add_argument("--no-d0", action="store_true", help="skip the MTP D=0 comparison run")
     parser.add_argument("--label")
     parser.add_argument("--results", default="bench_results.jsonl")
@@ -319,10 +320,11 @@ def main(argv: list[str]) -> int:
         return 2
     cfg = load_config(args.config, args.set)
     backends = getattr(kernels, "backends", None)
-    for name in args.disable:
-        if backends is None or not hasattr(backends, name):
-            parser.error(f"--disable {name}: not a fast path in dsmtp.model.kernels.backends")
-        setattr(backends, name, False)
+    for flag, names, value in (("--disable", args.disable, False), ("--enable", args.enable, True)):
+        for name in names:
+            if backends is None or not hasattr(backends, name):
+                parser.error(f"{flag} {name}: not a fast path in dsmtp.model.kernels.backends")
+            setattr(backends, name, value)
     if args.compile:
         torch._dynamo.config.cache_size_limit = 64
     ensure_initialized()

@@ -2,7 +2,8 @@
 
 GPU speed paths plug in here, chosen by the tensors' device and what is installed, and are tested
 against the reference path on the device (tests/gpu). `backends` switches a fast path off, for
-benchmarks that measure what each one buys (tools/bench_train.py --disable NAME) and for tests.
+benchmarks that measure what each one buys (tools/bench_train.py --disable NAME) and for tests, or on,
+for one not yet measured to pay (--enable NAME).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dsmtp.model import fp8
 @dataclass
 class Backends:
     grouped_mm: bool = True  # routed experts through torch._grouped_mm (CUDA, bf16), no host sync
+    quack_experts: bool = False  # their SwiGLU inside quack's grouped GEMMs instead (needs grouped_mm's case)
 
 
 backends = Backends()
@@ -197,6 +199,8 @@ def grouped_swiglu(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.T
     # The grouped GEMM computes in bf16: it serves bf16 inputs (autocast casts the dispatched rows) and
     # leaves an fp32 model, e.g. an fp32 inference run, at full precision.
     if x.is_cuda and (use_fp8 or (backends.grouped_mm and x.dtype == torch.bfloat16)):
+        if backends.quack_experts and not use_fp8:
+            return quack_grouped_swiglu(x, tokens_per_expert, w1, w2, w3)
         return _grouped_swiglu_cuda(x, tokens_per_expert, w1, w2, w3, use_fp8)
     if x.is_cuda and _static_shapes:
         return _masked_swiglu(x, tokens_per_expert, w1, w2, w3)
@@ -241,3 +245,73 @@ def _grouped_swiglu_cuda(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: t
     h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
     out = mm(h, w2, offsets)
     return out if rows is None else fp8.unpad_groups(out, rows)
+
+
+# quack (PyPI quack-kernels, Tri Dao's CuTe-DSL GEMMs; flash-attn-4 depends on it): grouped GEMMs over
+# rows sorted by expert (varlen_m) with the SwiGLU in the first GEMM's epilogue and its gradient in the
+# epilogue of the backward GEMM that produces it, as SonicMoE does: the [rows, 2I] gate/up output is
+# never re-read by a separate activation kernel. Wrapped as custom ops, as flash-attn-4 is.
+@functools.cache
+def _quack_gemm():
+    """quack.gemm_interface, or None when it cannot be imported."""
+    try:
+        return importlib.import_module("quack.gemm_interface")
+    except Exception:  # ImportError, or its CUDA-DSL runtime failing to load
+        return None
+
+
+@torch.library.custom_op("dsmtp::quack_swiglu_forward", mutates_args=())
+def _quack_swiglu_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                          cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    quack = _quack_gemm()
+    preact, h = quack.gemm_gated(x, w13.transpose(1, 2), activation="swiglu", cu_seqlens_m=cu_seqlens, tuned=False)
+    return quack.gemm(h, w2.transpose(1, 2), cu_seqlens_m=cu_seqlens, tuned=False), preact
+
+
+@_quack_swiglu_forward.register_fake
+def _(x, w13, w2, cu_seqlens):
+    return x.new_empty(x.shape[0], w2.shape[1]), x.new_empty(x.shape[0], w13.shape[1])
+
+
+@torch.library.custom_op("dsmtp::quack_swiglu_backward", mutates_args=())
+def _quack_swiglu_backward(grad: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                           cu_seqlens: torch.Tensor, preact: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    quack = _quack_gemm()
+    # the gate/up gradient and the recomputed activation (w2's gradient needs it) in one GEMM
+    grad_preact, h = quack.gemm_dgated(grad, w2, preact, activation="swiglu", cu_seqlens_m=cu_seqlens, tuned=False)
+    offsets = cu_seqlens[1:]
+    grad_w2 = torch._grouped_mm(grad.t(), h, offs=offsets)
+    grad_w13 = torch._grouped_mm(grad_preact.t(), x, offs=offsets)
+    return quack.gemm(grad_preact, w13, cu_seqlens_m=cu_seqlens, tuned=False), grad_w13, grad_w2
+
+
+@_quack_swiglu_backward.register_fake
+def _(grad, x, w13, w2, cu_seqlens, preact):
+    return torch.empty_like(x), torch.empty_like(w13), torch.empty_like(w2)
+
+
+def _quack_swiglu_setup_context(ctx, inputs, output):
+    x, w13, w2, cu_seqlens = inputs
+    ctx.save_for_backward(x, w13, w2, cu_seqlens, output[1])
+
+
+def _quack_swiglu_grad(ctx, grad_out, grad_preact):
+    x, w13, w2, cu_seqlens, preact = ctx.saved_tensors
+    return (*_quack_swiglu_backward(grad_out.contiguous(), x, w13, w2, cu_seqlens, preact), None)
+
+
+_quack_swiglu_forward.register_autograd(_quack_swiglu_grad, setup_context=_quack_swiglu_setup_context)
+
+
+def quack_grouped_swiglu(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                         w3: torch.Tensor) -> torch.Tensor:
+    """grouped_swiglu's CUDA bf16 case through quack. Gate and up rows interleaved into one [E, 2I, H]
+    weight: quack's gated epilogue pairs output column 2j (gate) with 2j + 1 (up)."""
+    if _quack_gemm() is None:
+        raise RuntimeError("kernels.backends.quack_experts is on, but quack-kernels is not importable "
+                           "(pip install quack-kernels, which flash-attn-4 brings), or switch it off")
+    e, i, h = w1.shape
+    w13 = torch.stack([w1.to(torch.bfloat16), w3.to(torch.bfloat16)], dim=2).reshape(e, 2 * i, h)
+    cu_seqlens = F.pad(tokens_per_expert.cumsum(0), (1, 0)).to(torch.int32)
+    return _quack_swiglu_forward(x.to(torch.bfloat16), w13, w2.to(torch.bfloat16), cu_seqlens)[0]

@@ -43,7 +43,13 @@ def small_config(**overrides) -> ModelConfig:
     return ModelConfig(**cfg)
 
 
-def test_grouped_swiglu_matches_per_expert_reference():
+@pytest.mark.parametrize("quack", [False, True], ids=["grouped_mm", "quack"])
+def test_grouped_swiglu_matches_per_expert_reference(monkeypatch, quack):
+    """The CUDA path (torch._grouped_mm, or quack's grouped GEMMs with the SwiGLU in their epilogues when
+    kernels.backends.quack_experts is on) against the per-expert float64 reference on the CPU."""
+    if quack and kernels._quack_gemm() is None:
+        pytest.skip("quack-kernels is not importable (flash-attn-4 brings it: tools/bench_speed_gpu.sh)")
+    monkeypatch.setattr(kernels.backends, "quack_experts", quack)
     e, h, i = 8, 256, 128
     counts = torch.tensor([0, 37, 5, 300, 1, 0, 129, 64])  # empty and unaligned groups on purpose
     x = torch.randn(int(counts.sum()), h, dtype=torch.float64)
