@@ -1,14 +1,12 @@
 """optim.adamw_update over a whole parameter group in one Triton launch, for CUDA.
 
 torch's fused AdamW does this for moments in the parameters' dtype; ours keeps them in bf16 over fp32
-parameters, which no torch kernel takes. One compiled call per parameter left the GPU waiting for the
-host (~185 Python calls a step), and one compiled graph over a group's parameters took minutes to
-compile, so the kernel is written here once: each program updates one block of one tensor, finding the
+parameters, which no torch kernel takes, and per-parameter calls from Python leave the GPU waiting for
+the host (notes/gpu/NOTES.md, issue 25). So each program updates one block of one tensor, finding the
 tensor's parameter, gradient, moments and step count through a table of addresses, as multi-tensor
-kernels do. The table is rebuilt only when a gradient's address changes and is uploaded without a host
-wait.
+kernels do. The table is rebuilt only when an address changes and is uploaded without a host wait.
 
-The arithmetic is optim.adamw_update's, line for line (the CPU reference and the GPU test compare them).
+The arithmetic is optim.adamw_update's (the CPU reference; the GPU test compares them).
 """
 
 from __future__ import annotations
@@ -87,7 +85,8 @@ class MultiTensorAdamW:
         if key not in self._blocks:
             numels = [p.numel() for p in params]
             counts = [math.ceil(n / BLOCK) for n in numels]
-            tensor_of_block = torch.repeat_interleave(torch.arange(len(params), dtype=torch.int32), torch.tensor(counts))
+            tensor_of_block = torch.repeat_interleave(torch.arange(len(params), dtype=torch.int32),
+                                                      torch.tensor(counts))
             start_of_block = torch.cat([torch.arange(c, dtype=torch.int64) * BLOCK for c in counts])
             device = params[0].device
             # built once, at the first step: the only blocking copies this class makes
