@@ -20,6 +20,7 @@
 #   flash  the same with flash attention
 #   bench2 bf16 optimizer states with flash (their before/after: bench1's "flash fp32" row)
 #   quack  bench2's row with kernels.backends.quack_experts on (the routed experts' SwiGLU in quack's GEMM epilogues)
+#   best   the quack row with the step replayed as one CUDA graph (train.cuda_graph), profiled
 #   moe    the same lever alone, per MoE layer call: tools/bench_moe_kernels.py (quack, from flash-attn-4's wheels)
 #   tt     torchtitan's harness (.tt: a copy of ../shared/anchors/torchtitan), rows to $OUT/torchtitan.json
 #   curves 500 steps x 2 seeds x fp32/bf16 optimizer states ($CURVES: which) on the real corpus (data/stdlib-32k carried),
@@ -61,6 +62,7 @@ step() {
     flash) timeout 170 $B --label "flash fp32" $FLASH $FP32 --profile-steps 0 ;;
     bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
     quack) timeout 200 $B --label "flash bf16-states quack" $FLASH $BF16 --enable quack_experts --profile-steps 0 ;;
+    best) timeout 200 $B --label "flash bf16-states quack graph" $FLASH $BF16 --enable quack_experts --cuda-graph ;;
     moe) timeout 180 python3 tools/bench_moe_kernels.py --config configs/small.yaml --results "$OUT/moe_kernels.jsonl" ;;
     tt) (cd .tt && PYTHONPATH=/tmp/tt:$PYTHONPATH timeout 400 python3 bench_tt.py --variants compile,compile+mtp1 \
            --json-out "$OUT/torchtitan.json") ;;
