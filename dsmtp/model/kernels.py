@@ -260,10 +260,19 @@ def _quack_gemm():
         return None
 
 
+def _quack():
+    # looked up inside the custom ops, at run time: tracing never imports
+    quack = _quack_gemm()
+    if quack is None:
+        raise RuntimeError("kernels.backends.quack_experts is on, but quack-kernels is not importable "
+                           "(pip install quack-kernels, which flash-attn-4 brings), or switch it off")
+    return quack
+
+
 @torch.library.custom_op("dsmtp::quack_swiglu_forward", mutates_args=())
 def _quack_swiglu_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                           cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    quack = _quack_gemm()
+    quack = _quack()
     preact, h = quack.gemm_gated(x, w13.transpose(1, 2), activation="swiglu", cu_seqlens_m=cu_seqlens, tuned=False)
     return quack.gemm(h, w2.transpose(1, 2), cu_seqlens_m=cu_seqlens, tuned=False), preact
 
@@ -277,7 +286,7 @@ def _(x, w13, w2, cu_seqlens):
 def _quack_swiglu_backward(grad: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                            cu_seqlens: torch.Tensor, preact: torch.Tensor
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    quack = _quack_gemm()
+    quack = _quack()
     # the gate/up gradient and the recomputed activation (w2's gradient needs it) in one GEMM
     grad_preact, h = quack.gemm_dgated(grad, w2, preact, activation="swiglu", cu_seqlens_m=cu_seqlens, tuned=False)
     offsets = cu_seqlens[1:]
@@ -308,9 +317,6 @@ def quack_grouped_swiglu(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: t
                          w3: torch.Tensor) -> torch.Tensor:
     """grouped_swiglu's CUDA bf16 case through quack. Gate and up rows interleaved into one [E, 2I, H]
     weight: quack's gated epilogue pairs output column 2j (gate) with 2j + 1 (up)."""
-    if _quack_gemm() is None:
-        raise RuntimeError("kernels.backends.quack_experts is on, but quack-kernels is not importable "
-                           "(pip install quack-kernels, which flash-attn-4 brings), or switch it off")
     e, i, h = w1.shape
     w13 = torch.stack([w1.to(torch.bfloat16), w3.to(torch.bfloat16)], dim=2).reshape(e, 2 * i, h)
     cu_seqlens = F.pad(tokens_per_expert.cumsum(0), (1, 0)).to(torch.int32)
