@@ -75,12 +75,16 @@ FLASH_MIN_CAPABILITY = (9, 0)  # its sm90 kernels (Hopper); sm100+ has its own
 
 
 @functools.cache
-def _flash_interface():
-    """flash_attn.cute.interface, or None when it cannot be imported."""
+def _optional_module(name: str):
+    """The module `name`, or None when it cannot be imported."""
     try:
-        return importlib.import_module("flash_attn.cute.interface")
-    except Exception:  # ImportError, or a broken install (its CUDA-DSL runtime fails to load)
+        return importlib.import_module(name)
+    except Exception:  # ImportError, or a broken install (a CUDA-DSL runtime that fails to load)
         return None
+
+
+def _flash_interface():
+    return _optional_module("flash_attn.cute.interface")
 
 
 def flash_unavailable(device: torch.device) -> str | None:
@@ -251,13 +255,8 @@ def _grouped_swiglu_cuda(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: t
 # rows sorted by expert (varlen_m) with the SwiGLU in the first GEMM's epilogue and its gradient in the
 # epilogue of the backward GEMM that produces it, as SonicMoE does: the [rows, 2I] gate/up output is
 # never re-read by a separate activation kernel. Wrapped as custom ops, as flash-attn-4 is.
-@functools.cache
 def _quack_gemm():
-    """quack.gemm_interface, or None when it cannot be imported."""
-    try:
-        return importlib.import_module("quack.gemm_interface")
-    except Exception:  # ImportError, or its CUDA-DSL runtime failing to load
-        return None
+    return _optional_module("quack.gemm_interface")
 
 
 def _quack():
