@@ -12,7 +12,6 @@ path relative to that tensor's largest entry. Rows are appended to --results as 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from dsmtp.config import load_config  # noqa: E402
 from dsmtp.model import kernels  # noqa: E402
+from dsmtp.train.metrics import MetricsLog  # noqa: E402
 
 
 def experts(quack: bool):
@@ -103,9 +103,8 @@ def main() -> None:
             continue
         print(f"| {label} | {ms:.3f} | " + " | ".join(f"{d:.1e}" for d in diffs) + " |")
         if args.results:
-            with args.results.open("a") as f:
-                f.write(json.dumps({"device": device, "config": args.config, "path": label, "ms": ms,
-                                    "relative_difference": dict(zip(names, diffs))}) + "\n")
+            MetricsLog(args.results).append({"device": device, "config": args.config, "path": label, "ms": ms,
+                                             "relative_difference": dict(zip(names, diffs))})
 
 
 if __name__ == "__main__":

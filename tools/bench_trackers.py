@@ -17,7 +17,6 @@ and the overall tokens/s of the intervals after --warmup steps, and the overall 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dsmtp.machine import describe  # noqa: E402
+from dsmtp.train.metrics import MetricsLog  # noqa: E402
 
 DEFAULT_TRACKERS = ["jsonl", "jsonl,tensorboard", "jsonl,wandb", "jsonl,tensorboard,wandb", "jsonl"]
 
@@ -45,8 +45,7 @@ def train(config: str, overrides: list[str], trackers: str, out_dir: Path) -> li
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"train.trackers=[{trackers}] failed:\n{proc.stderr[-4000:]}")
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if r["kind"] == "train"]
+    return [r for r in MetricsLog(out_dir / "metrics.jsonl").records() if r["kind"] == "train"]
 
 
 def rate_row(trackers: str, records: list[dict], warmup: int) -> dict:
@@ -89,7 +88,7 @@ def main(argv: list[str]) -> int:
     if args.table:
         if not Path(args.table).is_file():
             parser.error(f"--table {args.table}: no such results file (a run writes it with --results)")
-        print(table([json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]))
+        print(table(MetricsLog(args.table).records()))
         return 0
     if not args.config:
         parser.error("--config is required")
@@ -105,8 +104,7 @@ def main(argv: list[str]) -> int:
             print(f"train.trackers=[{trackers}] ...", flush=True)
             row = {**rate_row(trackers, train(args.config, overrides, trackers, Path(tmp) / f"run{i}"), args.warmup),
                    "machine": here, "steps": args.steps, "warmup": args.warmup, "overrides": " ".join(args.set)}
-            with open(args.results, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            MetricsLog(args.results).append(row)
             rows.append(row)
     print("\n" + table(rows))
     return 0
