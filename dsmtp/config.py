@@ -77,9 +77,8 @@ class ModelConfig:
     init_std: float = 0.006
     # Attention kernel on CUDA (not part of the architecture): flash = flash-attn-4 (pip install
     # 'dsmtp[gpu]'; Hopper or newer, bf16/fp16), sdpa = torch's scaled_dot_product_attention, auto =
-    # flash where it can run, SDPA elsewhere. CPU runs always take SDPA. The default stays sdpa until
-    # tests/gpu/test_gpu_flash.py has passed on a GPU: an untested kernel path is never picked unasked.
-    attention_backend: str = "sdpa"
+    # flash where it can run, SDPA elsewhere. CPU runs always take SDPA.
+    attention_backend: str = "auto"
 
     @property
     def qk_head_dim(self) -> int:

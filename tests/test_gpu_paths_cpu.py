@@ -93,7 +93,7 @@ def test_fp8_vs_bf16_tail_means_hand_computed(tmp_path):
 def test_kernel_families_count_each_kernel_once_on_its_launching_op():
     """Hand-made profiler events: device-side kernel events, labelled ranges and the runtime's "Command
     Buffer Full" waits are not counted again; compiled Triton kernels named after a fused grouped_mm
-    cast are not grouped GEMMs."""
+    cast are not grouped GEMMs; a Triton optimizer's kernels, on the optimizer's range, are the optimizer's."""
     from types import SimpleNamespace
 
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
@@ -102,9 +102,9 @@ def test_kernel_families_count_each_kernel_once_on_its_launching_op():
         ("aten::_grouped_mm", cpu, 2000), ("triton_poi_fused__grouped_mm__to_copy_cat", cpu, 500),
         ("aten::mm", cpu, 1000), ("aten::_fused_adamw_", cpu, 800), ("aten::_foreach_norm", cpu, 200),
         ("cat::attention", cpu, 9999), ("aten::sort", cpu, 100), ("aten::add", cpu, 0),
-        ("Command Buffer Full", cpu, 5000)]]
+        ("Command Buffer Full", cpu, 5000), ("Optimizer.step#AdamWLowPrecisionMoments.step", cpu, 600)]]
     ms = bench_train.kernel_families(SimpleNamespace(events=lambda: events), steps=2)
-    assert ms == {"attention": 1.5, "grouped GEMM": 1.0, "GEMM": 0.5, "optimizer": 0.5, "other": 0.3}
+    assert ms == {"attention": 1.5, "grouped GEMM": 1.0, "GEMM": 0.5, "optimizer": 0.8, "other": 0.3}
 
 
 def test_peer_table_compares_rows_of_the_same_mtp_depth(tmp_path, capsys):
@@ -125,3 +125,21 @@ def test_peer_table_compares_rows_of_the_same_mtp_depth(tmp_path, capsys):
     assert len(lines) == 2  # the eager row has no compiled peer
     assert "compile+mtp1" in lines[0] and "1.25x" in lines[0]
     assert lines[1].split()[3] == "compile" and "1.25x" in lines[1]
+
+
+def test_table_prints_each_phase_span_and_the_host_time(tmp_path, capsys):
+    """bench_train --table: the phase spans a run recorded, in PHASES order, and --only keeps the rows
+    whose label starts with the prefix (numbers made up)."""
+    base = dict(precision="bf16", compile=True, mtp_kind="sequential", device="H200", tflops=300.0, mfu=0.3,
+                loss=10.0, mtp_depth=1, tokens_per_s=170_000.0, peak_mem_gib=20.0)
+    rows = [dict(base, label="s1 a long label that must not be cut", step_ms=96.0, host_ms=91.5,
+                 phase_ms={"forward+backward": 80.0, "clip+update": 12.5, "zero_grad+bias": 3.5}),
+            dict(base, label="s0 old", step_ms=99.0)]
+    results = tmp_path / "rows.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert bench_train.main(["--table", str(results), "--only", "s1 "]) == 0
+    out = capsys.readouterr().out
+    assert "s0 old" not in out
+    line = out.split("host's time to issue a step:")[1].splitlines()[2]
+    assert line.startswith("s1 a long label that must not be cut ")
+    assert line.split()[-4:] == ["80.0", "12.5", "3.5", "91.5"]

@@ -20,7 +20,7 @@
 #   flash  the same with flash attention
 #   bench2 bf16 optimizer states with flash (their before/after: bench1's "flash fp32" row)
 #   quack  bench2's row with kernels.backends.quack_experts on (the routed experts' SwiGLU in quack's GEMM epilogues)
-#   best   the quack row with the step replayed as one CUDA graph (train.cuda_graph), profiled
+#   best   bench2's row with the step replayed as one CUDA graph (train.cuda_graph), profiled
 #   moe    the same lever alone, per MoE layer call: tools/bench_moe_kernels.py (quack, from flash-attn-4's wheels)
 #   tt     torchtitan's harness (.tt: a copy of ../shared/anchors/torchtitan), rows to $OUT/torchtitan.json
 #   curves 500 steps x 2 seeds x fp32/bf16 optimizer states ($CURVES: which) on the real corpus (data/stdlib-32k carried),
@@ -54,15 +54,15 @@ step() {
            python3 -c "import torch; print(torch.__version__, torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
            python3 -c "from dsmtp.model import kernels; import torch; print('flash-attn-4:', kernels.flash_unavailable(torch.device('cuda')) or 'usable')" ;;
     tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rA tests/gpu 2>&1 \
-             | grep -E "PASS|FAIL|ERROR|Error|assert|passed|failed|skipped" | head -80 ;;
+             | grep -E "^(PASSED|FAILED|ERROR|E )|[0-9]+ (passed|failed)" | head -80 ;;
     # before/after: main's path forced (SDPA, fp32 states), each change alone, both; the middle rows unprofiled
     tests25) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rA tests/gpu/test_gpu_train.py tests/gpu/test_gpu_flash.py tests/gpu/test_gpu_kernels.py \
-             -k "${TESTS_K:-adamw or never_waits or prefill or grouped_swiglu}" 2>&1 | grep -E "PASS|FAIL|Error|assert|passed|failed" | head -40 ;;
+             -k "${TESTS_K:-adamw or never_waits or prefill or grouped_swiglu}" 2>&1 | grep -E "^(PASSED|FAILED|ERROR|E )|[0-9]+ (passed|failed)" | head -40 ;;
     bench1) timeout 200 $B --label "base sdpa fp32" $SDPA $FP32 ;;
     flash) timeout 170 $B --label "flash fp32" $FLASH $FP32 --profile-steps 0 ;;
     bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
     quack) timeout 200 $B --label "flash bf16-states quack" $FLASH $BF16 --enable quack_experts --profile-steps 0 ;;
-    best) timeout 200 $B --label "flash bf16-states quack graph" $FLASH $BF16 --enable quack_experts --cuda-graph ;;
+    best) timeout 200 $B --label "flash bf16-states graph" $FLASH $BF16 --cuda-graph ;;
     moe) timeout 180 python3 tools/bench_moe_kernels.py --config configs/small.yaml --results "$OUT/moe_kernels.jsonl" ;;
     tt) (cd .tt && PYTHONPATH=/tmp/tt:$PYTHONPATH timeout 400 python3 bench_tt.py --variants compile,compile+mtp1 \
            --json-out "$OUT/torchtitan.json") ;;

@@ -3,7 +3,7 @@ where the GPU time goes (PyTorch profiler), at the configured MTP depth and at D
 
     python tools/bench_train.py --config configs/small.yaml [--set k=v ...] [--steps 20] [--warmup 5]
         [--precision bf16|fp8] [--compile] [--cuda-graph] [--disable grouped_mm] [--enable quack_experts] [--label NAME] [--results FILE]
-    python tools/bench_train.py --table FILE [--peer TT_JSON]  # print the table of every row FILE holds
+    python tools/bench_train.py --table FILE [--peer TT_JSON] [--only PREFIX]  # print the table of FILE's rows
         (--peer: torchtitan's bench_tt.py --json-out rows of the same run, side by side)
 
 The MTP design comes from the config: e.g. --set model.mtp_kind=parallel --set model.mtp_depth=3
@@ -49,6 +49,7 @@ CATEGORIES = ("attention", "experts+FFN", "router+dispatch", "rest")
 # cross the module boundaries CATEGORIES are labelled by. "other": fused elementwise and reduction
 # kernels (norms, RoPE, SwiGLU, casts, dispatch permutation, cross-entropy), sorts, copies.
 FAMILIES = ("attention", "grouped GEMM", "GEMM", "optimizer", "other")
+PHASES = ("forward+backward", "clip+update", "zero_grad+bias")
 
 
 def _labelled(fn, label: str):
@@ -98,7 +99,8 @@ def kernel_families(prof, steps: int) -> dict[str, float]:
             return "grouped GEMM"
         if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm"):
             return "GEMM"
-        if "adam" in name or "_foreach_" in name:
+        # a Triton update has no aten op of its own: its kernels land on the optimizer's profiler range
+        if "adam" in name or "_foreach_" in name or name.startswith("Optimizer.step#"):
             return "optimizer"
         return "other"
 
@@ -166,10 +168,15 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
 
     graphed = GraphedBackward(backward, list(model.parameters())) if args.cuda_graph else None
 
-    def step(i: int) -> torch.Tensor:
+    def step(i: int, marks: tuple[torch.cuda.Event, ...] = ()) -> torch.Tensor:
+        """marks: two events recorded between the phases, on the GPU's timeline (no host wait)."""
         samples = batches[i % len(batches)][None]
         loss = (graphed or backward)(samples, 0.3)
+        if marks:
+            marks[0].record()
         clipped_step(opt, model.parameters(), cfg.train.grad_clip)
+        if marks:
+            marks[1].record()
         opt.zero_grad(set_to_none=True)
         update_expert_bias(model, 1e-3)
         return loss
@@ -181,15 +188,21 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
     warm_s = time.time() - t0
     if not args.cuda_graph:  # a graph allocates its memory once, at capture (in the warm-up): count from there
         torch.cuda.reset_peak_memory_stats()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps)]
+    # per step: start, after forward+backward, after clipping+update, end
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(args.steps)]
+    host_ms = []
     for i in range(args.steps):
-        starts[i].record()
-        loss = step(i)
-        ends[i].record()
+        t = time.perf_counter()
+        events[i][0].record()
+        loss = step(i, marks=events[i][1:3])
+        events[i][3].record()
+        host_ms.append((time.perf_counter() - t) * 1e3)
     torch.cuda.synchronize()
-    times = [a.elapsed_time(e) for a, e in zip(starts, ends)]
+    times = [e[0].elapsed_time(e[3]) for e in events]
     step_ms = statistics.median(times)
+    # GPU-timeline span of each phase, idle time included: a phase much longer than its kernels waited on the host
+    phase_ms = {phase: statistics.median(e[k].elapsed_time(e[k + 1]) for e in events)
+                for k, phase in enumerate(PHASES)}
     tokens = b * s
     fpt = flops_per_token(cfg.model, s)
     row = dict(label=args.label or "", precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph,
@@ -200,7 +213,8 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
                step_ms=step_ms, step_ms_min=min(times), step_ms_max=max(times), tokens_per_s=tokens / step_ms * 1e3,
                gflop_per_token=fpt / 1e9, tflops=fpt * tokens / step_ms / 1e9,
                mfu=mfu(tokens / step_ms * 1e3, cfg.model, s),
-               peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss), warmup_s=warm_s)
+               peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss), warmup_s=warm_s,
+               phase_ms=phase_ms, host_ms=statistics.median(host_ms))
     if args.profile_steps and not args.cuda_graph:  # a graph's kernels have no launching op to count them by
         if not args.compile:  # compiled kernels fuse across the labelled ranges: shares would mislead
             label_modules(model)
@@ -231,25 +245,38 @@ def mtp_column(row: dict) -> str:
     return f"{kind}{row['mtp_depth']}" + (" 1x" if row.get("heads_one_at_a_time") else "")
 
 
+def label_width(rows: list[dict]) -> int:
+    """The run column fits the longest label: rows that differ only at the end must stay apart."""
+    return max([22] + [len(r["label"]) + 1 for r in rows])
+
+
 def print_table(rows: list[dict]) -> None:
+    w = label_width(rows)
     devices = sorted({r["device"] for r in rows})
     print(f"device: {', '.join(devices)}; peak {PEAK_BF16_TFLOPS:.0f} TFLOP/s dense bf16; "
           f"step = fwd+bwd+clip+fused AdamW, bf16 autocast over fp32 params")
-    head = (f"{'run':<22}{'prec':<5}{'MTP':>7}{'tok/s':>9}{'step ms':>9}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>8}"
+    head = (f"{'run':<{w}}{'prec':<5}{'MTP':>7}{'tok/s':>9}{'step ms':>9}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>8}"
             f"{'attn':>6}{'exp':>6}{'rout':>6}{'rest':>6}{'loss':>8}")
     print(head)
     for r in rows:
         shares = "".join(f"{r[f'share_{c}'] * 100:>5.0f}%" if f"share_{c}" in r else f"{'-':>6}" for c in CATEGORIES)
-        print(f"{r['label'][:21]:<22}{r['precision']:<5}{mtp_column(r):>7}{r['tokens_per_s']:>9.0f}{r['step_ms']:>9.1f}"
+        print(f"{r['label']:<{w}}{r['precision']:<5}{mtp_column(r):>7}{r['tokens_per_s']:>9.0f}{r['step_ms']:>9.1f}"
               f"{r['tflops']:>9.1f}{r['mfu'] * 100:>6.1f}%{r['peak_mem_gib']:>8.1f}{shares}{r['loss']:>8.3f}")
     profiled = [r for r in rows if "kernel_ms" in r]
     if profiled:
         print("GPU time per step by the op that launched it (ms; profiler):")
-        print(f"{'run':<22}{'prec':<5}{'MTP':>7}" + "".join(f"{f:>14}" for f in FAMILIES) + f"{'sum':>8}")
+        print(f"{'run':<{w}}{'prec':<5}{'MTP':>7}" + "".join(f"{f:>14}" for f in FAMILIES) + f"{'sum':>8}")
         for r in profiled:
             ms = r["kernel_ms"]
-            print(f"{r['label'][:21]:<22}{r['precision']:<5}{mtp_column(r):>7}"
+            print(f"{r['label']:<{w}}{r['precision']:<5}{mtp_column(r):>7}"
                   + "".join(f"{ms[f]:>14.1f}" for f in FAMILIES) + f"{sum(ms.values()):>8.1f}")
+    phased = [r for r in rows if "phase_ms" in r]
+    if phased:
+        print("GPU-timeline span of each phase (ms, median step; idle included) and the host's time to issue a step:")
+        print(f"{'run':<{w}}{'prec':<5}{'MTP':>7}" + "".join(f"{p:>18}" for p in PHASES) + f"{'host ms':>9}")
+        for r in phased:
+            print(f"{r['label']:<{w}}{r['precision']:<5}{mtp_column(r):>7}"
+                  + "".join(f"{r['phase_ms'][p]:>18.1f}" for p in PHASES) + f"{r['host_ms']:>9.1f}")
     # Each MTP row against a D=0 row: its own label's, else the nearest in the file (rows of one call
     # compare; machines differ by a few percent).
     plain = [i for i, r in enumerate(rows) if not r["mtp_depth"]]
@@ -258,10 +285,10 @@ def print_table(rows: list[dict]) -> None:
         if r["mtp_depth"] and plain:
             same = [j for j in plain if rows[j]["label"] == r["label"]]
             base = rows[(same or sorted(plain, key=lambda j: abs(j - i)))[0]]
-            costs.append(f"{r['label'][:21]:<22}{mtp_column(r):>7}{(r['step_ms'] / base['step_ms'] - 1) * 100:>+10.1f}%"
+            costs.append(f"{r['label']:<{w}}{mtp_column(r):>7}{(r['step_ms'] / base['step_ms'] - 1) * 100:>+10.1f}%"
                          f"{r['peak_mem_gib'] - base['peak_mem_gib']:>+13.1f}")
     if costs:
-        print(f"MTP cost over D=0:\n{'run':<22}{'MTP':>7}{'step time':>11}{'memory GiB':>13}")
+        print(f"MTP cost over D=0:\n{'run':<{w}}{'MTP':>7}{'step time':>11}{'memory GiB':>13}")
         print("\n".join(costs))
 
 
@@ -272,14 +299,15 @@ PEER_VARIANTS = {0: "compile", 1: "compile+mtp1"}
 def print_peer_table(rows: list[dict], peer_rows: list[dict]) -> None:
     """Compiled dsmtp rows against torchtitan's row of the same MTP depth, from the files one run wrote."""
     peer = {r["variant"]: r for r in peer_rows if "error" not in r}
-    print(f"against torchtitan (bench_tt.py):\n{'run':<22}{'MTP':>7}{'tok/s':>9}{'peer':>14}{'peer tok/s':>11}"
+    w = label_width(rows)
+    print(f"against torchtitan (bench_tt.py):\n{'run':<{w}}{'MTP':>7}{'tok/s':>9}{'peer':>14}{'peer tok/s':>11}"
           f"{'ratio':>7}{'mem GiB':>8}{'peer GiB':>9}")
     for r in rows:
         variant = PEER_VARIANTS.get(r["mtp_depth"])
         if not r["compile"] or variant not in peer or r.get("mtp_kind", "sequential") != "sequential":
             continue
         p = peer[variant]
-        print(f"{r['label'][:21]:<22}{mtp_column(r):>7}{r['tokens_per_s']:>9.0f}{variant:>14}{p['tokens_per_s']:>11.0f}"
+        print(f"{r['label']:<{w}}{mtp_column(r):>7}{r['tokens_per_s']:>9.0f}{variant:>14}{p['tokens_per_s']:>11.0f}"
               f"{r['tokens_per_s'] / p['tokens_per_s']:>6.2f}x{r['peak_mem_gib']:>8.1f}{p['peak_mem_gib']:>9.1f}")
 
 
@@ -301,9 +329,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--results", default="bench_results.jsonl")
     parser.add_argument("--table", help="print the table of a results file and exit")
     parser.add_argument("--peer", help="with --table: torchtitan's bench_tt.py --json-out file of the same run")
+    parser.add_argument("--only", default="", metavar="PREFIX", help="with --table: the rows whose label starts so")
     args = parser.parse_args(argv)
     if args.table:
         rows = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r["label"].startswith(args.only)]
+        if not rows:
+            parser.error(f"--only={args.only!r}: no row of {args.table} has a label starting so")
         print_table(rows)
         if args.peer:
             print_peer_table(rows, json.loads(Path(args.peer).read_text()))

@@ -117,7 +117,8 @@ class MultiTensorAdamW:
         key = tuple(id(p) for p in params)
         tensor_of_block, start_of_block, numels = self._block_map(key, params)
         table = self._address_table(key, [params, grads, exp_avgs, exp_avg_sqs, steps])
-        torch._foreach_add_(steps, (~skip).float())
+        # alpha picks the Tensor overload: without it the 0-d tensor binds as a Scalar, an .item() sync
+        torch._foreach_add_(steps, (~skip).float(), alpha=1.0)
         _adamw_blocks[(tensor_of_block.numel(),)](
             table, tensor_of_block, start_of_block, numels, len(params), lr, grad_scale.float(),
             skip.to(torch.uint8), beta1, beta2, _log2(beta1), _log2(beta2), eps, weight_decay,
