@@ -21,6 +21,8 @@
 #   bench2 bf16 optimizer states with flash (their before/after: bench1's "flash fp32" row)
 #   quack  bench2's row with kernels.backends.quack_experts on (the routed experts' SwiGLU in quack's GEMM epilogues)
 #   best   bench2's row with the step replayed as one CUDA graph (train.cuda_graph), profiled
+#   optim  the optimizer update alone: fused AdamW (fp32 moments) against the Triton bf16-moment update by
+#          block size and warps (tools/bench_optimizer_update.py), rows to $OUT/optimizer_update.jsonl
 #   moe    the same lever alone, per MoE layer call: tools/bench_moe_kernels.py (quack, from flash-attn-4's wheels)
 #   tt     torchtitan's harness (.tt: a copy of ../shared/anchors/torchtitan), rows to $OUT/torchtitan.json
 #   curves 500 steps x 2 seeds x fp32/bf16 optimizer states ($CURVES: which) on the real corpus (data/stdlib-32k carried),
@@ -63,6 +65,7 @@ step() {
     bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
     quack) timeout 200 $B --label "flash bf16-states quack" $FLASH $BF16 --enable quack_experts --profile-steps 0 ;;
     best) timeout 200 $B --label "flash bf16-states graph" $FLASH $BF16 --cuda-graph ;;
+    optim) timeout 150 python3 tools/bench_optimizer_update.py --config configs/small.yaml --results "$OUT/optimizer_update.jsonl" ;;
     moe) timeout 180 python3 tools/bench_moe_kernels.py --config configs/small.yaml --results "$OUT/moe_kernels.jsonl" ;;
     tt) (cd .tt && PYTHONPATH=/tmp/tt:$PYTHONPATH timeout 400 python3 bench_tt.py --variants compile,compile+mtp1 \
            --json-out "$OUT/torchtitan.json") ;;

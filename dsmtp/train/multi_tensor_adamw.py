@@ -75,19 +75,23 @@ def _log2(beta: float) -> float:
 
 class MultiTensorAdamW:
     """adamw_update_all's signature, one launch per call. Keeps, per parameter group, the block map
-    (static: sizes do not change) and the address table of the last call."""
+    (static: sizes do not change) and the address table of the last call. `block` elements a program
+    and `num_warps` a program: tools/bench_optimizer_update.py times the choices."""
 
-    def __init__(self):
+    def __init__(self, block: int = BLOCK, num_warps: int = 4):
+        if block & (block - 1) or block < 128:
+            raise ValueError(f"block={block}: a power of two >= 128 (Triton's block sizes)")
+        self.block, self.num_warps = block, num_warps
         self._blocks: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._addresses: dict[tuple, tuple[list[int], torch.Tensor]] = {}
 
     def _block_map(self, key: tuple, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if key not in self._blocks:
             numels = [p.numel() for p in params]
-            counts = [math.ceil(n / BLOCK) for n in numels]
+            counts = [math.ceil(n / self.block) for n in numels]
             tensor_of_block = torch.repeat_interleave(torch.arange(len(params), dtype=torch.int32),
                                                       torch.tensor(counts))
-            start_of_block = torch.cat([torch.arange(c, dtype=torch.int64) * BLOCK for c in counts])
+            start_of_block = torch.cat([torch.arange(c, dtype=torch.int64) * self.block for c in counts])
             device = params[0].device
             # built once, at the first step: the only blocking copies this class makes
             self._blocks[key] = (tensor_of_block.to(device), start_of_block.to(device),
@@ -122,4 +126,4 @@ class MultiTensorAdamW:
         _adamw_blocks[(tensor_of_block.numel(),)](
             table, tensor_of_block, start_of_block, numels, len(params), lr, grad_scale.float(),
             skip.to(torch.uint8), beta1, beta2, _log2(beta1), _log2(beta2), eps, weight_decay,
-            MOMENT_DTYPE=MOMENT_DTYPES[exp_avgs[0].dtype], BLOCK=BLOCK)
+            MOMENT_DTYPE=MOMENT_DTYPES[exp_avgs[0].dtype], BLOCK=self.block, num_warps=self.num_warps)

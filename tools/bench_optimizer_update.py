@@ -1,0 +1,96 @@
+"""The optimizer update alone, over a config's parameters: torch's fused AdamW with fp32 moments (the
+default) against multi_tensor_adamw's one-launch update with bf16 moments at each block size and warp
+count. CUDA only.
+
+    python tools/bench_optimizer_update.py --config configs/small.yaml [--results FILE]
+
+Each row: milliseconds per update (back-to-back updates between two CUDA events, so launch latency hides
+behind the previous update as in training), the bytes it must move over that time, and for ours the largest
+difference of parameters and moments from the first block size's (the same arithmetic per element: 0).
+Rows are appended to --results as they are measured; the table is printed as it goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from dsmtp.config import load_config  # noqa: E402
+from dsmtp.model.model import DeepSeekV3  # noqa: E402
+from dsmtp.train.metrics import MetricsLog  # noqa: E402
+
+
+def time_ms(update, iters: int) -> float:
+    for _ in range(3):
+        update()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        update()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/small.yaml")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--blocks", default="1024,2048,4096,8192")
+    parser.add_argument("--warps", default="4,8")
+    parser.add_argument("--results", type=Path)
+    args = parser.parse_args()
+    from dsmtp.train.multi_tensor_adamw import MultiTensorAdamW  # triton: CUDA installs only
+
+    cfg = load_config(args.config)
+    cfg.model.mtp_depth = max(cfg.model.mtp_depth, 1)
+    params = [p.detach() for p in DeepSeekV3(cfg.model).cuda().parameters()]
+    numel = sum(p.numel() for p in params)
+    grads = [torch.randn_like(p) * 1e-3 for p in params]
+    device = torch.cuda.get_device_name()
+    print(f"{device}, {args.config}: {len(params)} tensors, {numel / 1e6:.1f}M parameters, one group")
+    print("| update | block | warps | ms | GB moved | TB/s | max diff vs first |")
+    print("|---|---|---|---|---|---|---|")
+
+    def report(label: str, block, warps, ms: float, bytes_per_param: int, diff) -> None:
+        gb = numel * bytes_per_param / 1e9
+        print(f"| {label} | {block or '-'} | {warps or '-'} | {ms:.3f} | {gb:.1f} | {gb / ms:.2f} | "
+              f"{'-' if diff is None else f'{diff:.1e}'} |")
+        if args.results:
+            MetricsLog(args.results).append(dict(device=device, config=args.config, update=label, block=block,
+                                                 num_warps=warps, ms=ms, gb_moved=gb, diff_vs_first=diff))
+
+    fused_params = [p.clone() for p in params]
+    for p, g in zip(fused_params, grads):
+        p.grad = g
+    fused = torch.optim.AdamW(fused_params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
+    # parameter, gradient read; parameter written; two fp32 moments read and written
+    report("torch fused AdamW, fp32 moments", None, None, time_ms(fused.step, args.iters), 4 * 3 + 4 * 4, None)
+    del fused, fused_params
+
+    first = None
+    for block in (int(b) for b in args.blocks.split(",")):
+        for warps in (int(w) for w in args.warps.split(",")):
+            ours = [p.clone() for p in params]
+            moments = [[torch.zeros_like(p, dtype=torch.bfloat16) for p in params] for _ in range(2)]
+            steps = [torch.zeros((), device="cuda") for _ in params]
+            lr, scale = torch.full((), 1e-4, device="cuda"), torch.ones((), device="cuda")
+            skip = torch.zeros((), dtype=torch.bool, device="cuda")
+            update = MultiTensorAdamW(block=block, num_warps=warps)
+            ms = time_ms(lambda: update(ours, grads, *moments, steps, lr, 0.9, 0.95, 1e-8, 0.1, scale, skip),
+                         args.iters)
+            result = [*ours, *moments[0], *moments[1]]
+            diff = 0.0 if first is None else max((a.float() - b.float()).abs().max().item()
+                                                   for a, b in zip(result, first))
+            first = first or result
+            # parameter, gradient read; parameter written; two bf16 moments read and written
+            report("multi_tensor_adamw, bf16 moments", block, warps, ms, 4 * 3 + 2 * 4, diff)
+
+
+if __name__ == "__main__":
+    main()
