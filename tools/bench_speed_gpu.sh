@@ -19,6 +19,7 @@
 #          $OUT/speed25.jsonl: main's path (SDPA, fp32 states)
 #   flash  the same with flash attention
 #   bench2 bf16 optimizer states with flash (their before/after: bench1's "flash fp32" row)
+#   phases one D=1 row, SDPA and bf16 states (no flash-attn-4 transfers needed), for its phase spans and host time
 #   quack  bench2's row with kernels.backends.quack_experts on (the routed experts' SwiGLU in quack's GEMM epilogues)
 #   best   bench2's row with the step replayed as one CUDA graph (train.cuda_graph), profiled
 #   optim  the optimizer update alone: fused AdamW (fp32 moments) against the Triton bf16-moment update by
@@ -63,6 +64,7 @@ step() {
     bench1) timeout 200 $B --label "base sdpa fp32" $SDPA $FP32 ;;
     flash) timeout 170 $B --label "flash fp32" $FLASH $FP32 --profile-steps 0 ;;
     bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
+    phases) timeout 200 $B --label "sdpa bf16-states" $SDPA $BF16 --no-d0 --profile-steps 0 ;;
     quack) timeout 200 $B --label "flash bf16-states quack" $FLASH $BF16 --enable quack_experts --profile-steps 0 ;;
     best) timeout 200 $B --label "flash bf16-states graph" $FLASH $BF16 --cuda-graph ;;
     optim) timeout 150 python3 tools/bench_optimizer_update.py --config configs/small.yaml --results "$OUT/optimizer_update.jsonl" ;;
