@@ -93,18 +93,24 @@ def test_fp8_vs_bf16_tail_means_hand_computed(tmp_path):
 def test_kernel_families_count_each_kernel_once_on_its_launching_op():
     """Hand-made profiler events: device-side kernel events, labelled ranges and the runtime's "Command
     Buffer Full" waits are not counted again; compiled Triton kernels named after a fused grouped_mm
-    cast are not grouped GEMMs; a Triton optimizer's kernels, on the optimizer's range, are the optimizer's."""
+    cast are not grouped GEMMs; kernels no op launched (a Triton kernel called from Python) are "no op":
+    all device events' time (user annotations aside) less the attributed."""
     from types import SimpleNamespace
 
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
-    events = [SimpleNamespace(name=n, device_type=d, self_device_time_total=t) for n, d, t in [
-        ("aten::_cudnn_attention_backward", cpu, 3000), ("cudnn_generated_fort_native_sdpa_bprop", cuda, 3000),
-        ("aten::_grouped_mm", cpu, 2000), ("triton_poi_fused__grouped_mm__to_copy_cat", cpu, 500),
-        ("aten::mm", cpu, 1000), ("aten::_fused_adamw_", cpu, 800), ("aten::_foreach_norm", cpu, 200),
-        ("cat::attention", cpu, 9999), ("aten::sort", cpu, 100), ("aten::add", cpu, 0),
-        ("Command Buffer Full", cpu, 5000), ("Optimizer.step#AdamWLowPrecisionMoments.step", cpu, 600)]]
+    launched = [("aten::_cudnn_attention_backward", "cudnn_generated_fort_native_sdpa_bprop", 3000),
+                ("aten::_grouped_mm", "cutlass_grouped_gemm", 2000),
+                ("triton_poi_fused__grouped_mm__to_copy_cat", "triton_poi_fused__grouped_mm__to_copy_cat", 500),
+                ("aten::mm", "nvjet_gemm", 1000), ("aten::_fused_adamw_", "multi_tensor_apply_kernel", 800),
+                ("aten::_foreach_norm", "multi_tensor_apply_kernel", 200), ("aten::sort", "radix_sort", 100)]
+    events = [SimpleNamespace(name=n, device_type=d, self_device_time_total=t, is_user_annotation=a)
+              for n, d, t, a in [
+                  *((op, cpu, t, False) for op, _, t in launched), *((k, cuda, t, False) for _, k, t in launched),
+                  ("cat::attention", cpu, 9999, True), ("cat::attention", cuda, 3000, True), ("aten::add", cpu, 0, False),
+                  ("Command Buffer Full", cpu, 5000, False), ("_adamw_blocks", cuda, 1400, False)]]
     ms = bench_train.kernel_families(SimpleNamespace(events=lambda: events), steps=2)
-    assert ms == {"attention": 1.5, "grouped GEMM": 1.0, "GEMM": 0.5, "optimizer": 0.8, "other": 0.3}
+    assert ms == pytest.approx({"attention": 1.5, "grouped GEMM": 1.0, "GEMM": 0.5, "optimizer": 0.5, "other": 0.3,
+                                "no op": 0.7})
 
 
 def test_peer_table_compares_rows_of_the_same_mtp_depth(tmp_path, capsys):

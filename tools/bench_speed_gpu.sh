@@ -8,7 +8,7 @@
 # Steps ($SUITE, in the order given; default: setup probe tests bench1 flash bench2 tt table):
 #   fa4a   first of the two flash-attn-4 transfers: keep $FA4A's files on the machine ($FA4DIR)
 #   fa4    second: join the runtime wheel from $FA4DIR and $FA4B, install into $FA4SITE
-#          (defaults .fa4a, .fa4b, ~/fa4, ~/fa4site and CUTLASS_DSL_VERSION=4.8.1, the runtime wheel's
+#          (defaults .fa4a, .fa4b, ~/fa4, ~/fa4site/site-packages and CUTLASS_DSL_VERSION=4.8.1, the runtime wheel's
 #          version; a second set, e.g. with cutlass-dsl 4.7.1, goes to other folders on the same machine)
 #   setup  install the carried wheels (.whl or .whl-core: dsmtp's dependencies; .whl-tt: torchtitan) into /tmp/site, /tmp/tt
 #   probe  GPU, torch, flash-attn-4 importable
@@ -34,7 +34,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 R=$OUT/speed25.jsonl
-FA4A=${FA4A:-.fa4a}; FA4B=${FA4B:-.fa4b}; FA4DIR=${FA4DIR:-$HOME/fa4}; FA4SITE=${FA4SITE:-$HOME/fa4site}
+# FA4SITE's path must hold "/site-packages/": quack's kernel-cache key treats only functions from such paths
+# (or dist-packages) as installed code and walks into any other, where cutlass-dsl's globals cannot be keyed
+FA4A=${FA4A:-.fa4a}; FA4B=${FA4B:-.fa4b}; FA4DIR=${FA4DIR:-$HOME/fa4}; FA4SITE=${FA4SITE:-$HOME/fa4site/site-packages}
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 [ -d "$FA4SITE" ] && export PYTHONPATH=$PYTHONPATH:$FA4SITE:$FA4SITE/nvidia_cutlass_dsl/dsl_packages
 B="python3 tools/bench_train.py --config configs/small.yaml --compile --warmup 8 --results $R"
