@@ -21,7 +21,8 @@
 #   bench2 bf16 optimizer states with flash (their before/after: bench1's "flash fp32" row)
 #   phases one D=1 row, SDPA and bf16 states (no flash-attn-4 transfers needed), for its phase spans and host time
 #   quack  bench2's row with kernels.backends.quack_experts on (the routed experts' SwiGLU in quack's GEMM epilogues)
-#   best   bench2's row with the step replayed as one CUDA graph (train.cuda_graph), profiled
+#   graph  bench2's row with forward+backward replayed as one CUDA graph (train.cuda_graph)
+#   best   the quack row with forward+backward replayed as one CUDA graph: everything on
 #   optim  the optimizer update alone: fused AdamW (fp32 moments) against the Triton bf16-moment update by
 #          block size and warps (tools/bench_optimizer_update.py), rows to $OUT/optimizer_update.jsonl
 #   moe    the same lever alone, per MoE layer call: tools/bench_moe_kernels.py (quack, from flash-attn-4's wheels)
@@ -68,7 +69,8 @@ step() {
     bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
     phases) timeout 200 $B --label "sdpa bf16-states" $SDPA $BF16 --no-d0 --profile-steps 0 ;;
     quack) timeout 200 $B --label "flash bf16-states quack" $FLASH $BF16 --enable quack_experts --profile-steps 0 ;;
-    best) timeout 200 $B --label "flash bf16-states graph" $FLASH $BF16 --cuda-graph ;;
+    graph) timeout 200 $B --label "flash bf16-states graph" $FLASH $BF16 --cuda-graph ;;
+    best) timeout 200 $B --label "flash bf16-states quack graph" $FLASH $BF16 --enable quack_experts --cuda-graph ;;
     optim) timeout 150 python3 tools/bench_optimizer_update.py --config configs/small.yaml --results "$OUT/optimizer_update.jsonl" ;;
     moe) timeout 180 python3 tools/bench_moe_kernels.py --config configs/small.yaml --results "$OUT/moe_kernels.jsonl" ;;
     tt) (cd .tt && PYTHONPATH=/tmp/tt:$PYTHONPATH timeout 400 python3 bench_tt.py --variants compile,compile+mtp1 \
