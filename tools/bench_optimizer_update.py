@@ -49,7 +49,8 @@ def main() -> None:
 
     cfg = load_config(args.config)
     cfg.model.mtp_depth = max(cfg.model.mtp_depth, 1)
-    params = [p.detach() for p in DeepSeekV3(cfg.model).cuda().parameters()]
+    with torch.device("cuda"):  # initialised where it runs: 0.7B parameters initialise slowly on a CPU
+        params = [p.detach() for p in DeepSeekV3(cfg.model).parameters()]
     numel = sum(p.numel() for p in params)
     grads = [torch.randn_like(p) * 1e-3 for p in params]
     device = torch.cuda.get_device_name()
