@@ -23,6 +23,7 @@ OPTIMIZER_STATE_BYTES = {"fp32": 4, "bf16": 2}
 OPTIMIZER_STATE_DTYPES = tuple(OPTIMIZER_STATE_BYTES)
 MTP_DEPTH_WEIGHT_SCHEMES = ("uniform", "linear", "exponential")
 FP8_BACKENDS = ("torch", "transformer_engine")  # train.fp8_backend (dsmtp.model.fp8)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # train.compile_mode (torch.compile's mode)
 MAX_EXPERTS = 2**15 - 1  # routed expert ids are sorted as int16 (dsmtp.model.moe.sort_pairs_by_expert)
 TRACKERS = ("jsonl", "tensorboard", "wandb")  # train.trackers' names (writers: dsmtp.train.trackers)
 MAX_SIZE = 2**31 - 1  # any model size: a tensor dimension the kernels index with int32
@@ -215,6 +216,10 @@ class TrainConfig:
     keep_last: int = 2
     max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops (checked at log and save steps)
     compile: bool = False
+    # torch.compile's mode for train.compile. max-autotune-no-cudagraphs times GEMM templates against the
+    # libraries' and tunes each fused kernel's launch parameters while compiling (minutes longer, once a
+    # run); CUDA graphs stay train.cuda_graph's job.
+    compile_mode: str = "default"
     # Replay each step's forward and backward as one CUDA graph (dsmtp.train.cuda_graph; one process on
     # CUDA): the host launches one graph instead of thousands of kernels, with the same arithmetic as eager
     # (tests/gpu/test_gpu_train.py; its speed: notes/code-measurements.md).
@@ -631,6 +636,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Optional[int]:
     _require(not (m.attention_backend == "flash" and t.precision == "fp32"),
              "model.attention_backend=flash computes in bf16, and train.precision=fp32 runs attention in fp32: "
              "set train.precision to bf16 (or auto), or model.attention_backend to auto or sdpa")
+    _require(t.compile_mode in COMPILE_MODES,
+             f"train.compile_mode={t.compile_mode!r} must be one of {', '.join(COMPILE_MODES)}")
+    _require(t.compile or t.compile_mode == "default",
+             f"train.compile_mode={t.compile_mode} applies to compiled layers only: set train.compile=true, "
+             "or leave train.compile_mode at default")
     _require(t.optimizer_state_dtype in OPTIMIZER_STATE_DTYPES,
              f"train.optimizer_state_dtype={t.optimizer_state_dtype!r} must be one of {', '.join(OPTIMIZER_STATE_DTYPES)}")
     _require(t.activation_recompute_every >= 0,

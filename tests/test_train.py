@@ -269,3 +269,26 @@ def test_engines_split_samples_as_the_single_process_trainer_does():
     samples = torch.arange(2 * 20).view(2, 20)  # seq_len + 1 + 3 tokens each
     (micro,) = TrainEngine._micro_batches(SimpleNamespace(cfg=cfg), [samples])
     assert torch.equal(micro.input_ids, samples[:, :16]) and torch.equal(micro.labels, samples[:, 1:])
+
+
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
+def test_compile_mode_reaches_every_compiled_part(monkeypatch, mode):
+    """train.compile_mode is the mode of every torch.compile call train.compile makes: each transformer
+    layer (trunk and MTP), each norm outside them, the loss."""
+    from dsmtp.config import load_config
+    from dsmtp.model import DeepSeekV3
+    from dsmtp.train.trainer import apply_train_settings
+
+    cfg = load_config("configs/tiny.yaml", ["train.compile=true", f"train.compile_mode={mode}"])
+    model = DeepSeekV3(cfg.model)
+    modes = []
+
+    def record(fn, *args, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    apply_train_settings(model, cfg.train)
+    mtp_norms = sum(len(m.norms()) for m in model.mtp)
+    assert len(modes) == cfg.model.num_layers + cfg.model.mtp_depth + 1 + mtp_norms + 1
+    assert set(modes) == {mode}

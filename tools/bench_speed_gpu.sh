@@ -21,6 +21,7 @@
 #   bench2 bf16 optimizer states with flash (their before/after: bench1's "flash fp32" row)
 #   phases one D=1 row, SDPA and bf16 states (no flash-attn-4 transfers needed), for its phase spans and host time
 #   quack  bench2's row with kernels.backends.quack_experts on (the routed experts' SwiGLU in quack's GEMM epilogues)
+#   autotune bench2's row with train.compile_mode=max-autotune-no-cudagraphs (longer compile)
 #   graph  bench2's row with forward+backward replayed as one CUDA graph (train.cuda_graph)
 #   best   the quack row with forward+backward replayed as one CUDA graph: everything on
 #   optim  the optimizer update alone: fused AdamW (fp32 moments) against the Triton bf16-moment update by
@@ -69,6 +70,7 @@ step() {
     bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
     phases) timeout 200 $B --label "sdpa bf16-states" $SDPA $BF16 --no-d0 --profile-steps 0 ;;
     quack) timeout 200 $B --label "flash bf16-states quack" $FLASH $BF16 --enable quack_experts --profile-steps 0 ;;
+    autotune) timeout 560 $B --label "flash bf16-states autotune" $FLASH $BF16 --set train.compile=true --set train.compile_mode=max-autotune-no-cudagraphs ;;
     graph) timeout 200 $B --label "flash bf16-states graph" $FLASH $BF16 --cuda-graph ;;
     best) timeout 200 $B --label "flash bf16-states quack graph" $FLASH $BF16 --enable quack_experts --cuda-graph ;;
     optim) timeout 150 python3 tools/bench_optimizer_update.py --config configs/small.yaml --results "$OUT/optimizer_update.jsonl" ;;

@@ -217,7 +217,7 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
                mtp_depth=d, mtp_kind=cfg.model.mtp_kind, heads_one_at_a_time=cfg.train.mtp_heads_one_at_a_time,
                disabled=",".join(args.disable), enabled=",".join(args.enable), device=torch.cuda.get_device_name(),
                attention_backend=next(m.attention_backend for m in model.modules() if hasattr(m, "attention_backend")),
-               optimizer_state_dtype=cfg.train.optimizer_state_dtype,
+               optimizer_state_dtype=cfg.train.optimizer_state_dtype, compile_mode=cfg.train.compile_mode,
                step_ms=step_ms, step_ms_min=min(times), step_ms_max=max(times), tokens_per_s=tokens / step_ms * 1e3,
                gflop_per_token=fpt / 1e9, tflops=fpt * tokens / step_ms / 1e9,
                mfu=mfu(tokens / step_ms * 1e3, cfg.model, s),

@@ -54,8 +54,9 @@ class DeepSeekV3(nn.Module):
         self.mtp: MTP = build_mtp(cfg)
         self.rope = RotaryEmbedding(cfg)
 
-    def compile_layers(self) -> None:
-        """torch.compile each transformer layer (trunk and MTP) and the loss, in place (train.compile).
+    def compile_layers(self, mode: str = "default") -> None:
+        """torch.compile each transformer layer (trunk and MTP) and the loss, in place (train.compile), in
+        torch.compile's `mode` (train.compile_mode).
 
         Fuses what eager mode runs as separate memory-bound kernels: RMSNorm, RoPE, SwiGLU, the
         router's scoring, the casts, and the output head's cast + cross-entropy. Layer by layer, so
@@ -64,10 +65,10 @@ class DeepSeekV3(nn.Module):
         dozen passes over the [tokens, hidden] activations in forward and backward.
         """
         for layer in [*self.layers, *(m.layer for m in self.mtp)]:
-            layer.compile()
+            layer.compile(mode=mode)
         for norm in [self.norm, *(n for m in self.mtp for n in m.norms())]:
-            norm.compile()
-        self._lm_loss = torch.compile(self._lm_loss)
+            norm.compile(mode=mode)
+        self._lm_loss = torch.compile(self._lm_loss, mode=mode)
 
     def enable_fp8(self, backend: str = "torch") -> list[str]:
         """Switch the dense and expert GEMMs to FP8 (train.precision=fp8, dsmtp.model.fp8's kernels, or

@@ -110,7 +110,8 @@ def autocast_for(precision: str, device: torch.device, fp8_backend: str = "torch
 def apply_train_settings(model: DeepSeekV3, t) -> None:
     """The train section's settings that live on the model: the MTP depth weights (and, for parallel
     heads, one-at-a-time backward); train.precision=fp8 switches the eligible GEMMs to FP8;
-    train.activation_recompute_every marks layers for recomputation; train.compile compiles layer by layer.
+    train.activation_recompute_every marks layers for recomputation; train.compile compiles layer by layer
+    (in train.compile_mode).
     Also model.attention_backend, resolved for the model's device (a forced flash that cannot run stops here)."""
     model.set_attention_backend(kernels.resolve_attention_backend(model.cfg.attention_backend,
                                                                   next(model.parameters()).device))
@@ -121,7 +122,7 @@ def apply_train_settings(model: DeepSeekV3, t) -> None:
         model.enable_fp8(t.fp8_backend)
     model.set_activation_recompute(t.activation_recompute_every)
     if t.compile:
-        model.compile_layers()
+        model.compile_layers(t.compile_mode)
 
 
 def rng_state() -> dict:
