@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/small.yaml")
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--blocks", default="1024,2048,4096,8192")
+    parser.add_argument("--blocks", default="512,1024,2048,4096")
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--results", type=Path)
     args = parser.parse_args()

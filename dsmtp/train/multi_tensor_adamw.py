@@ -18,6 +18,9 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024
+# 8 warps a block: 4 elements a thread. With 8 a thread (4 warps) the sm90 build needs over three times
+# the registers, and a memory-bound kernel wants every warp an SM can hold (notes/gpu/NOTES.md, issue 25)
+NUM_WARPS = 8
 MOMENT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -78,7 +81,7 @@ class MultiTensorAdamW:
     (static: sizes do not change) and the address table of the last call. `block` elements a program
     and `num_warps` a program: tools/bench_optimizer_update.py times the choices."""
 
-    def __init__(self, block: int = BLOCK, num_warps: int = 4):
+    def __init__(self, block: int = BLOCK, num_warps: int = NUM_WARPS):
         if block & (block - 1) or block < 128:
             raise ValueError(f"block={block}: a power of two >= 128 (Triton's block sizes)")
         self.block, self.num_warps = block, num_warps
