@@ -18,15 +18,14 @@
 #   bench1 tools/bench_train.py --compile, one process per row (D=1 then D=0), rows appended to
 #          $OUT/speed25.jsonl: main's path (SDPA, fp32 states)
 #   flash  the same with flash attention
-#   bench2 bf16 optimizer states with flash (their before/after: bench1's "flash fp32" row)
-#   phases one D=1 row, SDPA and bf16 states (no flash-attn-4 transfers needed), for its phase spans and host time
+#   bench2 bf16 optimizer states with flash (their before/after: the flash step's "flash fp32" row)
 #   quack  bench2's row with kernels.backends.quack_experts on (the routed experts' SwiGLU in quack's GEMM epilogues)
 #   autotune bench2's row with train.compile_mode=max-autotune-no-cudagraphs (longer compile)
 #   graph  bench2's row with forward+backward replayed as one CUDA graph (train.cuda_graph)
 #   best   the quack row with forward+backward replayed as one CUDA graph: everything on
 #   optim  the optimizer update alone: fused AdamW (fp32 moments) against the Triton bf16-moment update by
 #          block size and warps (tools/bench_optimizer_update.py), rows to $OUT/optimizer_update.jsonl
-#   moe    the same lever alone, per MoE layer call: tools/bench_moe_kernels.py (quack, from flash-attn-4's wheels)
+#   moe    the quack lever alone, per MoE layer call: tools/bench_moe_kernels.py (quack, from flash-attn-4's wheels)
 #   tt     torchtitan's harness (.tt: a copy of ../shared/anchors/torchtitan), rows to $OUT/torchtitan.json
 #   curves 500 steps x 2 seeds x fp32/bf16 optimizer states ($CURVES: which) on the real corpus (data/stdlib-32k carried),
 #          eager (no compile time in 500 steps); each run's metrics.jsonl to $OUT/runs/, plotted here
@@ -68,7 +67,6 @@ step() {
     bench1) timeout 200 $B --label "base sdpa fp32" $SDPA $FP32 ;;
     flash) timeout 170 $B --label "flash fp32" $FLASH $FP32 --profile-steps 0 ;;
     bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
-    phases) timeout 200 $B --label "sdpa bf16-states" $SDPA $BF16 --no-d0 --profile-steps 0 ;;
     quack) timeout 200 $B --label "flash bf16-states quack" $FLASH $BF16 --enable quack_experts --profile-steps 0 ;;
     autotune) timeout 560 $B --label "flash bf16-states autotune" $FLASH $BF16 --set train.compile=true --set train.compile_mode=max-autotune-no-cudagraphs ;;
     graph) timeout 200 $B --label "flash bf16-states graph" $FLASH $BF16 --cuda-graph ;;
