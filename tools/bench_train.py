@@ -39,6 +39,7 @@ from dsmtp.config import load_config  # noqa: E402
 from dsmtp.model import DeepSeekV3, kernels, moe_layers, update_expert_bias  # noqa: E402
 from dsmtp.parallel.topology import ensure_initialized  # noqa: E402
 from dsmtp.train.cuda_graph import EAGER_STEPS, GraphedBackward  # noqa: E402
+from dsmtp.train.metrics import MetricsLog  # noqa: E402
 from dsmtp.train.flops import PEAK_BF16_FLOPS, flops_per_token, mfu  # noqa: E402
 from dsmtp.train.optim import build_optimizer, clipped_step  # noqa: E402
 from dsmtp.train.trainer import autocast_for, apply_train_settings  # noqa: E402
@@ -236,7 +237,6 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
         wall_ms = (time.time() - t1) * 1e3 / args.profile_steps
         shares = time_shares(prof)
         row["profiled_wall_ms"] = wall_ms
-        row["profiled_kernel_ms"] = all_kernels_us(prof.events()) / 1e3 / args.profile_steps
         if not args.compile:
             row.update({f"share_{c}": v for c, v in shares.items()})
         row["kernel_ms"] = kernel_families(prof, args.profile_steps)
@@ -342,8 +342,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--only", default="", metavar="PREFIX", help="with --table: the rows whose label starts so")
     args = parser.parse_args(argv)
     if args.table:
-        rows = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if r["label"].startswith(args.only)]
+        rows = [r for r in MetricsLog(args.table).records() if r["label"].startswith(args.only)]
         if not rows:
             parser.error(f"--only={args.only!r}: no row of {args.table} has a label starting so")
         print_table(rows)
@@ -376,8 +375,7 @@ def main(argv: list[str]) -> int:
         print(f"[{args.label}] D={d} ...", flush=True)
         row = run_one(cfg, args, d)
         rows.append(row)
-        with open(args.results, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        MetricsLog(args.results).append(row)
     print_table(rows)
     return 0
 

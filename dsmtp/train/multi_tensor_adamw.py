@@ -105,6 +105,11 @@ class MultiTensorAdamW:
         addresses = [t.data_ptr() for group in tensors for t in group]
         cached = self._addresses.get(key)
         if cached is None or cached[0] != addresses:
+            params, grads, exp_avgs, exp_avg_sqs, _ = tensors  # checked as they change, not every step
+            if any(t.dtype != torch.float32 for t in params + grads) or not all(
+                    t.is_contiguous() for t in params + grads + exp_avgs + exp_avg_sqs):
+                raise ValueError("MultiTensorAdamW updates contiguous fp32 parameters and gradients; "
+                                 "keep train.optimizer_state_dtype=fp32 for other parameter dtypes")
             # pinned staging and an asynchronous copy: the host does not wait for the device
             table = torch.tensor(addresses, dtype=torch.int64)
             device = tensors[0][0].device
@@ -117,10 +122,6 @@ class MultiTensorAdamW:
                  exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], lr: torch.Tensor, beta1: float,
                  beta2: float, eps: float, weight_decay: float, grad_scale: torch.Tensor,
                  skip: torch.Tensor) -> None:
-        if any(t.dtype != torch.float32 for t in params + grads) or not all(
-                t.is_contiguous() for t in params + grads + exp_avgs + exp_avg_sqs):
-            raise ValueError("MultiTensorAdamW updates contiguous fp32 parameters and gradients; "
-                             "keep train.optimizer_state_dtype=fp32 for other parameter dtypes")
         key = tuple(id(p) for p in params)
         tensor_of_block, start_of_block, numels = self._block_map(key, params)
         table = self._address_table(key, [params, grads, exp_avgs, exp_avg_sqs, steps])
