@@ -14,6 +14,7 @@ from dsmtp.model import fp8
 from dsmtp.model.moe import RoutedExperts, count_tokens, dispatch_local
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench_optimizer_update  # noqa: E402
 import bench_train  # noqa: E402
 import fp8_vs_bf16  # noqa: E402
 
@@ -138,7 +139,7 @@ def test_table_prints_each_phase_span_and_the_host_time(tmp_path, capsys):
     whose label starts with the prefix (numbers made up)."""
     base = dict(precision="bf16", compile=True, mtp_kind="sequential", device="H200", tflops=300.0, mfu=0.3,
                 loss=10.0, mtp_depth=1, tokens_per_s=170_000.0, peak_mem_gib=20.0)
-    rows = [dict(base, label="s1 a long label that must not be cut", step_ms=96.0, host_ms=91.5,
+    rows = [dict(base, label="s1 a long label that must not be cut", step_ms=96.0, host_issue_ms=91.5,
                  phase_ms={"forward+backward": 80.0, "clip+update": 12.5, "zero_grad+bias": 3.5}),
             dict(base, label="s0 old", step_ms=99.0)]
     results = tmp_path / "rows.jsonl"
@@ -146,6 +147,20 @@ def test_table_prints_each_phase_span_and_the_host_time(tmp_path, capsys):
     assert bench_train.main(["--table", str(results), "--only", "s1 "]) == 0
     out = capsys.readouterr().out
     assert "s0 old" not in out
-    line = out.split("host's time to issue a step:")[1].splitlines()[2]
+    line = out.split("host's time to issue a step from an idle GPU:")[1].splitlines()[2]
     assert line.startswith("s1 a long label that must not be cut ")
     assert line.split()[-4:] == ["80.0", "12.5", "3.5", "91.5"]
+
+
+def test_optimizer_update_table_from_its_results_file(tmp_path, capsys):
+    """bench_optimizer_update --table: one line per row, bandwidth = bytes moved over time (made-up rows)."""
+    row = dict(device="H200", config="small.yaml", update="multi_tensor_adamw, bf16 moments", block=512,
+               num_warps=4, ms=4.0, gb_moved=15.0, diff_vs_first=0.0)
+    results = tmp_path / "rows.jsonl"
+    results.write_text(json.dumps(dict(row, update="torch fused AdamW", block=None, num_warps=None, ms=6.0,
+                                       gb_moved=21.0, diff_vs_first=None)) + "\n" + json.dumps(row) + "\n")
+    bench_optimizer_update.main(["--table", str(results)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "H200, small.yaml" and len(lines) == 5
+    assert lines[3] == "| torch fused AdamW | - | - | 6.000 | 21.0 | 3.50 | - |"
+    assert lines[4] == "| multi_tensor_adamw, bf16 moments | 512 | 4 | 4.000 | 15.0 | 3.75 | 0.0e+00 |"

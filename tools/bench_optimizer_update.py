@@ -3,6 +3,7 @@ default) against multi_tensor_adamw's one-launch update with bf16 moments at eac
 count. CUDA only.
 
     python tools/bench_optimizer_update.py --config configs/small.yaml [--results FILE]
+    python tools/bench_optimizer_update.py --table FILE     # the table of a results file
 
 Each row: milliseconds per update (back-to-back updates between two CUDA events, so launch latency hides
 behind the previous update as in training), the bytes it must move over that time, and for ours the largest
@@ -37,14 +38,33 @@ def time_ms(update, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
-def main() -> None:
+HEADER = "| update | block | warps | ms | GB moved | TB/s | max diff vs first |\n|---|---|---|---|---|---|---|"
+
+
+def table_line(row: dict) -> str:
+    diff = row["diff_vs_first"]
+    return (f"| {row['update']} | {row['block'] or '-'} | {row['num_warps'] or '-'} | {row['ms']:.3f} | "
+            f"{row['gb_moved']:.1f} | {row['gb_moved'] / row['ms']:.2f} | {'-' if diff is None else f'{diff:.1e}'} |")
+
+
+def print_table(path: Path) -> None:
+    rows = list(MetricsLog(path).records())
+    print(f"{rows[0]['device']}, {rows[0]['config']}\n{HEADER}")
+    for row in rows:
+        print(table_line(row))
+
+
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/small.yaml")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--blocks", default="512,1024,2048,4096")
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--results", type=Path)
-    args = parser.parse_args()
+    parser.add_argument("--table", type=Path, help="print the table of a results file and exit")
+    args = parser.parse_args(argv)
+    if args.table:
+        return print_table(args.table)
     from dsmtp.train.multi_tensor_adamw import MultiTensorAdamW  # triton: CUDA installs only
 
     cfg = load_config(args.config)
@@ -55,16 +75,14 @@ def main() -> None:
     grads = [torch.randn_like(p) * 1e-3 for p in params]
     device = torch.cuda.get_device_name()
     print(f"{device}, {args.config}: {len(params)} tensors, {numel / 1e6:.1f}M parameters, one group")
-    print("| update | block | warps | ms | GB moved | TB/s | max diff vs first |")
-    print("|---|---|---|---|---|---|---|")
+    print(HEADER)
 
     def report(label: str, block, warps, ms: float, bytes_per_param: int, diff) -> None:
-        gb = numel * bytes_per_param / 1e9
-        print(f"| {label} | {block or '-'} | {warps or '-'} | {ms:.3f} | {gb:.1f} | {gb / ms:.2f} | "
-              f"{'-' if diff is None else f'{diff:.1e}'} |")
+        row = dict(device=device, config=args.config, update=label, block=block, num_warps=warps, ms=ms,
+                   gb_moved=numel * bytes_per_param / 1e9, diff_vs_first=diff)
+        print(table_line(row))
         if args.results:
-            MetricsLog(args.results).append(dict(device=device, config=args.config, update=label, block=block,
-                                                 num_warps=warps, ms=ms, gb_moved=gb, diff_vs_first=diff))
+            MetricsLog(args.results).append(row)
 
     fused_params = [p.clone() for p in params]
     for p, g in zip(fused_params, grads):
@@ -94,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

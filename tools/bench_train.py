@@ -199,14 +199,19 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     # per step: start, after forward+backward, after clipping+update, end
     events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(args.steps)]
-    host_ms = []
     for i in range(args.steps):
-        t = time.perf_counter()
         events[i][0].record()
         loss = step(i, marks=events[i][1:3])
         events[i][3].record()
-        host_ms.append((time.perf_counter() - t) * 1e3)
     torch.cuda.synchronize()
+    # The host's own time to issue a step, each from an idle GPU: back to back, a host that is ahead fills
+    # the launch queue and then waits on the GPU, so its time per step would read as the GPU's.
+    host_issue_ms = []
+    for i in range(5):
+        t = time.perf_counter()
+        loss = step(i)
+        host_issue_ms.append((time.perf_counter() - t) * 1e3)
+        torch.cuda.synchronize()
     times = [e[0].elapsed_time(e[3]) for e in events]
     step_ms = statistics.median(times)
     # GPU-timeline span of each phase, idle time included: a phase much longer than its kernels waited on the host
@@ -223,7 +228,7 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
                gflop_per_token=fpt / 1e9, tflops=fpt * tokens / step_ms / 1e9,
                mfu=mfu(tokens / step_ms * 1e3, cfg.model, s),
                peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss), warmup_s=warm_s,
-               phase_ms=phase_ms, host_ms=statistics.median(host_ms))
+               phase_ms=phase_ms, host_issue_ms=statistics.median(host_issue_ms))
     if args.profile_steps and not args.cuda_graph:  # a graph's kernels have no launching op to count them by
         if not args.compile:  # compiled kernels fuse across the labelled ranges: shares would mislead
             label_modules(model)
@@ -282,11 +287,13 @@ def print_table(rows: list[dict]) -> None:
                   + f"{sum(ms.values()):>8.1f}")
     phased = [r for r in rows if "phase_ms" in r]
     if phased:
-        print("GPU-timeline span of each phase (ms, median step; idle included) and the host's time to issue a step:")
+        print("GPU-timeline span of each phase (ms, median step; idle included) and the host's time to issue "
+              "a step from an idle GPU:")
         print(f"{'run':<{w}}{'prec':<5}{'MTP':>7}" + "".join(f"{p:>18}" for p in PHASES) + f"{'host ms':>9}")
         for r in phased:
+            host = f"{r['host_issue_ms']:>9.1f}" if "host_issue_ms" in r else f"{'-':>9}"  # rows before it
             print(f"{r['label']:<{w}}{r['precision']:<5}{mtp_column(r):>7}"
-                  + "".join(f"{r['phase_ms'][p]:>18.1f}" for p in PHASES) + f"{r['host_ms']:>9.1f}")
+                  + "".join(f"{r['phase_ms'][p]:>18.1f}" for p in PHASES) + host)
     # Each MTP row against a D=0 row: its own label's, else the nearest in the file (rows of one call
     # compare; machines differ by a few percent).
     plain = [i for i, r in enumerate(rows) if not r["mtp_depth"]]

@@ -17,10 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024
-# 8 warps a block: 4 elements a thread. With 8 a thread (4 warps) the sm90 build needs over three times
-# the registers, and a memory-bound kernel wants every warp an SM can hold (notes/gpu/NOTES.md, issue 25)
-NUM_WARPS = 8
+# 4 elements a thread (512 over 4 warps): with 8 a thread the sm90 build needs over three times the
+# registers, and a memory-bound kernel wants every warp an SM can hold. The fastest of the block/warp
+# pairs tools/bench_optimizer_update.py measured on an H200 (notes/gpu/NOTES.md, issue 25).
+BLOCK = 512
+NUM_WARPS = 4
 MOMENT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 

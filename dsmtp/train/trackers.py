@@ -86,8 +86,11 @@ class TensorBoardWriter:
         self.writer.add_text("config", "".join(f"    {line}\n" for line in text.splitlines()), first_step)
 
     def append(self, record: dict) -> None:
-        for tag, value in scalars(record).items():
-            self.writer.add_scalar(tag, value, record["step"])
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        # One event holding every value rather than an add_scalar event per tag: far less host time a record.
+        values = [Summary.Value(tag=tag, simple_value=float(value)) for tag, value in scalars(record).items()]
+        self.writer.file_writer.add_summary(Summary(value=values), record["step"])
 
     def close(self, failed: bool) -> None:
         self.writer.close()
