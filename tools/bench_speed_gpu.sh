@@ -73,7 +73,8 @@ step() {
     best) timeout 200 $B --label "flash bf16-states quack graph" $FLASH $BF16 --enable quack_experts --cuda-graph ;;
     optim) timeout 150 python3 tools/bench_optimizer_update.py --config configs/small.yaml --results "$OUT/optimizer_update.jsonl" ;;
     moe) timeout 180 python3 tools/bench_moe_kernels.py --config configs/small.yaml --results "$OUT/moe_kernels.jsonl" ;;
-    tt) (cd .tt && PYTHONPATH=/tmp/tt:$PYTHONPATH timeout 400 python3 bench_tt.py --variants compile,compile+mtp1 \
+    tt) [ -d /tmp/tt ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tt .whl-tt/*.whl
+        (cd .tt && PYTHONPATH=/tmp/tt:$PYTHONPATH timeout 400 python3 bench_tt.py --variants compile,compile+mtp1 \
            --json-out "$OUT/torchtitan.json") ;;
     curves) mkdir -p "$OUT/runs"
             for dtype in ${CURVES:-fp32 bf16}; do for seed in 0 1; do
