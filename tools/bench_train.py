@@ -266,34 +266,37 @@ def label_width(rows: list[dict]) -> int:
 
 def print_table(rows: list[dict]) -> None:
     w = label_width(rows)
+    key_head = f"{'run':<{w}}{'prec':<5}{'MTP':>7}"  # the columns every table below starts with
+
+    def key(r: dict) -> str:
+        return f"{r['label']:<{w}}{r['precision']:<5}{mtp_column(r):>7}"
+
     devices = sorted({r["device"] for r in rows})
     print(f"device: {', '.join(devices)}; peak {PEAK_BF16_TFLOPS:.0f} TFLOP/s dense bf16; "
           f"step = fwd+bwd+clip+fused AdamW, bf16 autocast over fp32 params")
-    head = (f"{'run':<{w}}{'prec':<5}{'MTP':>7}{'tok/s':>9}{'step ms':>9}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>8}"
+    head = (f"{key_head}{'tok/s':>9}{'step ms':>9}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>8}"
             f"{'attn':>6}{'exp':>6}{'rout':>6}{'rest':>6}{'loss':>8}")
     print(head)
     for r in rows:
         shares = "".join(f"{r[f'share_{c}'] * 100:>5.0f}%" if f"share_{c}" in r else f"{'-':>6}" for c in CATEGORIES)
-        print(f"{r['label']:<{w}}{r['precision']:<5}{mtp_column(r):>7}{r['tokens_per_s']:>9.0f}{r['step_ms']:>9.1f}"
+        print(f"{key(r)}{r['tokens_per_s']:>9.0f}{r['step_ms']:>9.1f}"
               f"{r['tflops']:>9.1f}{r['mfu'] * 100:>6.1f}%{r['peak_mem_gib']:>8.1f}{shares}{r['loss']:>8.3f}")
     profiled = [r for r in rows if "kernel_ms" in r]
     if profiled:
         print("GPU time per step by the op that launched it (ms; profiler):")
-        print(f"{'run':<{w}}{'prec':<5}{'MTP':>7}" + "".join(f"{f:>14}" for f in FAMILIES) + f"{'sum':>8}")
+        print(key_head + "".join(f"{f:>14}" for f in FAMILIES) + f"{'sum':>8}")
         for r in profiled:
             ms = r["kernel_ms"]
-            print(f"{r['label']:<{w}}{r['precision']:<5}{mtp_column(r):>7}"
-                  + "".join(f"{ms[f]:>14.1f}" if f in ms else f"{'-':>14}" for f in FAMILIES)
+            print(key(r) + "".join(f"{ms[f]:>14.1f}" if f in ms else f"{'-':>14}" for f in FAMILIES)
                   + f"{sum(ms.values()):>8.1f}")
     phased = [r for r in rows if "phase_ms" in r]
     if phased:
         print("GPU-timeline span of each phase (ms, median step; idle included) and the host's time to issue "
               "a step from an idle GPU:")
-        print(f"{'run':<{w}}{'prec':<5}{'MTP':>7}" + "".join(f"{p:>18}" for p in PHASES) + f"{'host ms':>9}")
+        print(key_head + "".join(f"{p:>18}" for p in PHASES) + f"{'host ms':>9}")
         for r in phased:
             host = f"{r['host_issue_ms']:>9.1f}" if "host_issue_ms" in r else f"{'-':>9}"  # rows before it
-            print(f"{r['label']:<{w}}{r['precision']:<5}{mtp_column(r):>7}"
-                  + "".join(f"{r['phase_ms'][p]:>18.1f}" for p in PHASES) + host)
+            print(key(r) + "".join(f"{r['phase_ms'][p]:>18.1f}" for p in PHASES) + host)
     # Each MTP row against a D=0 row: its own label's, else the nearest in the file (rows of one call
     # compare; machines differ by a few percent).
     plain = [i for i, r in enumerate(rows) if not r["mtp_depth"]]
