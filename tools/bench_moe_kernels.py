@@ -1,7 +1,8 @@
 """Issue 25's grouped-GEMM fusion lever alone: a config's routed experts, forward and backward, through
 kernels.grouped_swiglu's default CUDA path (torch._grouped_mm, SwiGLU fused by torch.compile) and through
 kernels.backends.quack_experts (quack's grouped GEMMs, the flash-attn-4 dependency, with the SwiGLU in the
-first GEMM's epilogue and its gradient in the epilogue of the backward GEMM that makes it). CUDA only.
+first GEMM's epilogue and its gradient in the epilogue of the backward GEMM that makes it), with quack's
+default tile configuration and with its autotuner (kernels.backends.quack_tuned). CUDA only.
 
     python tools/bench_moe_kernels.py --config configs/small.yaml [--results FILE]
 
@@ -12,6 +13,7 @@ path relative to that tensor's largest entry. Rows are appended to --results as 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -25,17 +27,18 @@ from dsmtp.model import kernels  # noqa: E402
 from dsmtp.train.metrics import MetricsLog  # noqa: E402
 
 
-def experts(quack: bool):
+def experts(quack: bool, tuned: bool = False):
     """kernels.grouped_swiglu, compiled as the training step compiles its layers, with
-    kernels.backends.quack_experts set while it traces and runs."""
+    kernels.backends.quack_experts and quack_tuned set while it traces and runs."""
     compiled = torch.compile(kernels.grouped_swiglu)
 
     def run(*args):
-        before, kernels.backends.quack_experts = kernels.backends.quack_experts, quack
+        before = dataclasses.replace(kernels.backends)
+        kernels.backends.quack_experts, kernels.backends.quack_tuned = quack, tuned
         try:
             return compiled(*args)
         finally:
-            kernels.backends.quack_experts = before
+            kernels.backends.quack_experts, kernels.backends.quack_tuned = before.quack_experts, before.quack_tuned
     return run
 
 
@@ -92,7 +95,8 @@ def main() -> None:
     print(f"| path | ms fwd+bwd | {' | '.join(names)} (max diff / max) |")
     print("|---|---|" + "---|" * len(names))
     for label, fn in (("torch._grouped_mm, compiled", experts(quack=False)),
-                      ("quack_experts: SwiGLU in the GEMM epilogues, compiled", experts(quack=True))):
+                      ("quack_experts: SwiGLU in the GEMM epilogues, compiled", experts(quack=True)),
+                      ("quack_experts, quack's autotuner on (quack_tuned)", experts(quack=True, tuned=True))):
         try:
             for _ in range(3):
                 forward_backward(fn, *inputs)

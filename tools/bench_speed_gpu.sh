@@ -19,7 +19,8 @@
 #          $OUT/speed25.jsonl: main's path (SDPA, fp32 states)
 #   flash  the same with flash attention
 #   bench2 bf16 optimizer states with flash (their before/after: the flash step's "flash fp32" row)
-#   quack  bench2's row with kernels.backends.quack_experts on (the routed experts' SwiGLU in quack's GEMM epilogues)
+#   quack  bench2's row with kernels.backends.quack_experts on (the routed experts' SwiGLU in quack's GEMM epilogues;
+#          $QUACK: the --enable flags, default "--enable quack_experts"; add "--enable quack_tuned" for its autotuner)
 #   autotune bench2's row with train.compile_mode=max-autotune-no-cudagraphs (longer compile)
 #   graph  bench2's row with forward+backward replayed as one CUDA graph (train.cuda_graph)
 #   best   the quack row with forward+backward replayed as one CUDA graph: everything on
@@ -44,6 +45,7 @@ B="python3 tools/bench_train.py --config configs/small.yaml --compile --warmup 8
 # before/after rows: the old path is forced by a --set, the new one by another; D=1 then D=0 in one process
 SDPA="--set model.attention_backend=sdpa"; FLASH="--set model.attention_backend=flash"
 FP32="--set train.optimizer_state_dtype=fp32"; BF16="--set train.optimizer_state_dtype=bf16"
+QUACK=${QUACK:---enable quack_experts}
 
 step() {
   case $1 in
@@ -67,10 +69,10 @@ step() {
     bench1) timeout 200 $B --label "base sdpa fp32" $SDPA $FP32 ;;
     flash) timeout 170 $B --label "flash fp32" $FLASH $FP32 --profile-steps 0 ;;
     bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
-    quack) timeout 200 $B --label "flash bf16-states quack" $FLASH $BF16 --enable quack_experts --profile-steps 0 ;;
+    quack) timeout 200 $B --label "flash bf16-states quack" $FLASH $BF16 $QUACK --profile-steps 0 ;;
     autotune) timeout 560 $B --label "flash bf16-states autotune" $FLASH $BF16 --set train.compile=true --set train.compile_mode=max-autotune-no-cudagraphs ;;
     graph) timeout 200 $B --label "flash bf16-states graph" $FLASH $BF16 --cuda-graph ;;
-    best) timeout 200 $B --label "flash bf16-states quack graph" $FLASH $BF16 --enable quack_experts --cuda-graph ;;
+    best) timeout 200 $B --label "flash bf16-states quack graph" $FLASH $BF16 $QUACK --cuda-graph ;;
     optim) timeout 150 python3 tools/bench_optimizer_update.py --config configs/small.yaml --results "$OUT/optimizer_update.jsonl" ;;
     moe) timeout 180 python3 tools/bench_moe_kernels.py --config configs/small.yaml --results "$OUT/moe_kernels.jsonl" ;;
     tt) [ -d /tmp/tt ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tt .whl-tt/*.whl

@@ -25,6 +25,7 @@ from dsmtp.model import fp8
 class Backends:
     grouped_mm: bool = True  # routed experts through torch._grouped_mm (CUDA, bf16), no host sync
     quack_experts: bool = False  # their SwiGLU inside quack's grouped GEMMs instead (needs grouped_mm's case)
+    quack_tuned: bool = False  # quack's autotuner times its tile configurations per GEMM on first use
 
 
 backends = Backends()
@@ -272,8 +273,8 @@ def _quack():
 def _quack_swiglu_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                           cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     quack = _quack()
-    preact, h = quack.gemm_gated(x, w13.transpose(1, 2), activation="swiglu", cu_seqlens_m=cu_seqlens, tuned=False)
-    return quack.gemm(h, w2.transpose(1, 2), cu_seqlens_m=cu_seqlens, tuned=False), preact
+    preact, h = quack.gemm_gated(x, w13.transpose(1, 2), activation="swiglu", cu_seqlens_m=cu_seqlens, tuned=backends.quack_tuned)
+    return quack.gemm(h, w2.transpose(1, 2), cu_seqlens_m=cu_seqlens, tuned=backends.quack_tuned), preact
 
 
 @_quack_swiglu_forward.register_fake
@@ -287,11 +288,11 @@ def _quack_swiglu_backward(grad: torch.Tensor, x: torch.Tensor, w13: torch.Tenso
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     quack = _quack()
     # the gate/up gradient and the recomputed activation (w2's gradient needs it) in one GEMM
-    grad_preact, h = quack.gemm_dgated(grad, w2, preact, activation="swiglu", cu_seqlens_m=cu_seqlens, tuned=False)
+    grad_preact, h = quack.gemm_dgated(grad, w2, preact, activation="swiglu", cu_seqlens_m=cu_seqlens, tuned=backends.quack_tuned)
     offsets = cu_seqlens[1:]
     grad_w2 = torch._grouped_mm(grad.t(), h, offs=offsets)
     grad_w13 = torch._grouped_mm(grad_preact.t(), x, offs=offsets)
-    return quack.gemm(grad_preact, w13, cu_seqlens_m=cu_seqlens, tuned=False), grad_w13, grad_w2
+    return quack.gemm(grad_preact, w13, cu_seqlens_m=cu_seqlens, tuned=backends.quack_tuned), grad_w13, grad_w2
 
 
 @_quack_swiglu_backward.register_fake
