@@ -5,6 +5,7 @@ first GEMM's epilogue and its gradient in the epilogue of the backward GEMM that
 default tile configuration and with its autotuner (kernels.backends.quack_tuned). CUDA only.
 
     python tools/bench_moe_kernels.py --config configs/small.yaml [--results FILE]
+    python tools/bench_moe_kernels.py --table FILE     # the table of a results file
 
 Prints one table: time per forward+backward and each output's and gradient's largest difference from main's
 path relative to that tensor's largest entry. Rows are appended to --results as they are measured.
@@ -79,21 +80,37 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
+NAMES = ["out", "grad x", "grad w1", "grad w2", "grad w3"]
+HEADER = f"| path | ms fwd+bwd | {' | '.join(NAMES)} (max diff / max) |\n|---|---|" + "---|" * len(NAMES)
+
+
+def table_line(row: dict) -> str:
+    return f"| {row['path']} | {row['ms']:.3f} | " + " | ".join(f"{row['relative_difference'][n]:.1e}" for n in NAMES) + " |"
+
+
+def print_table(path: Path) -> None:
+    rows = list(MetricsLog(path).records())
+    print(f"{rows[0]['device']}, {rows[0]['config']}\n{HEADER}")
+    for row in rows:
+        print(table_line(row))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/small.yaml")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--results", type=Path)
+    parser.add_argument("--table", type=Path, help="print the table of a results file and exit")
     args = parser.parse_args()
+    if args.table:
+        return print_table(args.table)
     cfg = load_config(args.config)
     tokens = cfg.train.seq_len * cfg.train.micro_batch_size
     inputs = routed_inputs(cfg, tokens, seed=0)
     device = torch.cuda.get_device_name()
-    names = ["out", "grad x", "grad w1", "grad w2", "grad w3"]
     reference = forward_backward(experts(quack=False), *inputs)
     print(f"{device}, {args.config}: {tokens} tokens x top-{cfg.model.num_experts_per_tok}, routed experts only")
-    print(f"| path | ms fwd+bwd | {' | '.join(names)} (max diff / max) |")
-    print("|---|---|" + "---|" * len(names))
+    print(HEADER)
     for label, fn in (("torch._grouped_mm, compiled", experts(quack=False)),
                       ("quack_experts: SwiGLU in the GEMM epilogues, compiled", experts(quack=True)),
                       ("quack_experts, quack's autotuner on (quack_tuned)", experts(quack=True, tuned=True))):
@@ -105,10 +122,11 @@ def main() -> None:
         except Exception as err:  # a probe of a young library: report what broke and go on
             print(f"| {label} | failed: {type(err).__name__}: {str(err)[:300]} |")
             continue
-        print(f"| {label} | {ms:.3f} | " + " | ".join(f"{d:.1e}" for d in diffs) + " |")
+        row = {"device": device, "config": args.config, "path": label, "ms": ms,
+               "relative_difference": dict(zip(NAMES, diffs))}
+        print(table_line(row))
         if args.results:
-            MetricsLog(args.results).append({"device": device, "config": args.config, "path": label, "ms": ms,
-                                             "relative_difference": dict(zip(names, diffs))})
+            MetricsLog(args.results).append(row)
 
 
 if __name__ == "__main__":
