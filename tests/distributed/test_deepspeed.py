@@ -13,8 +13,7 @@ import pytest
 
 from tests.distributed import common
 from tests.distributed.launch import run_layout
-from tests.distributed.test_equivalence import (  # noqa: F401  (fixtures)
-    assert_same_parameters, assert_same_training, reference, reference_after_k)
+from tests.distributed.test_equivalence import assert_same_parameters, assert_same_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 DEEPSPEED = ["--engine=deepspeed"]

@@ -19,13 +19,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def reference() -> dict:
-    ref = common.reference_run(common.tiny_config(), steps=common.STEPS + 2)
-    assert all(h["grad_norm"] > common.GRAD_CLIP for h in ref["history"]), "clipping must be active"
-    return ref
-
-
 def assert_same_training(result: dict, reference: dict, first_step: int = 0) -> None:
     steps = len(result["history"])
     expected = reference["history"][first_step:first_step + steps]
@@ -42,12 +35,6 @@ def assert_same_parameters(state: dict, reference_state: dict, tol: float = TOL)
     assert errors[worst] < tol, f"{worst}: relative error {errors[worst]:.2e}"
     biases = [k for k in state if k.endswith("expert_bias")]
     assert len(biases) == 4 and all(state[k].abs().sum() > 0 for k in biases)  # the biases moved, and match
-
-
-@pytest.fixture(scope="module")
-def reference_after_k(reference) -> dict:
-    """Parameters after exactly K steps (the fixture above runs K + 2 for the resume test)."""
-    return common.reference_run(common.tiny_config(), steps=common.STEPS)["state"]
 
 
 LAYOUTS = {
