@@ -14,6 +14,7 @@ from dsmtp.model import fp8
 from dsmtp.model.moe import RoutedExperts, count_tokens, dispatch_local
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench_moe_kernels  # noqa: E402
 import bench_optimizer_update  # noqa: E402
 import bench_train  # noqa: E402
 import fp8_vs_bf16  # noqa: E402
@@ -164,3 +165,16 @@ def test_optimizer_update_table_from_its_results_file(tmp_path, capsys):
     assert lines[0] == "H200, small.yaml" and len(lines) == 5
     assert lines[3] == "| torch fused AdamW | - | - | 6.000 | 21.0 | 3.50 | - |"
     assert lines[4] == "| multi_tensor_adamw, bf16 moments | 512 | 4 | 4.000 | 15.0 | 3.75 | 0.0e+00 |"
+
+
+def test_moe_kernels_table_from_its_results_file(tmp_path, capsys):
+    """bench_moe_kernels --table: one line per row, each gradient's difference in NAMES order (made-up rows)."""
+    diffs = dict(zip(bench_moe_kernels.NAMES, [0.0, 5.5e-3, 5.1e-3, 0.0, 5.3e-3]))
+    row = dict(device="H200", config="small.yaml", path="quack", ms=2.25, relative_difference=diffs)
+    results = tmp_path / "rows.jsonl"
+    results.write_text(json.dumps(dict(row, path="torch", ms=2.1451)) + "\n" + json.dumps(row) + "\n")
+    bench_moe_kernels.main(["--table", str(results)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "H200, small.yaml" and len(lines) == 5
+    assert lines[3].startswith("| torch | 2.145 | ")
+    assert lines[4] == "| quack | 2.250 | 0.0e+00 | 5.5e-03 | 5.1e-03 | 0.0e+00 | 5.3e-03 |"

@@ -14,7 +14,6 @@ path relative to that tensor's largest entry. Rows are appended to --results as 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -34,12 +33,12 @@ def experts(quack: bool, tuned: bool = False):
     compiled = torch.compile(kernels.grouped_swiglu)
 
     def run(*args):
-        before = dataclasses.replace(kernels.backends)
+        before = kernels.backends.quack_experts, kernels.backends.quack_tuned
         kernels.backends.quack_experts, kernels.backends.quack_tuned = quack, tuned
         try:
             return compiled(*args)
         finally:
-            kernels.backends.quack_experts, kernels.backends.quack_tuned = before.quack_experts, before.quack_tuned
+            kernels.backends.quack_experts, kernels.backends.quack_tuned = before
     return run
 
 
@@ -95,13 +94,13 @@ def print_table(path: Path) -> None:
         print(table_line(row))
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/small.yaml")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--results", type=Path)
     parser.add_argument("--table", type=Path, help="print the table of a results file and exit")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.table:
         return print_table(args.table)
     cfg = load_config(args.config)
@@ -130,4 +129,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -272,9 +272,9 @@ def _quack():
 @torch.library.custom_op("dsmtp::quack_swiglu_forward", mutates_args=())
 def _quack_swiglu_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                           cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    quack = _quack()
-    preact, h = quack.gemm_gated(x, w13.transpose(1, 2), activation="swiglu", cu_seqlens_m=cu_seqlens, tuned=backends.quack_tuned)
-    return quack.gemm(h, w2.transpose(1, 2), cu_seqlens_m=cu_seqlens, tuned=backends.quack_tuned), preact
+    quack, tuned = _quack(), backends.quack_tuned
+    preact, h = quack.gemm_gated(x, w13.transpose(1, 2), activation="swiglu", cu_seqlens_m=cu_seqlens, tuned=tuned)
+    return quack.gemm(h, w2.transpose(1, 2), cu_seqlens_m=cu_seqlens, tuned=tuned), preact
 
 
 @_quack_swiglu_forward.register_fake
@@ -286,13 +286,13 @@ def _(x, w13, w2, cu_seqlens):
 def _quack_swiglu_backward(grad: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                            cu_seqlens: torch.Tensor, preact: torch.Tensor
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    quack = _quack()
+    quack, tuned = _quack(), backends.quack_tuned
     # the gate/up gradient and the recomputed activation (w2's gradient needs it) in one GEMM
-    grad_preact, h = quack.gemm_dgated(grad, w2, preact, activation="swiglu", cu_seqlens_m=cu_seqlens, tuned=backends.quack_tuned)
+    grad_preact, h = quack.gemm_dgated(grad, w2, preact, activation="swiglu", cu_seqlens_m=cu_seqlens, tuned=tuned)
     offsets = cu_seqlens[1:]
     grad_w2 = torch._grouped_mm(grad.t(), h, offs=offsets)
     grad_w13 = torch._grouped_mm(grad_preact.t(), x, offs=offsets)
-    return quack.gemm(grad_preact, w13, cu_seqlens_m=cu_seqlens, tuned=backends.quack_tuned), grad_w13, grad_w2
+    return quack.gemm(grad_preact, w13, cu_seqlens_m=cu_seqlens, tuned=tuned), grad_w13, grad_w2
 
 
 @_quack_swiglu_backward.register_fake
