@@ -1,8 +1,10 @@
-"""Issue 25's grouped-GEMM fusion lever alone: a config's routed experts, forward and backward, through
-kernels.grouped_swiglu's default CUDA path (torch._grouped_mm, SwiGLU fused by torch.compile) and through
-kernels.backends.quack_experts (quack's grouped GEMMs, the flash-attn-4 dependency, with the SwiGLU in the
-first GEMM's epilogue and its gradient in the epilogue of the backward GEMM that makes it), with quack's
-default tile configuration and with its autotuner (kernels.backends.quack_tuned). CUDA only.
+"""Issue 25's MoE kernel levers alone: a config's routed experts with their token gather and gated
+combine (moe.dispatch_local), forward and backward, compiled as the training step compiles its layers,
+under bf16 autocast. Main's path (torch._grouped_mm, the SwiGLU and the gathers fused by torch.compile)
+against each kernels.backends switch: triton_gather and triton_swiglu (dsmtp.model.moe_triton's row
+gathers and SwiGLU gradient), quack_experts (quack's grouped GEMMs, the flash-attn-4 dependency, with the
+SwiGLU in the first GEMM's epilogue and its gradient in the epilogue of the backward GEMM that makes it),
+and quack_tuned (quack's autotuner). CUDA only.
 
     python tools/bench_moe_kernels.py --config configs/small.yaml [--results FILE]
     python tools/bench_moe_kernels.py --table FILE     # the table of a results file
@@ -24,43 +26,56 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from dsmtp.config import load_config  # noqa: E402
 from dsmtp.model import kernels  # noqa: E402
+from dsmtp.model.moe import RoutedExperts, dispatch_local  # noqa: E402
+from dsmtp.parallel.topology import ensure_initialized  # noqa: E402
 from dsmtp.train.metrics import MetricsLog  # noqa: E402
 
+PATHS = [("main: torch._grouped_mm, compiled", {}),
+         ("triton_swiglu", {"triton_swiglu": True}),
+         ("triton_gather", {"triton_gather": True}),
+         ("triton_gather + triton_swiglu", {"triton_gather": True, "triton_swiglu": True}),
+         ("quack_experts: SwiGLU in the GEMM epilogues", {"quack_experts": True}),
+         ("quack_experts, quack's autotuner on (quack_tuned)", {"quack_experts": True, "quack_tuned": True})]
 
-def experts(quack: bool, tuned: bool = False):
-    """kernels.grouped_swiglu, compiled as the training step compiles its layers, with
-    kernels.backends.quack_experts and quack_tuned set while it traces and runs."""
-    compiled = torch.compile(kernels.grouped_swiglu)
+
+def routed(switches: dict[str, bool]):
+    """dispatch_local compiled, under bf16 autocast, with `switches` set on kernels.backends while it
+    traces and runs."""
+    compiled = torch.compile(dispatch_local)
 
     def run(*args):
-        before = kernels.backends.quack_experts, kernels.backends.quack_tuned
-        kernels.backends.quack_experts, kernels.backends.quack_tuned = quack, tuned
+        before = {name: getattr(kernels.backends, name) for name in switches}
+        for name, value in switches.items():
+            setattr(kernels.backends, name, value)
         try:
-            return compiled(*args)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return compiled(*args)
         finally:
-            kernels.backends.quack_experts, kernels.backends.quack_tuned = before
+            for name, value in before.items():
+                setattr(kernels.backends, name, value)
     return run
 
 
 def routed_inputs(cfg, tokens: int, seed: int):
-    """Rows of `tokens` tokens, each routed to k distinct random experts, sorted by expert (bf16, as the
-    dispatch hands them over), fp32 master weights, and an output gradient."""
+    """`tokens` fp32 token rows (the residual stream), each routed to k distinct random experts with
+    random gates, the routed experts (fp32 master weights), and an output gradient."""
     m, gen = cfg.model, torch.Generator(device="cuda").manual_seed(seed)
-    e, h, i, k = m.n_routed_experts, m.hidden_size, m.moe_intermediate_size, m.num_experts_per_tok
+    e, h, k = m.n_routed_experts, m.hidden_size, m.num_experts_per_tok
+    torch.manual_seed(seed)
+    experts = RoutedExperts(m).cuda()
     expert_ids = torch.rand(tokens, e, device="cuda", generator=gen).topk(k, dim=1).indices
-    tokens_per_expert = torch.bincount(expert_ids.flatten(), minlength=e)
-    x = torch.randn(tokens * k, h, device="cuda", generator=gen).to(torch.bfloat16)
-    weights = [torch.randn(shape, device="cuda", generator=gen) * m.init_std for shape in ((e, i, h), (e, h, i), (e, i, h))]
-    grad = torch.randn(tokens * k, h, device="cuda", generator=gen).to(torch.bfloat16)
-    return x, tokens_per_expert, weights, grad
+    x = torch.randn(tokens, h, device="cuda", generator=gen)
+    gates = torch.rand(tokens, k, device="cuda", generator=gen)
+    grad = torch.randn(tokens, h, device="cuda", generator=gen)
+    return x, expert_ids, gates, experts, grad
 
 
-def forward_backward(fn, x, tokens_per_expert, weights, grad):
-    x = x.detach().requires_grad_()
-    weights = [w.detach().requires_grad_() for w in weights]
-    out = fn(x, tokens_per_expert, *weights)
+def forward_backward(fn, x, expert_ids, gates, experts, grad):
+    x, gates = x.detach().requires_grad_(), gates.detach().requires_grad_()
+    experts.zero_grad(set_to_none=True)
+    out = fn(x, expert_ids, gates, experts)
     out.backward(grad)
-    return [out, x.grad, *(w.grad for w in weights)]
+    return [out, x.grad, gates.grad, *(w.grad for w in (experts.w1, experts.w2, experts.w3))]
 
 
 def time_ms(fn, args, iters: int) -> float:
@@ -79,17 +94,20 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-NAMES = ["out", "grad x", "grad w1", "grad w2", "grad w3"]
-HEADER = f"| path | ms fwd+bwd | {' | '.join(NAMES)} (max diff / max) |\n|---|---|" + "---|" * len(NAMES)
+NAMES = ["out", "grad x", "grad gates", "grad w1", "grad w2", "grad w3"]
+
+
+def header(names: list[str]) -> str:
+    return f"| path | ms fwd+bwd | {' | '.join(names)} (max diff / max) |\n|---|---|" + "---|" * len(names)
 
 
 def table_line(row: dict) -> str:
-    return f"| {row['path']} | {row['ms']:.3f} | " + " | ".join(f"{row['relative_difference'][n]:.1e}" for n in NAMES) + " |"
+    return f"| {row['path']} | {row['ms']:.3f} | " + " | ".join(f"{v:.1e}" for v in row["relative_difference"].values()) + " |"
 
 
 def print_table(path: Path) -> None:
     rows = list(MetricsLog(path).records())
-    print(f"{rows[0]['device']}, {rows[0]['config']}\n{HEADER}")
+    print(f"{rows[0]['device']}, {rows[0]['config']}\n{header(list(rows[0]['relative_difference']))}")
     for row in rows:
         print(table_line(row))
 
@@ -103,22 +121,23 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.table:
         return print_table(args.table)
+    ensure_initialized()
     cfg = load_config(args.config)
     tokens = cfg.train.seq_len * cfg.train.micro_batch_size
     inputs = routed_inputs(cfg, tokens, seed=0)
     device = torch.cuda.get_device_name()
-    reference = forward_backward(experts(quack=False), *inputs)
-    print(f"{device}, {args.config}: {tokens} tokens x top-{cfg.model.num_experts_per_tok}, routed experts only")
-    print(HEADER)
-    for label, fn in (("torch._grouped_mm, compiled", experts(quack=False)),
-                      ("quack_experts: SwiGLU in the GEMM epilogues, compiled", experts(quack=True)),
-                      ("quack_experts, quack's autotuner on (quack_tuned)", experts(quack=True, tuned=True))):
+    reference = forward_backward(routed({}), *inputs)
+    print(f"{device}, {args.config}: {tokens} tokens x top-{cfg.model.num_experts_per_tok}, "
+          "routed experts with their gather and combine")
+    print(header(NAMES))
+    for label, switches in PATHS:
+        fn = routed(switches)
         try:
             for _ in range(3):
                 forward_backward(fn, *inputs)
             ms = time_ms(fn, inputs, args.iters)
             diffs = [relative_difference(a, b) for a, b in zip(forward_backward(fn, *inputs), reference)]
-        except Exception as err:  # a probe of a young library: report what broke and go on
+        except Exception as err:  # a probe of a young kernel or library: report what broke and go on
             print(f"| {label} | failed: {type(err).__name__}: {str(err)[:300]} |")
             continue
         row = {"device": device, "config": args.config, "path": label, "ms": ms,

@@ -21,12 +21,17 @@
 #   bench2 bf16 optimizer states with flash (their before/after: the flash step's "flash fp32" row)
 #   quack  bench2's row with kernels.backends.quack_experts on (the routed experts' SwiGLU in quack's GEMM epilogues;
 #          $QUACK: the --enable flags, default "--enable quack_experts"; add "--enable quack_tuned" for its autotuner)
+#   triton bench2's row with dsmtp.model.moe_triton's kernels on ($TRITON: the --enable flags, default
+#          triton_gather and triton_swiglu: the token-row gathers and the routed SwiGLU's gradient)
+#   coordesc the triton row with inductor's coordinate-descent tuning of its own kernels' launch parameters
+#   tgraph the triton row with forward+backward replayed as one CUDA graph
 #   autotune bench2's row with train.compile_mode=max-autotune-no-cudagraphs (longer compile)
 #   graph  bench2's row with forward+backward replayed as one CUDA graph (train.cuda_graph)
 #   best   the quack row with forward+backward replayed as one CUDA graph: everything on
 #   optim  the optimizer update alone: fused AdamW (fp32 moments) against the Triton bf16-moment update by
 #          block size and warps (tools/bench_optimizer_update.py), rows to $OUT/optimizer_update.jsonl
-#   moe    the quack lever alone, per MoE layer call: tools/bench_moe_kernels.py (quack, from flash-attn-4's wheels)
+#   moe    the MoE kernel levers alone, per MoE layer call: tools/bench_moe_kernels.py (moe_triton's kernels;
+#          quack, from flash-attn-4's wheels)
 #   tt     torchtitan's harness (.tt: a copy of ../shared/anchors/torchtitan), rows to $OUT/torchtitan.json
 #   curves 500 steps x 2 seeds x fp32/bf16 optimizer states ($CURVES: which) on the real corpus (data/stdlib-32k carried),
 #          eager (no compile time in 500 steps); each run's metrics.jsonl to $OUT/runs/, plotted here
@@ -46,6 +51,7 @@ B="python3 tools/bench_train.py --config configs/small.yaml --compile --warmup 8
 SDPA="--set model.attention_backend=sdpa"; FLASH="--set model.attention_backend=flash"
 FP32="--set train.optimizer_state_dtype=fp32"; BF16="--set train.optimizer_state_dtype=bf16"
 QUACK=${QUACK:---enable quack_experts}
+TRITON=${TRITON:---enable triton_gather --enable triton_swiglu}
 
 step() {
   case $1 in
@@ -70,6 +76,10 @@ step() {
     flash) timeout 170 $B --label "flash fp32" $FLASH $FP32 --profile-steps 0 ;;
     bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
     quack) timeout 200 $B --label "flash bf16-states quack" $FLASH $BF16 $QUACK --profile-steps 0 ;;
+    triton) timeout 200 $B --label "flash bf16-states triton" $FLASH $BF16 $TRITON ;;
+    coordesc) TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 timeout 400 $B --label "flash bf16-states triton coordesc" \
+                $FLASH $BF16 $TRITON --profile-steps 0 ;;
+    tgraph) timeout 200 $B --label "flash bf16-states triton graph" $FLASH $BF16 $TRITON --cuda-graph --profile-steps 0 ;;
     autotune) timeout 560 $B --label "flash bf16-states autotune" $FLASH $BF16 --set train.compile=true --set train.compile_mode=max-autotune-no-cudagraphs ;;
     graph) timeout 200 $B --label "flash bf16-states graph" $FLASH $BF16 --cuda-graph ;;
     best) timeout 200 $B --label "flash bf16-states quack graph" $FLASH $BF16 $QUACK --cuda-graph ;;

@@ -26,6 +26,8 @@ class Backends:
     grouped_mm: bool = True  # routed experts through torch._grouped_mm (CUDA, bf16), no host sync
     quack_experts: bool = False  # their SwiGLU inside quack's grouped GEMMs instead (needs grouped_mm's case)
     quack_tuned: bool = False  # quack's autotuner times its tile configurations per GEMM on first use
+    triton_gather: bool = False  # the token rows the experts read, and their gated gradients, by moe_triton
+    triton_swiglu: bool = False  # the routed SwiGLU's gradient by moe_triton, gate and up read once
 
 
 backends = Backends()
@@ -226,6 +228,69 @@ def _masked_swiglu(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.T
     return out
 
 
+def _moe_triton():
+    from dsmtp.model import moe_triton  # imports triton, which CPU-only installs may lack
+    return moe_triton
+
+
+@torch.library.custom_op("dsmtp::gather_rows", mutates_args=())
+def _gather_rows_triton(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | None,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    return _moe_triton().gather_rows(src.contiguous(), index.contiguous(), scale, out_dtype)
+
+
+@_gather_rows_triton.register_fake
+def _(src, index, scale, out_dtype):
+    return src.new_empty(index.numel(), src.shape[1], dtype=out_dtype)
+
+
+def gather_rows(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rows src[index] [N, H], each times scale[index's place] when given, in out_dtype (default src's).
+    Not differentiable: the MoE dispatch's autograd functions call it in both directions."""
+    out_dtype = out_dtype or src.dtype
+    if src.is_cuda and backends.triton_gather:
+        return _gather_rows_triton(src, index, None if scale is None else scale.contiguous(), out_dtype)
+    rows = src.index_select(0, index)
+    return (rows if scale is None else rows * scale.to(rows.dtype).unsqueeze(-1)).to(out_dtype)
+
+
+@torch.library.custom_op("dsmtp::swiglu_backward", mutates_args=())
+def _swiglu_backward_triton(gate_up: torch.Tensor, grad_h: torch.Tensor) -> torch.Tensor:
+    return _moe_triton().swiglu_backward(gate_up.contiguous(), grad_h.contiguous())
+
+
+@_swiglu_backward_triton.register_fake
+def _(gate_up, grad_h):
+    return torch.empty_like(gate_up)
+
+
+def _silu_gate_times_up(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class _SwigluActivation(torch.autograd.Function):
+    """silu(gate) * up of gate_up = [gate | up], its gradient by one Triton pass (moe_triton)."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up)
+        return _silu_gate_times_up(gate_up)
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor) -> torch.Tensor:
+        (gate_up,) = ctx.saved_tensors
+        return _swiglu_backward_triton(gate_up, grad_h)
+
+
+def swiglu_activation(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, gate_up = [gate | up] along the last dimension."""
+    if gate_up.is_cuda and backends.triton_swiglu:
+        return _SwigluActivation.apply(gate_up)
+    return _silu_gate_times_up(gate_up)
+
+
 def _bf16_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [M, K] times weight[e]^T ([E, N, K]) for the rows of each group; _grouped_mm takes bf16 only
     (the cast is what autocast would do for a plain linear)."""
@@ -245,10 +310,8 @@ def _grouped_swiglu_cuda(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: t
     # Cast before concatenating: each weight's gradient then arrives as a tensor of its own that `.grad`
     # takes as is, where autograd would copy each slice of one fp32 gradient. The FP8 path quantizes the
     # fp32 master weights: bf16-rounded ones trained worse (notes/code-measurements.md).
-    inter = w1.shape[1]
     gate_up = mm(x, torch.cat([w1.to(weight_dtype), w3.to(weight_dtype)], dim=1), offsets)
-    h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-    out = mm(h, w2, offsets)
+    out = mm(swiglu_activation(gate_up), w2, offsets)
     return out if rows is None else fp8.unpad_groups(out, rows)
 
 

@@ -120,7 +120,7 @@ class _GatherPairs(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(inverse)
         ctx.k = order.numel() // x.shape[0]
-        return x.index_select(0, order // ctx.k)
+        return kernels.gather_rows(x, order // ctx.k)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -161,7 +161,7 @@ class _CombinePairs(torch.autograd.Function):
         t, k = gates.shape
         grad_y = grad_gates = None
         if ctx.needs_input_grad[0]:
-            grad_y = grad.index_select(0, order // k) * gates.to(y.dtype).flatten()[order].unsqueeze(-1)
+            grad_y = kernels.gather_rows(grad, order // k, gates.flatten()[order], y.dtype)
         if ctx.needs_input_grad[3]:
             per_pair = y.index_select(0, inverse).view(t, k, -1)
             grad_gates = (per_pair * grad.unsqueeze(1)).sum(dim=-1).to(gates.dtype)
