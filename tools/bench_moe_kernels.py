@@ -1,7 +1,7 @@
 """Issue 25's MoE kernel levers alone: a config's routed experts with their token gather and gated
 combine (moe.dispatch_local), forward and backward, compiled as the training step compiles its layers,
-under bf16 autocast. Main's path (torch._grouped_mm, the SwiGLU and the gathers fused by torch.compile)
-against each kernels.backends switch: triton_gather and triton_swiglu (dsmtp.model.moe_triton's row
+under bf16 autocast. The torch path (torch._grouped_mm, the SwiGLU and the gathers fused by torch.compile:
+both triton_* switches off) against each kernels.backends switch: triton_gather and triton_swiglu (dsmtp.model.moe_triton's row
 gathers and SwiGLU gradient), quack_experts (quack's grouped GEMMs, the flash-attn-4 dependency, with the
 SwiGLU in the first GEMM's epilogue and its gradient in the epilogue of the backward GEMM that makes it),
 and quack_tuned (quack's autotuner). CUDA only.
@@ -9,7 +9,7 @@ and quack_tuned (quack's autotuner). CUDA only.
     python tools/bench_moe_kernels.py --config configs/small.yaml [--results FILE]
     python tools/bench_moe_kernels.py --table FILE     # the table of a results file
 
-Prints one table: time per forward+backward and each output's and gradient's largest difference from main's
+Prints one table: time per forward+backward and each output's and gradient's largest difference from the torch
 path relative to that tensor's largest entry. Rows are appended to --results as they are measured.
 """
 
@@ -30,12 +30,13 @@ from dsmtp.model.moe import RoutedExperts, dispatch_local  # noqa: E402
 from dsmtp.parallel.topology import ensure_initialized  # noqa: E402
 from dsmtp.train.metrics import MetricsLog  # noqa: E402
 
-PATHS = [("main: torch._grouped_mm, compiled", {}),
-         ("triton_swiglu", {"triton_swiglu": True}),
-         ("triton_gather", {"triton_gather": True}),
+TORCH = {"triton_gather": False, "triton_swiglu": False}
+PATHS = [("torch: torch._grouped_mm, compiled", TORCH),
+         ("triton_swiglu", dict(TORCH, triton_swiglu=True)),
+         ("triton_gather", dict(TORCH, triton_gather=True)),
          ("triton_gather + triton_swiglu", {"triton_gather": True, "triton_swiglu": True}),
-         ("quack_experts: SwiGLU in the GEMM epilogues", {"quack_experts": True}),
-         ("quack_experts, quack's autotuner on (quack_tuned)", {"quack_experts": True, "quack_tuned": True})]
+         ("quack_experts: SwiGLU in the GEMM epilogues", dict(TORCH, quack_experts=True)),
+         ("quack_experts, quack's autotuner on (quack_tuned)", dict(TORCH, quack_experts=True, quack_tuned=True))]
 
 
 def routed(switches: dict[str, bool]):
@@ -126,7 +127,7 @@ def main(argv: list[str]) -> None:
     tokens = cfg.train.seq_len * cfg.train.micro_batch_size
     inputs = routed_inputs(cfg, tokens, seed=0)
     device = torch.cuda.get_device_name()
-    reference = forward_backward(routed({}), *inputs)
+    reference = forward_backward(routed(TORCH), *inputs)
     print(f"{device}, {args.config}: {tokens} tokens x top-{cfg.model.num_experts_per_tok}, "
           "routed experts with their gather and combine")
     print(header(NAMES))

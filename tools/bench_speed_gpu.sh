@@ -21,10 +21,10 @@
 #   bench2 bf16 optimizer states with flash (their before/after: the flash step's "flash fp32" row)
 #   quack  bench2's row with kernels.backends.quack_experts on (the routed experts' SwiGLU in quack's GEMM epilogues;
 #          $QUACK: the --enable flags, default "--enable quack_experts"; add "--enable quack_tuned" for its autotuner)
-#   triton bench2's row with dsmtp.model.moe_triton's kernels on ($TRITON: the --enable flags, default
-#          triton_gather and triton_swiglu: the token-row gathers and the routed SwiGLU's gradient)
-#   coordesc the triton row with inductor's coordinate-descent tuning of its own kernels' launch parameters
-#   tgraph the triton row with forward+backward replayed as one CUDA graph
+#   notriton bench2's row without dsmtp.model.moe_triton's kernels (on by default since session 14; $NOTRITON:
+#          the --disable flags, default triton_gather and triton_swiglu: the token-row gathers and the routed
+#          SwiGLU's gradient by torch.compile instead)
+#   coordesc bench2's row with inductor's coordinate-descent tuning of its own kernels' launch parameters
 #   autotune bench2's row with train.compile_mode=max-autotune-no-cudagraphs (longer compile)
 #   graph  bench2's row with forward+backward replayed as one CUDA graph (train.cuda_graph)
 #   best   the quack row with forward+backward replayed as one CUDA graph: everything on
@@ -51,7 +51,7 @@ B="python3 tools/bench_train.py --config configs/small.yaml --compile --warmup 8
 SDPA="--set model.attention_backend=sdpa"; FLASH="--set model.attention_backend=flash"
 FP32="--set train.optimizer_state_dtype=fp32"; BF16="--set train.optimizer_state_dtype=bf16"
 QUACK=${QUACK:---enable quack_experts}
-TRITON=${TRITON:---enable triton_gather --enable triton_swiglu}
+NOTRITON=${NOTRITON:---disable triton_gather --disable triton_swiglu}
 
 step() {
   case $1 in
@@ -76,10 +76,9 @@ step() {
     flash) timeout 170 $B --label "flash fp32" $FLASH $FP32 --profile-steps 0 ;;
     bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
     quack) timeout 200 $B --label "flash bf16-states quack" $FLASH $BF16 $QUACK --profile-steps 0 ;;
-    triton) timeout 200 $B --label "flash bf16-states triton" $FLASH $BF16 $TRITON ;;
-    coordesc) TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 timeout 400 $B --label "flash bf16-states triton coordesc" \
-                $FLASH $BF16 $TRITON --profile-steps 0 ;;
-    tgraph) timeout 200 $B --label "flash bf16-states triton graph" $FLASH $BF16 $TRITON --cuda-graph --profile-steps 0 ;;
+    notriton) timeout 200 $B --label "flash bf16-states notriton" $FLASH $BF16 $NOTRITON ;;
+    coordesc) TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 timeout 480 $B --label "flash bf16-states coordesc" \
+                $FLASH $BF16 --profile-steps 0 ;;
     autotune) timeout 560 $B --label "flash bf16-states autotune" $FLASH $BF16 --set train.compile=true --set train.compile_mode=max-autotune-no-cudagraphs ;;
     graph) timeout 200 $B --label "flash bf16-states graph" $FLASH $BF16 --cuda-graph ;;
     best) timeout 200 $B --label "flash bf16-states quack graph" $FLASH $BF16 $QUACK --cuda-graph ;;

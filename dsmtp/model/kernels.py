@@ -26,8 +26,8 @@ class Backends:
     grouped_mm: bool = True  # routed experts through torch._grouped_mm (CUDA, bf16), no host sync
     quack_experts: bool = False  # their SwiGLU inside quack's grouped GEMMs instead (needs grouped_mm's case)
     quack_tuned: bool = False  # quack's autotuner times its tile configurations per GEMM on first use
-    triton_gather: bool = False  # the token rows the experts read, and their gated gradients, by moe_triton
-    triton_swiglu: bool = False  # the routed SwiGLU's gradient by moe_triton, gate and up read once
+    triton_gather: bool = True  # the token rows the experts read, and their gated gradients, by moe_triton
+    triton_swiglu: bool = True  # the routed SwiGLU's gradient by moe_triton, gate and up read once
 
 
 backends = Backends()
@@ -252,7 +252,11 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | No
     if src.is_cuda and backends.triton_gather:
         return _gather_rows_triton(src, index, None if scale is None else scale.contiguous(), out_dtype)
     rows = src.index_select(0, index)
-    return (rows if scale is None else rows * scale.to(rows.dtype).unsqueeze(-1)).to(out_dtype)
+    if scale is not None:
+        rows = rows * scale.to(rows.dtype).unsqueeze(-1)
+    # not a no-op .to(): an autograd.Function's forward returning an alias loses its input's gradient
+    # when torch 2.11 compiles it (tests/gpu/test_gpu_kernels.py)
+    return rows if rows.dtype == out_dtype else rows.to(out_dtype)
 
 
 @torch.library.custom_op("dsmtp::swiglu_backward", mutates_args=())
