@@ -54,6 +54,13 @@ def test_swiglu_backward_matches_autograd(moe_triton, dtype, tolerance):
     torch.testing.assert_close(out.double(), gate_up.grad, rtol=tolerance, atol=tolerance)
 
 
+def test_no_rows(moe_triton):
+    """An empty batch (a rank that routes no tokens, an empty decode step) returns empty tensors."""
+    src = torch.randn(4, 64)
+    assert moe_triton.gather_rows(src, torch.zeros(0, dtype=torch.int64), None, torch.bfloat16).shape == (0, 64)
+    assert moe_triton.swiglu_backward(torch.randn(0, 128), torch.randn(0, 64)).shape == (0, 128)
+
+
 def test_custom_ops_pass_opcheck(moe_triton):
     """Schemas, fake (shape-only) implementations for torch.compile, and the SwiGLU's autograd."""
     src, index, scale = torch.randn(20, 64), torch.randint(0, 20, (33,)), torch.rand(33)

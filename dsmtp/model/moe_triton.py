@@ -38,6 +38,8 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | No
     """out[i] = src[index[i]] * scale[i] (scale None: 1), in out_dtype; src [T, H] contiguous."""
     n_rows, n_columns = index.numel(), src.shape[1]
     out = torch.empty(n_rows, n_columns, dtype=out_dtype, device=src.device)
+    if out.numel() == 0:
+        return out
     grid = (triton.cdiv(n_rows, BLOCK_ROWS), triton.cdiv(n_columns, BLOCK_COLUMNS))
     _gather_rows[grid](src, index, index if scale is None else scale, out, n_rows, n_columns,
                        HAS_SCALE=scale is not None, OUT_DTYPE=OUT_DTYPES[out_dtype],
@@ -67,6 +69,8 @@ def swiglu_backward(gate_up: torch.Tensor, grad_h: torch.Tensor) -> torch.Tensor
     both contiguous."""
     n_rows, inter = grad_h.shape
     grad_gate_up = torch.empty_like(gate_up)
+    if grad_gate_up.numel() == 0:
+        return grad_gate_up
     grid = (triton.cdiv(n_rows, BLOCK_ROWS), triton.cdiv(inter, BLOCK_COLUMNS))
     _swiglu_backward[grid](gate_up, grad_h, grad_gate_up, n_rows, inter, OUT_DTYPE=OUT_DTYPES[gate_up.dtype],
                            BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLUMNS=BLOCK_COLUMNS, num_warps=NUM_WARPS)
