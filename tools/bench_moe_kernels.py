@@ -1,10 +1,10 @@
 """Issue 25's MoE kernel levers alone: a config's routed experts with their token gather and gated
 combine (moe.dispatch_local), forward and backward, compiled as the training step compiles its layers,
-under bf16 autocast. The torch path (torch._grouped_mm, the SwiGLU and the gathers fused by torch.compile:
-both triton_* switches off) against each kernels.backends switch: triton_gather and triton_swiglu (dsmtp.model.moe_triton's row
-gathers and SwiGLU gradient), quack_experts (quack's grouped GEMMs, the flash-attn-4 dependency, with the
-SwiGLU in the first GEMM's epilogue and its gradient in the epilogue of the backward GEMM that makes it),
-and quack_tuned (quack's autotuner). CUDA only.
+under bf16 autocast. The torch path (torch._grouped_mm, the SwiGLU and the gathers fused by
+torch.compile: both triton_* switches off) against each kernels.backends switch: triton_gather and
+triton_swiglu (dsmtp.model.moe_triton's row gathers and SwiGLU gradient), quack_experts (quack's
+grouped GEMMs, the flash-attn-4 dependency, with the SwiGLU in the first GEMM's epilogue and its gradient
+in the epilogue of the backward GEMM that makes it), and quack_tuned (quack's autotuner). CUDA only.
 
     python tools/bench_moe_kernels.py --config configs/small.yaml [--results FILE]
     python tools/bench_moe_kernels.py --table FILE     # the table of a results file
@@ -103,7 +103,8 @@ def header(names: list[str]) -> str:
 
 
 def table_line(row: dict) -> str:
-    return f"| {row['path']} | {row['ms']:.3f} | " + " | ".join(f"{v:.1e}" for v in row["relative_difference"].values()) + " |"
+    differences = " | ".join(f"{v:.1e}" for v in row["relative_difference"].values())
+    return f"| {row['path']} | {row['ms']:.3f} | {differences} |"
 
 
 def print_table(path: Path) -> None:

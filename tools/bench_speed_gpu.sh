@@ -24,6 +24,8 @@
 #   notriton bench2's row without dsmtp.model.moe_triton's kernels (on by default since session 14; $NOTRITON:
 #          the --disable flags, default triton_gather and triton_swiglu: the token-row gathers and the routed
 #          SwiGLU's gradient by torch.compile instead)
+#   ce     bench2's row with kernels.backends.triton_cross_entropy on (both heads' losses by
+#          dsmtp.model.cross_entropy_triton: the logits read once and overwritten by their gradient)
 #   coordesc bench2's row with inductor's coordinate-descent tuning of its own kernels' launch parameters
 #   autotune bench2's row with train.compile_mode=max-autotune-no-cudagraphs (longer compile)
 #   graph  bench2's row with forward+backward replayed as one CUDA graph (train.cuda_graph)
@@ -32,6 +34,7 @@
 #          block size and warps (tools/bench_optimizer_update.py), rows to $OUT/optimizer_update.jsonl
 #   moe    the MoE kernel levers alone, per MoE layer call: tools/bench_moe_kernels.py (moe_triton's kernels;
 #          quack, from flash-attn-4's wheels)
+#   ceb    the fused cross-entropy alone, one head: tools/bench_cross_entropy.py, rows to $OUT/cross_entropy.jsonl
 #   tt     torchtitan's harness (.tt: a copy of ../shared/anchors/torchtitan), rows to $OUT/torchtitan.json
 #   curves 500 steps x 2 seeds x fp32/bf16 optimizer states ($CURVES: which) on the real corpus (data/stdlib-32k carried),
 #          eager (no compile time in 500 steps); each run's metrics.jsonl to $OUT/runs/, plotted here
@@ -77,6 +80,7 @@ step() {
     bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
     quack) timeout 200 $B --label "flash bf16-states quack" $FLASH $BF16 $QUACK --profile-steps 0 ;;
     notriton) timeout 200 $B --label "flash bf16-states notriton" $FLASH $BF16 $NOTRITON ;;
+    ce) timeout 200 $B --label "flash bf16-states ce" $FLASH $BF16 --enable triton_cross_entropy ;;
     coordesc) TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 timeout 480 $B --label "flash bf16-states coordesc" \
                 $FLASH $BF16 --profile-steps 0 ;;
     autotune) timeout 560 $B --label "flash bf16-states autotune" $FLASH $BF16 --set train.compile=true --set train.compile_mode=max-autotune-no-cudagraphs ;;
@@ -84,6 +88,7 @@ step() {
     best) timeout 200 $B --label "flash bf16-states quack graph" $FLASH $BF16 $QUACK --cuda-graph ;;
     optim) timeout 150 python3 tools/bench_optimizer_update.py --config configs/small.yaml --results "$OUT/optimizer_update.jsonl" ;;
     moe) timeout 180 python3 tools/bench_moe_kernels.py --config configs/small.yaml --results "$OUT/moe_kernels.jsonl" ;;
+    ceb) timeout 150 python3 tools/bench_cross_entropy.py --config configs/small.yaml --results "$OUT/cross_entropy.jsonl" ;;
     tt) [ -d /tmp/tt ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tt .whl-tt/*.whl
         (cd .tt && PYTHONPATH=/tmp/tt:$PYTHONPATH timeout 400 python3 bench_tt.py --variants compile,compile+mtp1 \
            --json-out "$OUT/torchtitan.json") ;;

@@ -28,6 +28,7 @@ class Backends:
     quack_tuned: bool = False  # quack's autotuner times its tile configurations per GEMM on first use
     triton_gather: bool = True  # the token rows the experts read, and their gated gradients, by moe_triton
     triton_swiglu: bool = True  # the routed SwiGLU's gradient by moe_triton, gate and up read once
+    triton_cross_entropy: bool = False  # an unsplit head's loss by cross_entropy_triton, logits read once
 
 
 backends = Backends()
@@ -293,6 +294,61 @@ def swiglu_activation(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.is_cuda and backends.triton_swiglu:
         return _SwigluActivation.apply(gate_up)
     return _silu_gate_times_up(gate_up)
+
+
+def _cross_entropy_triton():
+    from dsmtp.model import cross_entropy_triton  # imports triton, which CPU-only installs may lack
+    return cross_entropy_triton
+
+
+@torch.library.custom_op("dsmtp::cross_entropy_rows_", mutates_args=("logits",))
+def _cross_entropy_rows_triton(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _cross_entropy_triton().cross_entropy_rows_(logits, targets.contiguous())
+
+
+@_cross_entropy_rows_triton.register_fake
+def _(logits, targets):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32), logits.new_empty(logits.shape[0], dtype=torch.bool)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of h @ weight^T and the top-1 hits, the logits turned into their gradient
+    while the loss reads them (cross_entropy_triton). Backward folds each row's loss gradient into the
+    GEMMs' [rows, hidden] operands: no pass over [rows, vocabulary] is left for it."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else h.dtype
+        x, w = h.to(dtype), weight.to(dtype)
+        grad_logits = x @ w.t()
+        loss, correct = _cross_entropy_rows_triton(grad_logits, targets)
+        ctx.save_for_backward(x, w, grad_logits)
+        ctx.dtypes = h.dtype, weight.dtype
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, grad_correct: torch.Tensor):
+        x, w, grad_logits = ctx.saved_tensors
+        h_dtype, weight_dtype = ctx.dtypes
+        row_scale = grad_loss.float().unsqueeze(-1)
+        grad_h = ((grad_logits @ w).float() * row_scale).to(h_dtype)
+        grad_weight = grad_logits.t() @ (x.float() * row_scale).to(x.dtype)
+        return grad_h, grad_weight.to(weight_dtype), None
+
+
+def fuses_cross_entropy(h: torch.Tensor) -> bool:
+    """Whether linear_cross_entropy takes an unsplit head's loss for hidden states h."""
+    return h.is_cuda and backends.triton_cross_entropy
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor,
+                         targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position cross-entropy (float32) of the logits h @ weight^T, which are never kept, and whether
+    each target is a largest logit: h [..., H], weight [V, H], targets [...] in [0, V). The reference
+    path is the head's linear layer followed by vocab.cross_entropy and vocab.top1_correct."""
+    loss, correct = _LinearCrossEntropy.apply(h.flatten(0, -2), weight, targets.flatten())
+    return loss.view(targets.shape), correct.view(targets.shape)
 
 
 def _bf16_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

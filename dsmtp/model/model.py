@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dsmtp.config import ModelConfig
-from dsmtp.model import fp8, recompute
+from dsmtp.model import fp8, kernels, recompute
 from dsmtp.model.attention import MLA, LatentCache
 from dsmtp.model.layer import TransformerLayer
 from dsmtp.model.linear import ColumnParallelLinear, LocalGemm, VocabParallelEmbedding
@@ -160,11 +160,16 @@ class DeepSeekV3(nn.Module):
 
     def _lm_loss(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean cross-entropy and top-1 accuracy over the positions that have a target, and their count."""
-        logits = self.head(gather_sequence(h))
+        h = gather_sequence(h)
         valid = targets != IGNORE_INDEX
         safe_targets = targets.clamp(min=0)
+        if self.head.unsplit and kernels.fuses_cross_entropy(h):
+            per_token, correct = kernels.linear_cross_entropy(h, self.head.weight, safe_targets)
+        else:
+            logits = self.head(h)
+            per_token, correct = vocab.cross_entropy(logits, safe_targets), vocab.top1_correct(logits, safe_targets)
         n = valid.sum()
         denom = n.clamp(min=1)
-        accuracy = (vocab.top1_correct(logits, safe_targets) & valid).sum() / denom
-        loss = (vocab.cross_entropy(logits, safe_targets) * valid).sum() / denom
+        accuracy = (correct & valid).sum() / denom
+        loss = (per_token * valid).sum() / denom
         return loss, accuracy, n

@@ -114,8 +114,62 @@ def test_moe_dispatch_matches_float64(monkeypatch, compiled, triton):
     else:
         assert calls == []
     assert rel_err(out, ref) < 1e-2
-    for fast, slow in [(gpu_x, ref_x), (gpu_gates, ref_gates)] + list(zip(gpu_experts.parameters(), experts.parameters())):
+    pairs = [(gpu_x, ref_x), (gpu_gates, ref_gates), *zip(gpu_experts.parameters(), experts.parameters())]
+    for fast, slow in pairs:
         assert rel_err(fast.grad, slow.grad) < 1e-2
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_linear_cross_entropy_matches_float64(compiled):
+    """kernels.linear_cross_entropy (the logits turned into their gradient by cross_entropy_triton's
+    kernel, in place) under bf16 autocast, eager and compiled: per-position loss, top-1 hits and the
+    gradients of the hidden states and the fp32 head weight, for per-position loss gradients with zeros
+    (ignored positions), against float64 on the CPU."""
+    rows, vocab_size, hidden = 512, 32000, 256
+    h = torch.randn(2, rows, hidden, dtype=torch.float64)
+    weight = torch.randn(vocab_size, hidden, dtype=torch.float64) * 0.1
+    targets = torch.randint(0, vocab_size, (2, rows))
+    row_grad = torch.rand(2, rows, dtype=torch.float64) * (torch.rand(2, rows) > 0.2)
+    ref_h, ref_w = h.clone().requires_grad_(), weight.clone().requires_grad_()
+    logits = ref_h @ ref_w.t()
+    ref_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    (ref_loss.view(2, rows) * row_grad).sum().backward()
+
+    gpu_h, gpu_w = h.float().cuda().requires_grad_(), weight.float().cuda().requires_grad_()
+    fn = torch.compile(kernels.linear_cross_entropy) if compiled else kernels.linear_cross_entropy
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, correct = fn(gpu_h, gpu_w, targets.cuda())
+    (loss * row_grad.float().cuda()).sum().backward()
+    assert loss.dtype == torch.float32 and rel_err(loss, ref_loss.view(2, rows)) < 1e-2
+    # bf16 logits may flip a near-tie for the largest logit
+    assert (correct.cpu() == (logits.argmax(dim=-1) == targets).view(2, rows)).float().mean() > 0.99
+    assert gpu_w.grad.dtype == torch.float32
+    assert rel_err(gpu_h.grad, ref_h.grad) < 1e-2 and rel_err(gpu_w.grad, ref_w.grad) < 1e-2
+
+
+def test_model_loss_through_triton_cross_entropy_matches_torch(monkeypatch):
+    """DeepSeekV3 with kernels.backends.triton_cross_entropy on (both heads' losses fused, D=1, compiled)
+    against it off: losses, accuracies and every gradient."""
+    ensure_initialized()
+    torch.manual_seed(3)
+    model = DeepSeekV3(small_config()).cuda().train()
+    model.compile_layers()
+    ids = torch.randint(0, 4096, (2, 128 + 2), device="cuda")
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(kernels.backends, "triton_cross_entropy", fused)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(ids[:, :128], ids[:, 1:])
+        out.loss.backward()
+        results.append((out, [p.grad.float().clone() for p in model.parameters() if p.grad is not None]))
+    (ref, ref_grads), (out, grads) = results
+    assert rel_err(out.main_loss, ref.main_loss) < 1e-3 and rel_err(out.mtp_losses[0], ref.mtp_losses[0]) < 1e-3
+    assert abs(out.main_accuracy.item() - ref.main_accuracy.item()) < 0.01
+    assert len(grads) == len(ref_grads)
+    assert rel_err(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in ref_grads])) < 1e-2
+    for fast, slow in zip(grads, ref_grads):  # the routing is the same: only bf16 roundings differ
+        assert rel_err(fast, slow) < 5e-2
 
 
 def test_cudnn_attention_mla_shapes_match_float64():

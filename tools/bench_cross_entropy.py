@@ -1,0 +1,97 @@
+"""Issue 25's fused cross-entropy lever alone: one output head's loss for a config's batch (seq_len x
+micro_batch_size rows, the vocabulary, the hidden size), forward and backward under bf16 autocast,
+compiled as the model compiles its loss: the torch path (the head's GEMM, then vocab.cross_entropy and
+vocab.top1_correct, fused by torch.compile) against kernels.linear_cross_entropy (cross_entropy_triton's
+kernel: the logits read once and overwritten by their gradient). CUDA only.
+
+    python tools/bench_cross_entropy.py --config configs/small.yaml [--results FILE]
+
+Prints one table: time per forward+backward, peak memory above the inputs, and the loss's and the two
+gradients' largest difference from the torch path relative to that tensor's largest entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from dsmtp.config import load_config  # noqa: E402
+from dsmtp.model import kernels  # noqa: E402
+from dsmtp.parallel import vocab  # noqa: E402
+from dsmtp.parallel.topology import ensure_initialized  # noqa: E402
+from dsmtp.train.metrics import MetricsLog  # noqa: E402
+
+NAMES = ["loss", "grad h", "grad weight"]
+
+
+def torch_path(h, weight, targets):
+    logits = F.linear(h, weight)
+    return vocab.cross_entropy(logits, targets), vocab.top1_correct(logits, targets)
+
+
+PATHS = [("torch: linear + cross_entropy, compiled", torch.compile(torch_path)),
+         ("linear_cross_entropy (cross_entropy_triton), compiled", torch.compile(kernels.linear_cross_entropy))]
+
+
+def forward_backward(fn, h, weight, targets):
+    h, weight = h.detach().requires_grad_(), weight.detach().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, correct = fn(h, weight, targets)
+    (loss * (correct.float() + 1)).mean().backward()  # per-row loss gradients that differ
+    return [loss, h.grad, weight.grad]
+
+
+def measure(fn, inputs, iters: int) -> tuple[float, float]:
+    """(median ms, peak GiB allocated above what was allocated before)."""
+    for _ in range(3):
+        forward_backward(fn, *inputs)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        forward_backward(fn, *inputs)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/small.yaml")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--results", type=Path)
+    args = parser.parse_args(argv)
+    ensure_initialized()
+    cfg = load_config(args.config)
+    rows, gen = cfg.train.seq_len * cfg.train.micro_batch_size, torch.Generator(device="cuda").manual_seed(0)
+    inputs = (torch.randn(rows, cfg.model.hidden_size, device="cuda", generator=gen),
+              torch.randn(cfg.model.vocab_size, cfg.model.hidden_size, device="cuda", generator=gen) * 0.02,
+              torch.randint(0, cfg.model.vocab_size, (rows,), device="cuda", generator=gen))
+    device = torch.cuda.get_device_name()
+    reference = forward_backward(PATHS[0][1], *inputs)
+    print(f"{device}, {args.config}: {rows} rows x vocabulary {cfg.model.vocab_size}, one head\n"
+          f"| path | ms fwd+bwd | peak GiB | {' | '.join(NAMES)} (max diff / max) |\n|---|---|---|"
+          + "---|" * len(NAMES))
+    for label, fn in PATHS:
+        ms, peak = measure(fn, inputs, args.iters)
+        diffs = [((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                 for a, b in zip(forward_backward(fn, *inputs), reference)]
+        print(f"| {label} | {ms:.3f} | {peak:.2f} | " + " | ".join(f"{d:.1e}" for d in diffs) + " |")
+        if args.results:
+            MetricsLog(args.results).append({"device": device, "config": args.config, "path": label, "ms": ms,
+                                             "peak_gib": peak, "relative_difference": dict(zip(NAMES, diffs))})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
