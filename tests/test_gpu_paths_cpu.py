@@ -14,6 +14,7 @@ from dsmtp.model import fp8
 from dsmtp.model.moe import RoutedExperts, count_tokens, dispatch_local
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench_cross_entropy  # noqa: E402
 import bench_moe_kernels  # noqa: E402
 import bench_optimizer_update  # noqa: E402
 import bench_train  # noqa: E402
@@ -178,3 +179,17 @@ def test_moe_kernels_table_from_its_results_file(tmp_path, capsys):
     assert lines[0] == "H200, small.yaml" and len(lines) == 5
     assert lines[3].startswith("| torch | 2.145 | ")
     assert lines[4] == "| quack | 2.250 | 0.0e+00 | 5.5e-03 | 5.1e-03 | 0.0e+00 | 5.3e-03 |"
+
+
+def test_cross_entropy_table_from_its_results_file(tmp_path, capsys):
+    """bench_cross_entropy --table: one line per row with time, peak memory and the differences (made-up rows)."""
+    row = dict(device="H200", config="small.yaml", path="fused", ms=5.3651, peak_gib=1.125,
+               relative_difference=dict(zip(bench_cross_entropy.NAMES, [7.4e-8, 1.6e-3, 1.8e-3])))
+    results = tmp_path / "rows.jsonl"
+    torch_row = dict(row, path="torch", ms=5.881, relative_difference={})
+    results.write_text(json.dumps(torch_row) + "\n" + json.dumps(row) + "\n")
+    bench_cross_entropy.main(["--table", str(results)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "H200, small.yaml, one head" and len(lines) == 5
+    assert lines[3].startswith("| torch | 5.881 | 1.12 |")
+    assert lines[4] == "| fused | 5.365 | 1.12 | 7.4e-08 | 1.6e-03 | 1.8e-03 |"

@@ -5,6 +5,7 @@ vocab.top1_correct, fused by torch.compile) against kernels.linear_cross_entropy
 kernel: the logits read once and overwritten by their gradient). CUDA only.
 
     python tools/bench_cross_entropy.py --config configs/small.yaml [--results FILE]
+    python tools/bench_cross_entropy.py --table FILE     # the table of a results file
 
 Prints one table: time per forward+backward, peak memory above the inputs, and the loss's and the two
 gradients' largest difference from the torch path relative to that tensor's largest entry.
@@ -66,12 +67,27 @@ def measure(fn, inputs, iters: int) -> tuple[float, float]:
     return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
+HEADER = f"| path | ms fwd+bwd | peak GiB | {' | '.join(NAMES)} (max diff / max) |\n|---|---|---|" + "---|" * len(NAMES)
+
+
+def table_line(row: dict) -> str:
+    differences = " | ".join(f"{v:.1e}" for v in row["relative_difference"].values())
+    return f"| {row['path']} | {row['ms']:.3f} | {row['peak_gib']:.2f} | {differences} |"
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/small.yaml")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--results", type=Path)
+    parser.add_argument("--table", type=Path, help="print the table of a results file and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        rows = list(MetricsLog(args.table).records())
+        print(f"{rows[0]['device']}, {rows[0]['config']}, one head\n{HEADER}")
+        for row in rows:
+            print(table_line(row))
+        return
     ensure_initialized()
     cfg = load_config(args.config)
     rows, gen = cfg.train.seq_len * cfg.train.micro_batch_size, torch.Generator(device="cuda").manual_seed(0)
@@ -80,17 +96,16 @@ def main(argv: list[str]) -> None:
               torch.randint(0, cfg.model.vocab_size, (rows,), device="cuda", generator=gen))
     device = torch.cuda.get_device_name()
     reference = forward_backward(PATHS[0][1], *inputs)
-    print(f"{device}, {args.config}: {rows} rows x vocabulary {cfg.model.vocab_size}, one head\n"
-          f"| path | ms fwd+bwd | peak GiB | {' | '.join(NAMES)} (max diff / max) |\n|---|---|---|"
-          + "---|" * len(NAMES))
+    print(f"{device}, {args.config}: {rows} rows x vocabulary {cfg.model.vocab_size}, one head\n{HEADER}")
     for label, fn in PATHS:
         ms, peak = measure(fn, inputs, args.iters)
         diffs = [((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
                  for a, b in zip(forward_backward(fn, *inputs), reference)]
-        print(f"| {label} | {ms:.3f} | {peak:.2f} | " + " | ".join(f"{d:.1e}" for d in diffs) + " |")
+        row = {"device": device, "config": args.config, "path": label, "ms": ms, "peak_gib": peak,
+               "relative_difference": dict(zip(NAMES, diffs))}
+        print(table_line(row))
         if args.results:
-            MetricsLog(args.results).append({"device": device, "config": args.config, "path": label, "ms": ms,
-                                             "peak_gib": peak, "relative_difference": dict(zip(NAMES, diffs))})
+            MetricsLog(args.results).append(row)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ BLOCK = 4096
 NUM_WARPS = 16
 # below every logit a run produces, and finite: a lane that has seen only masked columns keeps
 # exp(running max - running max) = 1 times a zero sum, where -inf would make inf - inf
-_FLOOR: tl.constexpr = -1.0e30
+_FLOOR = tl.constexpr(-1.0e30)
 
 
 @triton.jit
