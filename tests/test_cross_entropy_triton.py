@@ -68,3 +68,36 @@ def test_linear_cross_entropy_gradients_match_float64(cross_entropy_triton):
 def test_custom_op_passes_opcheck(cross_entropy_triton):
     """Schema (the logits mutated), the fake implementation torch.compile traces with."""
     torch.library.opcheck(kernels._cross_entropy_rows_triton, (torch.randn(5, 300), torch.randint(0, 300, (5,))))
+
+
+@pytest.mark.parametrize("mtp_kind", ["sequential", "parallel"])
+def test_model_losses_through_the_fused_head_match_the_reference_path(cross_entropy_triton, monkeypatch,
+                                                                      mtp_kind):
+    """DeepSeekV3's losses with the fused head (kernels.fuses_cross_entropy forced on for the CPU, the
+    kernel interpreted) against the reference path (the head's linear layer, vocab.cross_entropy and
+    vocab.top1_correct): every depth's loss and accuracy, the token counts with ignored labels, every
+    gradient; parallel heads run each head's backward inside its forward (torch.autograd.grad)."""
+    from dsmtp.model import IGNORE_INDEX, DeepSeekV3
+    from tests.helpers import tiny_model_config
+
+    cfg = tiny_model_config(mtp_depth=2, mtp_kind=mtp_kind, vocab_size=300)
+    model = DeepSeekV3(cfg).train()
+    if mtp_kind == "parallel":
+        model.mtp.one_at_a_time = True
+    sample = torch.randint(0, cfg.vocab_size, (2, 11))
+    labels = sample[:, 1:].clone()
+    labels[0, 2:5] = IGNORE_INDEX
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(kernels, "fuses_cross_entropy", lambda h, fused=fused: fused)
+        model.zero_grad(set_to_none=True)
+        out = model(sample[:, :8], labels, mtp_weight=0.3)
+        out.loss.backward()
+        results.append((out, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (ref, ref_grads), (out, grads) = results
+    for name in ("loss", "main_loss", "mtp_losses", "main_accuracy", "mtp_accuracies"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=1e-5, atol=1e-6)
+    assert out.main_tokens.item() == ref.main_tokens.item() == 16 - 3
+    assert len(grads) == len(ref_grads)
+    for fast, slow in zip(grads, ref_grads):
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)

@@ -247,7 +247,7 @@ def _(src, index, scale, out_dtype):
 
 def gather_rows(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Rows src[index] [N, H], each times scale[index's place] when given, in out_dtype (default src's).
+    """Rows src[index] [N, H], row i times scale[i] when a scale is given, in out_dtype (default src's).
     Not differentiable: the MoE dispatch's autograd functions call it in both directions."""
     out_dtype = out_dtype or src.dtype
     if src.is_cuda and backends.triton_gather:
