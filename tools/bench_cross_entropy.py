@@ -13,8 +13,6 @@ gradients' largest difference from the torch path relative to that tensor's larg
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,6 +21,8 @@ import torch.nn.functional as F
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
+from bench_common import (difference_cells, median_ms, parse_arguments, print_results_table,  # noqa: E402
+                          relative_difference)
 from dsmtp.config import load_config  # noqa: E402
 from dsmtp.model import kernels  # noqa: E402
 from dsmtp.parallel import vocab  # noqa: E402
@@ -56,38 +56,22 @@ def measure(fn, inputs, iters: int) -> tuple[float, float]:
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        forward_backward(fn, *inputs)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**30
+    ms = median_ms(lambda: forward_backward(fn, *inputs), iters)
+    return ms, (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-HEADER = f"| path | ms fwd+bwd | peak GiB | {' | '.join(NAMES)} (max diff / max) |\n|---|---|---|" + "---|" * len(NAMES)
+def header(names: list[str]) -> str:
+    return f"| path | ms fwd+bwd | peak GiB | {' | '.join(names)} (max diff / max) |\n|---|---|---|" + "---|" * len(names)
 
 
 def table_line(row: dict) -> str:
-    differences = " | ".join(f"{v:.1e}" for v in row["relative_difference"].values())
-    return f"| {row['path']} | {row['ms']:.3f} | {row['peak_gib']:.2f} | {differences} |"
+    return f"| {row['path']} | {row['ms']:.3f} | {row['peak_gib']:.2f} | {difference_cells(row)} |"
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/small.yaml")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--results", type=Path)
-    parser.add_argument("--table", type=Path, help="print the table of a results file and exit")
-    args = parser.parse_args(argv)
+    args = parse_arguments(__doc__, argv)
     if args.table:
-        rows = list(MetricsLog(args.table).records())
-        print(f"{rows[0]['device']}, {rows[0]['config']}, one head\n{HEADER}")
-        for row in rows:
-            print(table_line(row))
-        return
+        return print_results_table(args.table, ", one head", header, table_line)
     ensure_initialized()
     cfg = load_config(args.config)
     rows, gen = cfg.train.seq_len * cfg.train.micro_batch_size, torch.Generator(device="cuda").manual_seed(0)
@@ -96,11 +80,10 @@ def main(argv: list[str]) -> None:
               torch.randint(0, cfg.model.vocab_size, (rows,), device="cuda", generator=gen))
     device = torch.cuda.get_device_name()
     reference = forward_backward(PATHS[0][1], *inputs)
-    print(f"{device}, {args.config}: {rows} rows x vocabulary {cfg.model.vocab_size}, one head\n{HEADER}")
+    print(f"{device}, {args.config}: {rows} rows x vocabulary {cfg.model.vocab_size}, one head\n{header(NAMES)}")
     for label, fn in PATHS:
         ms, peak = measure(fn, inputs, args.iters)
-        diffs = [((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-                 for a, b in zip(forward_backward(fn, *inputs), reference)]
+        diffs = [relative_difference(a, b) for a, b in zip(forward_backward(fn, *inputs), reference)]
         row = {"device": device, "config": args.config, "path": label, "ms": ms, "peak_gib": peak,
                "relative_difference": dict(zip(NAMES, diffs))}
         print(table_line(row))

@@ -15,8 +15,6 @@ path relative to that tensor's largest entry. Rows are appended to --results as 
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,6 +22,8 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
+from bench_common import (difference_cells, median_ms, parse_arguments, print_results_table,  # noqa: E402
+                          relative_difference)
 from dsmtp.config import load_config  # noqa: E402
 from dsmtp.model import kernels  # noqa: E402
 from dsmtp.model.moe import RoutedExperts, dispatch_local  # noqa: E402
@@ -79,22 +79,6 @@ def forward_backward(fn, x, expert_ids, gates, experts, grad):
     return [out, x.grad, gates.grad, *(w.grad for w in (experts.w1, experts.w2, experts.w3))]
 
 
-def time_ms(fn, args, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        forward_backward(fn, *args)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
 NAMES = ["out", "grad x", "grad gates", "grad w1", "grad w2", "grad w3"]
 
 
@@ -103,26 +87,13 @@ def header(names: list[str]) -> str:
 
 
 def table_line(row: dict) -> str:
-    differences = " | ".join(f"{v:.1e}" for v in row["relative_difference"].values())
-    return f"| {row['path']} | {row['ms']:.3f} | {differences} |"
-
-
-def print_table(path: Path) -> None:
-    rows = list(MetricsLog(path).records())
-    print(f"{rows[0]['device']}, {rows[0]['config']}\n{header(list(rows[0]['relative_difference']))}")
-    for row in rows:
-        print(table_line(row))
+    return f"| {row['path']} | {row['ms']:.3f} | {difference_cells(row)} |"
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/small.yaml")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--results", type=Path)
-    parser.add_argument("--table", type=Path, help="print the table of a results file and exit")
-    args = parser.parse_args(argv)
+    args = parse_arguments(__doc__, argv)
     if args.table:
-        return print_table(args.table)
+        return print_results_table(args.table, "", header, table_line)
     ensure_initialized()
     cfg = load_config(args.config)
     tokens = cfg.train.seq_len * cfg.train.micro_batch_size
@@ -137,7 +108,7 @@ def main(argv: list[str]) -> None:
         try:
             for _ in range(3):
                 forward_backward(fn, *inputs)
-            ms = time_ms(fn, inputs, args.iters)
+            ms = median_ms(lambda: forward_backward(fn, *inputs), args.iters)
             diffs = [relative_difference(a, b) for a, b in zip(forward_backward(fn, *inputs), reference)]
         except Exception as err:  # a probe of a young kernel or library: report what broke and go on
             print(f"| {label} | failed: {type(err).__name__}: {str(err)[:300]} |")
