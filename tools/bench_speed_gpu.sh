@@ -24,6 +24,8 @@
 #   notriton bench2's row without dsmtp.model.moe_triton's kernels (on by default since session 14; $NOTRITON:
 #          the --disable flags, default triton_gather and triton_swiglu: the token-row gathers and the routed
 #          SwiGLU's gradient by torch.compile instead)
+#   combine bench2's row with kernels.backends.triton_combine on (the MoE combine's two gradients in one
+#          moe_triton pass over the expert outputs)
 #   ce     bench2's row with kernels.backends.triton_cross_entropy on (both heads' losses by
 #          dsmtp.model.cross_entropy_triton: the logits read once and overwritten by their gradient)
 #   coordesc bench2's row with inductor's coordinate-descent tuning of its own kernels' launch parameters
@@ -80,6 +82,7 @@ step() {
     bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
     quack) timeout 200 $B --label "flash bf16-states quack" $FLASH $BF16 $QUACK --profile-steps 0 ;;
     notriton) timeout 200 $B --label "flash bf16-states notriton" $FLASH $BF16 $NOTRITON ;;
+    combine) timeout 200 $B --label "flash bf16-states combine" $FLASH $BF16 --enable triton_combine ;;
     ce) timeout 200 $B --label "flash bf16-states ce" $FLASH $BF16 --enable triton_cross_entropy ;;
     coordesc) TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 timeout 480 $B --label "flash bf16-states coordesc" \
                 $FLASH $BF16 --profile-steps 0 ;;

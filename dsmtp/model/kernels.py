@@ -28,6 +28,7 @@ class Backends:
     quack_tuned: bool = False  # quack's autotuner times its tile configurations per GEMM on first use
     triton_gather: bool = True  # the token rows the experts read, and their gated gradients, by moe_triton
     triton_swiglu: bool = True  # the routed SwiGLU's gradient by moe_triton, gate and up read once
+    triton_combine: bool = False  # the combine's two gradients in one moe_triton pass over the expert outputs
     triton_cross_entropy: bool = False  # an unsplit head's loss by cross_entropy_triton, logits read once
 
 
@@ -294,6 +295,31 @@ def swiglu_activation(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.is_cuda and backends.triton_swiglu:
         return _SwigluActivation.apply(gate_up)
     return _silu_gate_times_up(gate_up)
+
+
+@torch.library.custom_op("dsmtp::combine_backward", mutates_args=())
+def _combine_backward_triton(grad: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
+                             gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _moe_triton().combine_backward(grad.contiguous(), y.contiguous(), order.contiguous(), gates.contiguous())
+
+
+@_combine_backward_triton.register_fake
+def _(grad, y, order, gates):
+    return torch.empty_like(y), y.new_empty(y.shape[0], dtype=torch.float32)
+
+
+def fuses_combine_backward(grad: torch.Tensor) -> bool:
+    """Whether combine_backward takes the MoE combine's backward (moe._CombinePairs) for gradient grad."""
+    return grad.is_cuda and backends.triton_combine
+
+
+def combine_backward(grad: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
+                     gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe._CombinePairs' backward in one pass over the expert outputs y [T*k, H] (rows in `order`):
+    each row's gated gradient grad[t] * gates[t, j] (in y's dtype) and each gate's gradient y-row . grad[t]
+    (in gates' dtype, [T, k]). The reference path is _CombinePairs.backward's torch expressions."""
+    grad_y, grad_gates = _combine_backward_triton(grad, y, order, gates)
+    return grad_y, grad_gates.view(gates.shape).to(gates.dtype)
 
 
 def _cross_entropy_triton():

@@ -158,6 +158,9 @@ class _CombinePairs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         y, order, inverse, gates = ctx.saved_tensors
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[3] and kernels.fuses_combine_backward(grad):
+            grad_y, grad_gates = kernels.combine_backward(grad, y, order, gates)
+            return grad_y, None, None, grad_gates
         t, k = gates.shape
         grad_y = grad_gates = None
         if ctx.needs_input_grad[0]:

@@ -73,13 +73,21 @@ def test_grouped_swiglu_matches_per_expert_reference(monkeypatch, quack):
         assert rel_err(fast.grad, slow.grad) < 1e-2
 
 
-@pytest.mark.parametrize("triton", [False, True], ids=["torch", "triton"])
+# each case: the kernels.backends switches on, and how many times each moe_triton kernel then runs
+TRITON_CASES = {"torch": ((), {}),
+                "triton": (("triton_gather", "triton_swiglu"), {"gather_rows": 2, "swiglu_backward": 1}),
+                "triton+combine": (("triton_gather", "triton_swiglu", "triton_combine"),
+                                   {"gather_rows": 1, "swiglu_backward": 1, "combine_backward": 1})}
+
+
+@pytest.mark.parametrize("case", list(TRITON_CASES))
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_moe_dispatch_matches_float64(monkeypatch, compiled, triton):
-    """dispatch_local under bf16 autocast, forward and backward, eager and compiled, with
-    kernels.backends.triton_gather and triton_swiglu off (torch's ops) and on (moe_triton's token-row
-    gathers and SwiGLU gradient, and both kernels did run), against the reference path in float64 on
-    the CPU. Torch 2.11 compiled a no-op .to() in the gather's forward into a zero input gradient."""
+def test_moe_dispatch_matches_float64(monkeypatch, compiled, case):
+    """dispatch_local under bf16 autocast, forward and backward, eager and compiled, with moe_triton's
+    kernels off (torch's ops), with the default ones on (the token-row gathers, the SwiGLU gradient) and
+    with the combine's fused backward too, each kernel counted as it runs, against the reference path in
+    float64 on the CPU. Torch 2.11 compiled a no-op .to() in the gather's forward into a zero input
+    gradient: the "torch" case guards that."""
     cfg = small_config()
     t, e, k = 300, cfg.n_routed_experts, cfg.num_experts_per_tok
     experts = RoutedExperts(cfg).double()
@@ -98,9 +106,11 @@ def test_moe_dispatch_matches_float64(monkeypatch, compiled, triton):
             return kernel(*args)
         return run
 
-    for name, switch in (("gather_rows", "triton_gather"), ("swiglu_backward", "triton_swiglu")):
+    switches_on, expected_calls = TRITON_CASES[case]
+    for name in ("gather_rows", "swiglu_backward", "combine_backward"):
         monkeypatch.setattr(moe_triton, name, counted(name, getattr(moe_triton, name)))
-        monkeypatch.setattr(kernels.backends, switch, triton)
+    for switch in ("triton_gather", "triton_swiglu", "triton_combine"):
+        monkeypatch.setattr(kernels.backends, switch, switch in switches_on)
     gpu_experts = RoutedExperts(cfg).cuda()
     gpu_experts.load_state_dict(experts.state_dict())
     gpu_x, gpu_gates = x.float().cuda().requires_grad_(), gates.float().cuda().requires_grad_()
@@ -108,11 +118,7 @@ def test_moe_dispatch_matches_float64(monkeypatch, compiled, triton):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = dispatch(gpu_x, expert_ids.cuda(), gpu_gates, gpu_experts)
     out.backward(grad.float().cuda())
-    if triton:
-        assert sorted(set(calls)) == ["gather_rows", "swiglu_backward"]
-        assert calls.count("gather_rows") == 2  # the rows the experts read, and their gated gradients
-    else:
-        assert calls == []
+    assert {name: calls.count(name) for name in set(calls)} == expected_calls
     assert rel_err(out, ref) < 1e-2
     pairs = [(gpu_x, ref_x), (gpu_gates, ref_gates), *zip(gpu_experts.parameters(), experts.parameters())]
     for fast, slow in pairs:
