@@ -2,10 +2,11 @@
 kernels.swiglu_activation and kernels.combine_backward (the torch expressions they replace are the
 reference paths; tests/gpu compares them).
 
-Both work on [rows, columns] tiles with one index or one row offset per tile row, so the compiler sees
+Each works on [rows, columns] tiles with one index or one row offset per tile row, so the compiler sees
 each row's columns as contiguous and moves 16 bytes a load. torch.compile's own kernels for these passes
 index every element on its own: a gathered row's address depends on a loaded index, and the SwiGLU
-gradient, written as two slices of one tensor, reads each gate and up value twice.
+gradient, written as two slices of one tensor, reads each gate and up value twice. The tile sizes are
+notes/gpu/NOTES.md's (session 14) sweep on an H200, within 7% of each other.
 """
 
 from __future__ import annotations
