@@ -6,7 +6,7 @@ Each works on [rows, columns] tiles with one index or one row offset per tile ro
 each row's columns as contiguous and moves 16 bytes a load. torch.compile's own kernels for these passes
 index every element on its own: a gathered row's address depends on a loaded index, and the SwiGLU
 gradient, written as two slices of one tensor, reads each gate and up value twice. The tile sizes are
-notes/gpu/NOTES.md's (session 14) sweep on an H200, within 7% of each other.
+within 7% of the best in session 14's sweep on an H200 (notes/gpu/moe_triton_sweep_s14_h200.txt).
 """
 
 from __future__ import annotations
