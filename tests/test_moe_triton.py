@@ -1,7 +1,7 @@
 """dsmtp.model.moe_triton's kernels run by Triton's interpreter on the CPU (TRITON_INTERPRET=1, set by
 tests/conftest.py without CUDA: the same kernel code, executed with numpy), against float64 torch
 references, on shapes that leave partial tiles in both directions; the custom ops around them
-(kernels.gather_rows, kernels.swiglu_activation, kernels.combine_backward) checked by
+(kernels.gather_rows, kernels.gather_sum_rows, kernels.swiglu_activation, kernels.combine_backward) checked by
 torch.library.opcheck; the combine's fused backward inside moe._CombinePairs. The compiled kernels run
 against the same references in tests/gpu/test_gpu_kernels.py."""
 
@@ -54,6 +54,17 @@ def test_swiglu_backward_matches_autograd(moe_triton, dtype, tolerance):
     torch.testing.assert_close(out.double(), gate_up.grad, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_gather_sum_rows_matches_float64(moe_triton, dtype, tolerance):
+    """Each token's k rows, found through a shuffled index, summed (the gather's backward)."""
+    t, k = 15, 3
+    src, index = torch.randn(t * k, COLUMNS, dtype=torch.float64), torch.randperm(t * k)
+    ref = src[index].view(t, k, COLUMNS).sum(dim=1)
+    out = moe_triton.gather_sum_rows(src.to(dtype), index, k)
+    assert out.dtype == dtype and out.shape == (t, COLUMNS)
+    torch.testing.assert_close(out.double(), ref, rtol=tolerance, atol=tolerance)
+
+
 def test_combine_backward_matches_float64(moe_triton):
     """Both gradients of the combine from rows in a shuffled pair order; the hidden size spans two of
     the kernel's 1,024-column blocks, the second partial, and the rows leave a partial tile."""
@@ -102,6 +113,7 @@ def test_custom_ops_pass_opcheck(moe_triton):
     torch.library.opcheck(kernels._gather_rows_triton, (src, index, None, torch.float32))
     gate_up, grad_h = torch.randn(33, 128), torch.randn(33, 64)
     torch.library.opcheck(kernels._swiglu_backward_triton, (gate_up, grad_h))
+    torch.library.opcheck(kernels._gather_sum_rows_triton, (torch.randn(33, 64), torch.randperm(33), 3))
     order, gates = torch.randperm(33), torch.rand(11, 3)
     torch.library.opcheck(kernels._combine_backward_triton, (torch.randn(11, 64), torch.randn(33, 64), order, gates))
     gate_up.requires_grad_()

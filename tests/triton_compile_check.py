@@ -25,6 +25,10 @@ KERNELS = {
         moe_triton._gather_rows,
         ["*bf16", "*i64", "*fp32", "*bf16", "i32", "i32"],
         dict(HAS_SCALE=True, OUT_DTYPE=tl.bfloat16, **ROW_TILES)),
+    "moe_triton._gather_sum_rows": (
+        moe_triton._gather_sum_rows,
+        ["*bf16", "*i64", "*bf16", "i32", "i32", "i32"],
+        dict(OUT_DTYPE=tl.bfloat16, **ROW_TILES)),
     "moe_triton._swiglu_backward": (
         moe_triton._swiglu_backward,
         ["*bf16", "*bf16", "*bf16", "i32", "i32"],

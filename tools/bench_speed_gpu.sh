@@ -26,6 +26,7 @@
 #          SwiGLU's gradient by torch.compile instead)
 #   combine bench2's row with kernels.backends.triton_combine on (the MoE combine's two gradients in one
 #          moe_triton pass over the expert outputs)
+#   gsum   bench2's row with kernels.backends.triton_gather_sum on (the gather's backward by moe_triton)
 #   ce     bench2's row with kernels.backends.triton_cross_entropy on (both heads' losses by
 #          dsmtp.model.cross_entropy_triton: the logits read once and overwritten by their gradient)
 #   coordesc bench2's row with inductor's coordinate-descent tuning of its own kernels' launch parameters
@@ -83,6 +84,7 @@ step() {
     quack) timeout 200 $B --label "flash bf16-states quack" $FLASH $BF16 $QUACK --profile-steps 0 ;;
     notriton) timeout 200 $B --label "flash bf16-states notriton" $FLASH $BF16 $NOTRITON ;;
     combine) timeout 200 $B --label "flash bf16-states combine" $FLASH $BF16 --enable triton_combine ;;
+    gsum) timeout 200 $B --label "flash bf16-states gsum" $FLASH $BF16 --enable triton_gather_sum ;;
     ce) timeout 200 $B --label "flash bf16-states ce" $FLASH $BF16 --enable triton_cross_entropy ;;
     coordesc) TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 timeout 480 $B --label "flash bf16-states coordesc" \
                 $FLASH $BF16 --profile-steps 0 ;;

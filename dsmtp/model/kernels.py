@@ -28,6 +28,7 @@ class Backends:
     quack_tuned: bool = False  # quack's autotuner times its tile configurations per GEMM on first use
     triton_gather: bool = True  # the token rows the experts read, and their gated gradients, by moe_triton
     triton_swiglu: bool = True  # the routed SwiGLU's gradient by moe_triton, gate and up read once
+    triton_gather_sum: bool = False  # the gather's backward (each token's k row gradients summed) by moe_triton
     triton_combine: bool = False  # the combine's two gradients in one moe_triton pass over the expert outputs
     triton_cross_entropy: bool = False  # an unsplit head's loss by cross_entropy_triton, logits read once
 
@@ -259,6 +260,24 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | No
     # not a no-op .to(): an autograd.Function's forward returning an alias loses its input's gradient
     # when torch 2.11 compiles it (tests/gpu/test_gpu_kernels.py)
     return rows if rows.dtype == out_dtype else rows.to(out_dtype)
+
+
+@torch.library.custom_op("dsmtp::gather_sum_rows", mutates_args=())
+def _gather_sum_rows_triton(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    return _moe_triton().gather_sum_rows(src.contiguous(), index.contiguous(), k)
+
+
+@_gather_sum_rows_triton.register_fake
+def _(src, index, k):
+    return src.new_empty(index.numel() // k, src.shape[1])
+
+
+def gather_sum_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    """Row t of the result: the sum of rows src[index[t * k + j]] over j < k [T, H], in src's dtype.
+    Not differentiable: moe._GatherPairs' backward."""
+    if src.is_cuda and backends.triton_gather_sum:
+        return _gather_sum_rows_triton(src, index, k)
+    return src.index_select(0, index).view(-1, k, src.shape[-1]).sum(dim=1)
 
 
 @torch.library.custom_op("dsmtp::swiglu_backward", mutates_args=())

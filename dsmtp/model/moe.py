@@ -125,8 +125,7 @@ class _GatherPairs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        per_pair = grad.index_select(0, inverse)
-        return per_pair.view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None
+        return kernels.gather_sum_rows(grad, inverse, ctx.k), None, None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.Tensor:

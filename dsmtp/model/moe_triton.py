@@ -1,5 +1,5 @@
 """Triton kernels for memory-bound passes of the routed experts on CUDA, behind kernels.gather_rows,
-kernels.swiglu_activation and kernels.combine_backward (the torch expressions they replace are the
+kernels.gather_sum_rows, kernels.swiglu_activation and kernels.combine_backward (the torch expressions they replace are the
 reference paths; tests/gpu compares them).
 
 Each works on [rows, columns] tiles with one index or one row offset per tile row, so the compiler sees
@@ -47,6 +47,33 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | No
     _gather_rows[grid](src, index, index if scale is None else scale, out, n_rows, n_columns,
                        HAS_SCALE=scale is not None, OUT_DTYPE=OUT_DTYPES[out_dtype],
                        BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLUMNS=BLOCK_COLUMNS, num_warps=NUM_WARPS)
+    return out
+
+
+@triton.jit
+def _gather_sum_rows(src, index, out, n_rows, n_columns, k, OUT_DTYPE: tl.constexpr,
+                     BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    columns = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (columns < n_columns)[None, :]
+    total = tl.zeros((BLOCK_ROWS, BLOCK_COLUMNS), tl.float32)
+    for j in range(k):
+        source_rows = tl.load(index + rows * k + j, mask=row_mask, other=0).to(tl.int64)
+        total += tl.load(src + source_rows[:, None] * n_columns + columns[None, :], mask=mask, other=0).to(tl.float32)
+    tl.store(out + rows[:, None] * n_columns + columns[None, :], total.to(OUT_DTYPE), mask=mask)
+
+
+def gather_sum_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    """out[t] = sum over j < k of src[index[t * k + j]] (float32 sums, in src's dtype); src [N, H]
+    contiguous, index [T * k]."""
+    n_rows, n_columns = index.numel() // k, src.shape[1]
+    out = torch.empty(n_rows, n_columns, dtype=src.dtype, device=src.device)
+    if out.numel() == 0:
+        return out
+    grid = (triton.cdiv(n_rows, BLOCK_ROWS), triton.cdiv(n_columns, BLOCK_COLUMNS))
+    _gather_sum_rows[grid](src, index, out, n_rows, n_columns, k, OUT_DTYPE=OUT_DTYPES[src.dtype],
+                           BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLUMNS=BLOCK_COLUMNS, num_warps=NUM_WARPS)
     return out
 
 
