@@ -1,6 +1,6 @@
 """Triton kernels for memory-bound passes of the routed experts on CUDA, behind kernels.gather_rows,
-kernels.gather_sum_rows, kernels.swiglu_activation and kernels.combine_backward (the torch expressions they replace are the
-reference paths; tests/gpu compares them).
+kernels.gather_sum_rows, kernels.swiglu_activation and kernels.combine_backward (the torch expressions
+they replace are the reference paths; tests/gpu compares them).
 
 Each works on [rows, columns] tiles with one index or one row offset per tile row, so the compiler sees
 each row's columns as contiguous and moves 16 bytes a load. torch.compile's own kernels for these passes

@@ -85,9 +85,9 @@ TRITON_CASES = {"torch": ((), {}),
 def test_moe_dispatch_matches_float64(monkeypatch, compiled, case):
     """dispatch_local under bf16 autocast, forward and backward, eager and compiled, with moe_triton's
     kernels off (torch's ops), with the default ones on (the token-row gathers, the SwiGLU gradient) and
-    with all of them (the gather's backward and the combine's fused backward too), each kernel counted as it runs, against the reference path in
-    float64 on the CPU. Torch 2.11 compiled a no-op .to() in the gather's forward into a zero input
-    gradient: the "torch" case guards that."""
+    with all of them (the gather's backward and the combine's fused backward too), each kernel counted
+    as it runs, against the reference path in float64 on the CPU. Torch 2.11 compiled a no-op .to() in
+    the gather's forward into a zero input gradient: the "torch" case guards that."""
     cfg = small_config()
     t, e, k = 300, cfg.n_routed_experts, cfg.num_experts_per_tok
     experts = RoutedExperts(cfg).double()
