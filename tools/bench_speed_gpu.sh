@@ -73,7 +73,7 @@ step() {
     probe) nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
            python3 -c "import torch; print(torch.__version__, torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
            python3 -c "from dsmtp.model import kernels; import torch; print('flash-attn-4:', kernels.flash_unavailable(torch.device('cuda')) or 'usable')" ;;
-    tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rA tests/gpu 2>&1 \
+    tests) timeout 450 python3 -m pytest -q -m gpu -p no:cacheprovider -rA tests/gpu 2>&1 \
              | grep -E "^(PASSED|FAILED|ERROR|E )|[0-9]+ (passed|failed)" | head -80 ;;
     # before/after: main's path forced (SDPA, fp32 states), each change alone, both; the middle rows unprofiled
     tests25) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rA tests/gpu/test_gpu_train.py tests/gpu/test_gpu_flash.py tests/gpu/test_gpu_kernels.py \
