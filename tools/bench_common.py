@@ -23,11 +23,10 @@ def parse_arguments(doc: str, argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def print_results_table(path: Path, title: str, header: Callable[[list[str]], str],
-                        table_line: Callable[[dict], str]) -> None:
+def print_results_table(path: Path, title: str, columns: list[str], table_line: Callable[[dict], str]) -> None:
     """A results file's table: its first row's device and config, then `title`, the header, a line per row."""
     rows = list(MetricsLog(path).records())
-    print(f"{rows[0]['device']}, {rows[0]['config']}{title}\n{header(list(rows[0]['relative_difference']))}")
+    print(f"{rows[0]['device']}, {rows[0]['config']}{title}\n{header(columns, list(rows[0]['relative_difference']))}")
     for row in rows:
         print(table_line(row))
 
@@ -45,10 +44,24 @@ def median_ms(run: Callable[[], object], iters: int) -> float:
     return statistics.median(times)
 
 
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest difference from the reference b, relative to b's largest entry."""
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+def relative_differences(outputs: list[torch.Tensor], reference: list[torch.Tensor], names: list[str]) -> dict:
+    """Per name: the output's largest difference from the reference, relative to the reference's largest entry."""
+    return {name: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+            for name, a, b in zip(names, outputs, reference)}
+
+
+def header(columns: list[str], names: list[str]) -> str:
+    """A table's header: the path, `columns`, then one difference column per name."""
+    cells = ["path", *columns, f"{' | '.join(names)} (max diff / max)"]
+    return f"| {' | '.join(cells)} |\n|" + "---|" * (1 + len(columns) + len(names))
 
 
 def difference_cells(row: dict) -> str:
     return " | ".join(f"{v:.1e}" for v in row["relative_difference"].values())
+
+
+def report(row: dict, table_line: Callable[[dict], str], results: Path | None) -> None:
+    """Print a measured row's table line and append the row to the results file, if any."""
+    print(table_line(row))
+    if results:
+        MetricsLog(results).append(row)

@@ -21,13 +21,12 @@ import torch.nn.functional as F
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from bench_common import (difference_cells, median_ms, parse_arguments, print_results_table,  # noqa: E402
-                          relative_difference)
+from bench_common import (difference_cells, header, median_ms, parse_arguments,  # noqa: E402
+                          print_results_table, relative_differences, report)
 from dsmtp.config import load_config  # noqa: E402
 from dsmtp.model import kernels  # noqa: E402
 from dsmtp.parallel import vocab  # noqa: E402
 from dsmtp.parallel.topology import ensure_initialized  # noqa: E402
-from dsmtp.train.metrics import MetricsLog  # noqa: E402
 
 NAMES = ["loss", "grad h", "grad weight"]
 
@@ -60,8 +59,7 @@ def measure(fn, inputs, iters: int) -> tuple[float, float]:
     return ms, (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def header(names: list[str]) -> str:
-    return f"| path | ms fwd+bwd | peak GiB | {' | '.join(names)} (max diff / max) |\n|---|---|---|" + "---|" * len(names)
+COLUMNS = ["ms fwd+bwd", "peak GiB"]
 
 
 def table_line(row: dict) -> str:
@@ -71,7 +69,7 @@ def table_line(row: dict) -> str:
 def main(argv: list[str]) -> None:
     args = parse_arguments(__doc__, argv)
     if args.table:
-        return print_results_table(args.table, ", one head", header, table_line)
+        return print_results_table(args.table, ", one head", COLUMNS, table_line)
     ensure_initialized()
     cfg = load_config(args.config)
     rows, gen = cfg.train.seq_len * cfg.train.micro_batch_size, torch.Generator(device="cuda").manual_seed(0)
@@ -80,15 +78,13 @@ def main(argv: list[str]) -> None:
               torch.randint(0, cfg.model.vocab_size, (rows,), device="cuda", generator=gen))
     device = torch.cuda.get_device_name()
     reference = forward_backward(PATHS[0][1], *inputs)
-    print(f"{device}, {args.config}: {rows} rows x vocabulary {cfg.model.vocab_size}, one head\n{header(NAMES)}")
+    print(f"{device}, {args.config}: {rows} rows x vocabulary {cfg.model.vocab_size}, one head")
+    print(header(COLUMNS, NAMES))
     for label, fn in PATHS:
         ms, peak = measure(fn, inputs, args.iters)
-        diffs = [relative_difference(a, b) for a, b in zip(forward_backward(fn, *inputs), reference)]
-        row = {"device": device, "config": args.config, "path": label, "ms": ms, "peak_gib": peak,
-               "relative_difference": dict(zip(NAMES, diffs))}
-        print(table_line(row))
-        if args.results:
-            MetricsLog(args.results).append(row)
+        report({"device": device, "config": args.config, "path": label, "ms": ms, "peak_gib": peak,
+                "relative_difference": relative_differences(forward_backward(fn, *inputs), reference, NAMES)},
+               table_line, args.results)
 
 
 if __name__ == "__main__":

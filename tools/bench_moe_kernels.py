@@ -23,13 +23,12 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from bench_common import (difference_cells, median_ms, parse_arguments, print_results_table,  # noqa: E402
-                          relative_difference)
+from bench_common import (difference_cells, header, median_ms, parse_arguments,  # noqa: E402
+                          print_results_table, relative_differences, report)
 from dsmtp.config import load_config  # noqa: E402
 from dsmtp.model import kernels  # noqa: E402
 from dsmtp.model.moe import RoutedExperts, dispatch_local  # noqa: E402
 from dsmtp.parallel.topology import ensure_initialized  # noqa: E402
-from dsmtp.train.metrics import MetricsLog  # noqa: E402
 
 TORCH = {"triton_gather": False, "triton_swiglu": False, "triton_gather_sum": False, "triton_combine": False}
 DEFAULT = dict(TORCH, triton_gather=True, triton_swiglu=True)
@@ -87,8 +86,7 @@ def forward_backward(fn, x, expert_ids, gates, experts, grad):
 NAMES = ["out", "grad x", "grad gates", "grad w1", "grad w2", "grad w3"]
 
 
-def header(names: list[str]) -> str:
-    return f"| path | ms fwd+bwd | {' | '.join(names)} (max diff / max) |\n|---|---|" + "---|" * len(names)
+COLUMNS = ["ms fwd+bwd"]
 
 
 def table_line(row: dict) -> str:
@@ -98,7 +96,7 @@ def table_line(row: dict) -> str:
 def main(argv: list[str]) -> None:
     args = parse_arguments(__doc__, argv)
     if args.table:
-        return print_results_table(args.table, "", header, table_line)
+        return print_results_table(args.table, "", COLUMNS, table_line)
     ensure_initialized()
     cfg = load_config(args.config)
     tokens = cfg.train.seq_len * cfg.train.micro_batch_size
@@ -107,22 +105,19 @@ def main(argv: list[str]) -> None:
     reference = forward_backward(routed(TORCH), *inputs)
     print(f"{device}, {args.config}: {tokens} tokens x top-{cfg.model.num_experts_per_tok}, "
           "routed experts with their gather and combine")
-    print(header(NAMES))
+    print(header(COLUMNS, NAMES))
     for label, switches in PATHS:
         fn = routed(switches)
         try:
             for _ in range(3):
                 forward_backward(fn, *inputs)
             ms = median_ms(lambda: forward_backward(fn, *inputs), args.iters)
-            diffs = [relative_difference(a, b) for a, b in zip(forward_backward(fn, *inputs), reference)]
+            differences = relative_differences(forward_backward(fn, *inputs), reference, NAMES)
         except Exception as err:  # a probe of a young kernel or library: report what broke and go on
             print(f"| {label} | failed: {type(err).__name__}: {str(err)[:300]} |")
             continue
-        row = {"device": device, "config": args.config, "path": label, "ms": ms,
-               "relative_difference": dict(zip(NAMES, diffs))}
-        print(table_line(row))
-        if args.results:
-            MetricsLog(args.results).append(row)
+        report({"device": device, "config": args.config, "path": label, "ms": ms,
+                "relative_difference": differences}, table_line, args.results)
 
 
 if __name__ == "__main__":
