@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from dsmtp.model import kernels
 
-pytest.importorskip("triton", reason="the test extra installs triton (pip install -e '.[test]')")
 
 ROWS, VOCAB, HIDDEN = 37, 5000, 48  # the vocabulary spans two of the kernel's blocks, the second partial
 

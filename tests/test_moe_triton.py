@@ -14,8 +14,6 @@ import torch.nn.functional as F
 
 from dsmtp.model import kernels
 
-pytest.importorskip("triton", reason="the test extra installs triton (pip install -e '.[test]')")
-
 
 @pytest.fixture
 def moe_triton():

@@ -231,15 +231,16 @@ def _masked_swiglu(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.T
     return out
 
 
-def _moe_triton():
-    from dsmtp.model import moe_triton  # imports triton, which CPU-only installs may lack
-    return moe_triton
+def _triton_kernels(name: str):
+    """dsmtp.model.<name>, imported when a custom op first runs: it imports triton, which CPU-only
+    installs may lack."""
+    return importlib.import_module(f"dsmtp.model.{name}")
 
 
 @torch.library.custom_op("dsmtp::gather_rows", mutates_args=())
 def _gather_rows_triton(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | None,
                       out_dtype: torch.dtype) -> torch.Tensor:
-    return _moe_triton().gather_rows(src.contiguous(), index.contiguous(), scale, out_dtype)
+    return _triton_kernels("moe_triton").gather_rows(src.contiguous(), index.contiguous(), scale, out_dtype)
 
 
 @_gather_rows_triton.register_fake
@@ -264,7 +265,7 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | No
 
 @torch.library.custom_op("dsmtp::gather_sum_rows", mutates_args=())
 def _gather_sum_rows_triton(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
-    return _moe_triton().gather_sum_rows(src.contiguous(), index.contiguous(), k)
+    return _triton_kernels("moe_triton").gather_sum_rows(src.contiguous(), index.contiguous(), k)
 
 
 @_gather_sum_rows_triton.register_fake
@@ -282,7 +283,7 @@ def gather_sum_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Ten
 
 @torch.library.custom_op("dsmtp::swiglu_backward", mutates_args=())
 def _swiglu_backward_triton(gate_up: torch.Tensor, grad_h: torch.Tensor) -> torch.Tensor:
-    return _moe_triton().swiglu_backward(gate_up.contiguous(), grad_h.contiguous())
+    return _triton_kernels("moe_triton").swiglu_backward(gate_up.contiguous(), grad_h.contiguous())
 
 
 @_swiglu_backward_triton.register_fake
@@ -319,7 +320,8 @@ def swiglu_activation(gate_up: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("dsmtp::combine_backward", mutates_args=())
 def _combine_backward_triton(grad: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
                              gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _moe_triton().combine_backward(grad.contiguous(), y.contiguous(), order.contiguous(), gates.contiguous())
+    tensors = (t.contiguous() for t in (grad, y, order, gates))
+    return _triton_kernels("moe_triton").combine_backward(*tensors)
 
 
 @_combine_backward_triton.register_fake
@@ -341,14 +343,9 @@ def combine_backward(grad: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
     return grad_y, grad_gates.view(gates.shape).to(gates.dtype)
 
 
-def _cross_entropy_triton():
-    from dsmtp.model import cross_entropy_triton  # imports triton, which CPU-only installs may lack
-    return cross_entropy_triton
-
-
 @torch.library.custom_op("dsmtp::cross_entropy_rows_", mutates_args=("logits",))
 def _cross_entropy_rows_triton(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _cross_entropy_triton().cross_entropy_rows_(logits, targets.contiguous())
+    return _triton_kernels("cross_entropy_triton").cross_entropy_rows_(logits, targets.contiguous())
 
 
 @_cross_entropy_rows_triton.register_fake
