@@ -1,8 +1,7 @@
 """dsmtp.model.moe_triton's kernels run by Triton's interpreter on the CPU (TRITON_INTERPRET=1, set by
 tests/conftest.py without CUDA: the same kernel code, executed with numpy), against float64 torch
 references, on shapes that leave partial tiles in both directions; the custom ops around them
-(kernels.gather_rows, kernels.gather_sum_rows, kernels.swiglu_activation, kernels.combine_backward) checked by
-torch.library.opcheck; the combine's fused backward inside moe._CombinePairs. The compiled kernels run
+(kernels.gather_rows, kernels.swiglu_activation) checked by torch.library.opcheck. The compiled kernels run
 against the same references in tests/gpu/test_gpu_kernels.py."""
 
 import importlib
@@ -52,51 +51,6 @@ def test_swiglu_backward_matches_autograd(moe_triton, dtype, tolerance):
     torch.testing.assert_close(out.double(), gate_up.grad, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_gather_sum_rows_matches_float64(moe_triton, dtype, tolerance):
-    """Each token's k rows, found through a shuffled index, summed (the gather's backward)."""
-    t, k = 15, 3
-    src, index = torch.randn(t * k, COLUMNS, dtype=torch.float64), torch.randperm(t * k)
-    ref = src[index].view(t, k, COLUMNS).sum(dim=1)
-    out = moe_triton.gather_sum_rows(src.to(dtype), index, k)
-    assert out.dtype == dtype and out.shape == (t, COLUMNS)
-    torch.testing.assert_close(out.double(), ref, rtol=tolerance, atol=tolerance)
-
-
-def test_combine_backward_matches_float64(moe_triton):
-    """Both gradients of the combine from rows in a shuffled pair order; the hidden size spans two of
-    the kernel's 1,024-column blocks, the second partial, and the rows leave a partial tile."""
-    t, k, h = 13, 3, 1300
-    order = torch.randperm(t * k)
-    y = torch.randn(t * k, h).to(torch.bfloat16).double()  # as the experts hand them over, exactly
-    gates, grad = torch.rand(t, k, dtype=torch.float64), torch.randn(t, h, dtype=torch.float64)
-    tokens, flat_gates = order // k, gates.flatten()[order]
-    ref_grad_y = grad[tokens] * flat_gates[:, None]
-    ref_grad_gates = torch.zeros(t * k, dtype=torch.float64).index_put_((order,), (y * grad[tokens]).sum(dim=-1))
-    grad_y, grad_gates = moe_triton.combine_backward(grad.float(), y.to(torch.bfloat16), order, gates.float())
-    assert grad_y.dtype == torch.bfloat16 and grad_gates.dtype == torch.float32
-    torch.testing.assert_close(grad_y.double(), ref_grad_y, rtol=8e-3, atol=8e-3)  # bf16 output
-    torch.testing.assert_close(grad_gates.double(), ref_grad_gates, rtol=1e-4, atol=1e-3)  # float32 sums
-
-
-def test_combine_through_the_fused_backward_matches_the_reference_path(moe_triton, monkeypatch):
-    """moe._CombinePairs with kernels.fuses_combine_backward forced on for the CPU (the kernel
-    interpreted): the gradients of the expert outputs and of the gates as its torch expressions give."""
-    from dsmtp.model.moe import combine_pairs, sort_pairs_by_expert
-
-    t, k, h = 21, 2, 64
-    order, inverse = sort_pairs_by_expert(torch.rand(t, 8).topk(k, dim=1).indices)
-    y, gates, grad = torch.randn(t * k, h), torch.rand(t, k), torch.randn(t, h)
-    results = []
-    for fused in (False, True):
-        monkeypatch.setattr(kernels, "fuses_combine_backward", lambda grad, fused=fused: fused)
-        leaves = y.clone().requires_grad_(), gates.clone().requires_grad_()
-        combine_pairs(leaves[0], order, inverse, leaves[1]).backward(grad)
-        results.append([leaf.grad for leaf in leaves])
-    for fast, slow in zip(results[1], results[0]):
-        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
-
-
 def test_no_rows(moe_triton):
     """An empty batch (a rank that routes no tokens, an empty decode step) returns empty tensors."""
     src = torch.randn(4, 64)
@@ -111,9 +65,6 @@ def test_custom_ops_pass_opcheck(moe_triton):
     torch.library.opcheck(kernels._gather_rows_triton, (src, index, None, torch.float32))
     gate_up, grad_h = torch.randn(33, 128), torch.randn(33, 64)
     torch.library.opcheck(kernels._swiglu_backward_triton, (gate_up, grad_h))
-    torch.library.opcheck(kernels._gather_sum_rows_triton, (torch.randn(33, 64), torch.randperm(33), 3))
-    order, gates = torch.randperm(33), torch.rand(11, 3)
-    torch.library.opcheck(kernels._combine_backward_triton, (torch.randn(11, 64), torch.randn(33, 64), order, gates))
     gate_up.requires_grad_()
     ref = gate_up.detach().clone().requires_grad_()
     kernels._SwigluActivation.apply(gate_up).backward(grad_h)

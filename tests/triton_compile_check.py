@@ -25,18 +25,10 @@ KERNELS = {
         moe_triton._gather_rows,
         ["*bf16", "*i64", "*fp32", "*bf16", "i32", "i32"],
         dict(HAS_SCALE=True, OUT_DTYPE=tl.bfloat16, **ROW_TILES)),
-    "moe_triton._gather_sum_rows": (
-        moe_triton._gather_sum_rows,
-        ["*bf16", "*i64", "*bf16", "i32", "i32", "i32"],
-        dict(OUT_DTYPE=tl.bfloat16, **ROW_TILES)),
     "moe_triton._swiglu_backward": (
         moe_triton._swiglu_backward,
         ["*bf16", "*bf16", "*bf16", "i32", "i32"],
         dict(OUT_DTYPE=tl.bfloat16, **ROW_TILES)),
-    "moe_triton._combine_backward": (
-        moe_triton._combine_backward,
-        ["*bf16", "*bf16", "*i64", "*fp32", "*bf16", "*fp32", "i32", "i32", "i32"],
-        dict(BLOCK_ROWS=moe_triton.COMBINE_ROWS, BLOCK_COLUMNS=1024)),
     "cross_entropy_triton._cross_entropy_rows": (
         cross_entropy_triton._cross_entropy_rows,
         ["*bf16", "*i64", "*fp32", "*i1", "i32"],

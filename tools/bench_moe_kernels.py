@@ -1,9 +1,8 @@
 """Issue 25's MoE kernel levers alone: a config's routed experts with their token gather and gated
 combine (moe.dispatch_local), forward and backward, compiled as the training step compiles its layers,
 under bf16 autocast. The torch path (torch._grouped_mm, the SwiGLU and the gathers fused by
-torch.compile: the triton_* switches off) against each kernels.backends switch: triton_gather, triton_swiglu,
-triton_gather_sum and triton_combine (dsmtp.model.moe_triton's row gathers, SwiGLU gradient, the gather's
-backward, the combine's backward in one pass), quack_experts (quack's
+torch.compile: the triton_* switches off) against each kernels.backends switch: triton_gather and
+triton_swiglu (dsmtp.model.moe_triton's row gathers and SwiGLU gradient), quack_experts (quack's
 grouped GEMMs, the flash-attn-4 dependency, with the SwiGLU in the first GEMM's epilogue and its gradient
 in the epilogue of the backward GEMM that makes it), and quack_tuned (quack's autotuner). CUDA only.
 
@@ -30,15 +29,12 @@ from dsmtp.model import kernels  # noqa: E402
 from dsmtp.model.moe import RoutedExperts, dispatch_local  # noqa: E402
 from dsmtp.parallel.topology import ensure_initialized  # noqa: E402
 
-TORCH = {"triton_gather": False, "triton_swiglu": False, "triton_gather_sum": False, "triton_combine": False}
+TORCH = {"triton_gather": False, "triton_swiglu": False}
 DEFAULT = dict(TORCH, triton_gather=True, triton_swiglu=True)
 PATHS = [("torch: torch._grouped_mm, compiled", TORCH),
          ("triton_swiglu", dict(TORCH, triton_swiglu=True)),
          ("triton_gather", dict(TORCH, triton_gather=True)),
          ("triton_gather + triton_swiglu (the default)", DEFAULT),
-         ("default + triton_gather_sum", dict(DEFAULT, triton_gather_sum=True)),
-         ("default + triton_combine", dict(DEFAULT, triton_combine=True)),
-         ("all four", dict(DEFAULT, triton_gather_sum=True, triton_combine=True)),
          ("quack_experts: SwiGLU in the GEMM epilogues", dict(TORCH, quack_experts=True)),
          ("quack_experts, quack's autotuner on (quack_tuned)", dict(TORCH, quack_experts=True, quack_tuned=True))]
 

@@ -24,11 +24,8 @@
 #   notriton bench2's row without dsmtp.model.moe_triton's kernels (on by default since session 14; $NOTRITON:
 #          the --disable flags, default triton_gather and triton_swiglu: the token-row gathers and the routed
 #          SwiGLU's gradient by torch.compile instead)
-#   combine bench2's row with kernels.backends.triton_combine on (the MoE combine's two gradients in one
-#          moe_triton pass over the expert outputs)
-#   gsum   bench2's row with kernels.backends.triton_gather_sum on (the gather's backward by moe_triton)
-#   ce     bench2's row with kernels.backends.triton_cross_entropy on (both heads' losses by
-#          dsmtp.model.cross_entropy_triton: the logits read once and overwritten by their gradient)
+#   noce   bench2's row without the fused cross-entropy (kernels.backends.triton_cross_entropy, on by default
+#          since session 15: both heads' losses by dsmtp.model.cross_entropy_triton)
 #   coordesc bench2's row with inductor's coordinate-descent tuning of its own kernels' launch parameters
 #   autotune bench2's row with train.compile_mode=max-autotune-no-cudagraphs (longer compile)
 #   graph  bench2's row with forward+backward replayed as one CUDA graph (train.cuda_graph)
@@ -83,9 +80,7 @@ step() {
     bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
     quack) timeout 200 $B --label "flash bf16-states quack" $FLASH $BF16 $QUACK --profile-steps 0 ;;
     notriton) timeout 200 $B --label "flash bf16-states notriton" $FLASH $BF16 $NOTRITON ;;
-    combine) timeout 200 $B --label "flash bf16-states combine" $FLASH $BF16 --enable triton_combine ;;
-    gsum) timeout 200 $B --label "flash bf16-states gsum" $FLASH $BF16 --enable triton_gather_sum ;;
-    ce) timeout 200 $B --label "flash bf16-states ce" $FLASH $BF16 --enable triton_cross_entropy ;;
+    noce) timeout 200 $B --label "flash bf16-states noce" $FLASH $BF16 --disable triton_cross_entropy ;;
     coordesc) TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 timeout 480 $B --label "flash bf16-states coordesc" \
                 $FLASH $BF16 --profile-steps 0 ;;
     autotune) timeout 560 $B --label "flash bf16-states autotune" $FLASH $BF16 --set train.compile=true --set train.compile_mode=max-autotune-no-cudagraphs ;;
@@ -106,8 +101,9 @@ step() {
               mkdir -p "$OUT/runs/$dtype-seed$seed"; cp /tmp/runs/$dtype-seed$seed/metrics.jsonl "$OUT/runs/$dtype-seed$seed/"
             done; done
             python3 tools/fp8_vs_bf16.py /tmp/runs/*-seed* ;;
-    table) [ -f "$R" ] && python3 tools/bench_train.py --table "$R"
-           [ -f "$OUT/torchtitan.json" ] && python3 tools/bench_train.py --table "$R" --peer "$OUT/torchtitan.json" ;;
+    table) if [ -f "$R" ]; then python3 tools/bench_train.py --table "$R"
+             if [ -f "$OUT/torchtitan.json" ]; then python3 tools/bench_train.py --table "$R" --peer "$OUT/torchtitan.json"; fi
+           fi ;;
   esac
 }
 {

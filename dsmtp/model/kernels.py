@@ -28,9 +28,7 @@ class Backends:
     quack_tuned: bool = False  # quack's autotuner times its tile configurations per GEMM on first use
     triton_gather: bool = True  # the token rows the experts read, and their gated gradients, by moe_triton
     triton_swiglu: bool = True  # the routed SwiGLU's gradient by moe_triton, gate and up read once
-    triton_gather_sum: bool = False  # the gather's backward (each token's k row gradients summed) by moe_triton
-    triton_combine: bool = False  # the combine's two gradients in one moe_triton pass over the expert outputs
-    triton_cross_entropy: bool = False  # an unsplit head's loss by cross_entropy_triton, logits read once
+    triton_cross_entropy: bool = True  # an unsplit head's loss by cross_entropy_triton, logits read once
 
 
 backends = Backends()
@@ -263,24 +261,6 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | No
     return rows if rows.dtype == out_dtype else rows.to(out_dtype)
 
 
-@torch.library.custom_op("dsmtp::gather_sum_rows", mutates_args=())
-def _gather_sum_rows_triton(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
-    return _triton_kernels("moe_triton").gather_sum_rows(src.contiguous(), index.contiguous(), k)
-
-
-@_gather_sum_rows_triton.register_fake
-def _(src, index, k):
-    return src.new_empty(index.numel() // k, src.shape[1])
-
-
-def gather_sum_rows(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
-    """Row t of the result: the sum of rows src[index[t * k + j]] over j < k [T, H], in src's dtype.
-    Not differentiable: moe._GatherPairs' backward."""
-    if src.is_cuda and backends.triton_gather_sum:
-        return _gather_sum_rows_triton(src, index, k)
-    return src.index_select(0, index).view(-1, k, src.shape[-1]).sum(dim=1)
-
-
 @torch.library.custom_op("dsmtp::swiglu_backward", mutates_args=())
 def _swiglu_backward_triton(gate_up: torch.Tensor, grad_h: torch.Tensor) -> torch.Tensor:
     return _triton_kernels("moe_triton").swiglu_backward(gate_up.contiguous(), grad_h.contiguous())
@@ -315,32 +295,6 @@ def swiglu_activation(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.is_cuda and backends.triton_swiglu:
         return _SwigluActivation.apply(gate_up)
     return _silu_gate_times_up(gate_up)
-
-
-@torch.library.custom_op("dsmtp::combine_backward", mutates_args=())
-def _combine_backward_triton(grad: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
-                             gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    tensors = (t.contiguous() for t in (grad, y, order, gates))
-    return _triton_kernels("moe_triton").combine_backward(*tensors)
-
-
-@_combine_backward_triton.register_fake
-def _(grad, y, order, gates):
-    return torch.empty_like(y), y.new_empty(y.shape[0], dtype=torch.float32)
-
-
-def fuses_combine_backward(grad: torch.Tensor) -> bool:
-    """Whether combine_backward takes the MoE combine's backward (moe._CombinePairs) for gradient grad."""
-    return grad.is_cuda and backends.triton_combine
-
-
-def combine_backward(grad: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
-                     gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """moe._CombinePairs' backward in one pass over the expert outputs y [T*k, H] (rows in `order`):
-    each row's gated gradient grad[t] * gates[t, j] (in y's dtype) and each gate's gradient y-row . grad[t]
-    (in gates' dtype, [T, k]). The reference path is _CombinePairs.backward's torch expressions."""
-    grad_y, grad_gates = _combine_backward_triton(grad, y, order, gates)
-    return grad_y, grad_gates.view(gates.shape).to(gates.dtype)
 
 
 @torch.library.custom_op("dsmtp::cross_entropy_rows_", mutates_args=("logits",))
