@@ -21,6 +21,7 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flash")  # model.attention_backend (dsmtp
 # train.optimizer_state_dtype -> bytes per element of each AdamW moment (dsmtp.train.optim keeps them)
 OPTIMIZER_STATE_BYTES = {"fp32": 4, "bf16": 2}
 OPTIMIZER_STATE_DTYPES = tuple(OPTIMIZER_STATE_BYTES)
+PARAM_BYTES = {"fp32": 4, "bf16": 2}  # train.param_dtype -> bytes per parameter and per gradient element
 MTP_DEPTH_WEIGHT_SCHEMES = ("uniform", "linear", "exponential")
 FP8_BACKENDS = ("torch", "transformer_engine")  # train.fp8_backend (dsmtp.model.fp8)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # train.compile_mode (torch.compile's mode)
@@ -206,6 +207,11 @@ class TrainConfig:
     # AdamW's two moments: fp32, or bf16 as DeepSeek-V3 keeps them (report, section 3.3): half the
     # optimizer memory and fewer bytes streamed per step. Master weights stay fp32 either way.
     optimizer_state_dtype: str = "fp32"
+    # The model's parameters and gradients: fp32 (autocast casts each weight to bf16 as it is used), or bf16
+    # with fp32 master weights kept by the optimizer, as Megatron-LM's --bf16 does: no weight casts in
+    # forward or gradient casts in backward, and the update reads bf16 gradients. One process, one
+    # micro-batch a step (gradients accumulated in bf16 would round at every addition).
+    param_dtype: str = "fp32"
     # Recompute every N-th transformer layer in backward instead of keeping its activations (0: none,
     # 1: all); trades one extra forward of those layers for their activation memory.
     activation_recompute_every: int = 0
@@ -588,6 +594,8 @@ def validate_world(cfg: Config, world_size: int) -> int:
     p, t = cfg.parallel, cfg.train
     _require(not t.cuda_graph, "train.cuda_graph=true replays the single-process step, not a step under torchrun: "
                                "set it to false")
+    _require(t.param_dtype == "fp32", f"train.param_dtype={t.param_dtype} keeps master weights in the single-process "
+                                      "optimizer, not under torchrun: set it to fp32")
     _require(not (p.resolved_engine == "deepspeed" and t.optimizer_state_dtype != "fp32"),
              f"train.optimizer_state_dtype={t.optimizer_state_dtype} under DeepSpeed (parallel.engine={p.engine}): "
              "its ZeRO optimizer keeps the moments in fp32 partitions of its own; use parallel.engine=native, or "
@@ -643,6 +651,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Optional[int]:
              "or leave train.compile_mode at default")
     _require(t.optimizer_state_dtype in OPTIMIZER_STATE_DTYPES,
              f"train.optimizer_state_dtype={t.optimizer_state_dtype!r} must be one of {', '.join(OPTIMIZER_STATE_DTYPES)}")
+    _require(t.param_dtype in PARAM_BYTES,
+             f"train.param_dtype={t.param_dtype!r} must be one of {', '.join(PARAM_BYTES)}")
+    _require(t.param_dtype == "fp32" or (t.precision in ("bf16", "fp8") and t.grad_accum == 1),
+             f"train.param_dtype={t.param_dtype} computes under bf16 autocast and keeps one micro-batch's gradients "
+             f"(got train.precision={t.precision}, train.grad_accum={t.grad_accum}): set train.precision to bf16 or "
+             "fp8 and train.grad_accum to 1, or train.param_dtype to fp32")
     _require(t.activation_recompute_every >= 0,
              f"train.activation_recompute_every={t.activation_recompute_every} must be >= 0 (0: keep all "
              "activations, 1: recompute every layer, N: every N-th layer)")

@@ -36,17 +36,25 @@ def router_biases(model):
     return torch.cat([m.router.expert_bias for m in moe_layers(model)])
 
 
-@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
-def test_resume_is_bitwise_identical(make_trainer, state_dtype):
-    full = make_trainer("full", optimizer_state_dtype=state_dtype)
+# (train settings, samples a step): fp32 moments, bf16 moments, and bf16 parameters over fp32 master weights
+RESUME_CASES = {"fp32": (dict(optimizer_state_dtype="fp32"), 2 * 2),
+                "bf16": (dict(optimizer_state_dtype="bf16"), 2 * 2),
+                "bf16-params": (dict(optimizer_state_dtype="bf16", param_dtype="bf16", precision="bf16", grad_accum=1), 2)}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_is_bitwise_identical(make_trainer, case):
+    settings, samples_per_step = RESUME_CASES[case]
+    state_dtype = settings["optimizer_state_dtype"]
+    full = make_trainer("full", **settings)
     full.run()
 
-    part = make_trainer("part", optimizer_state_dtype=state_dtype)
+    part = make_trainer("part", **settings)
     part.run(stop_after=3)
     assert part.step == 3
-    resumed = make_trainer("part", optimizer_state_dtype=state_dtype)  # a new process would do the same: auto-resume
+    resumed = make_trainer("part", **settings)  # a new process would do the same: auto-resume
     assert resumed.resumed_from is not None and resumed.step == 3
-    assert resumed.data.train.state_dict()["position"] == 3 * 2 * 2  # the next unseen sample
+    assert resumed.data.train.state_dict()["position"] == 3 * samples_per_step  # the next unseen sample
     resumed.run()
     assert resumed.data.train.state_dict() == full.data.train.state_dict()
 
@@ -63,6 +71,12 @@ def test_resume_is_bitwise_identical(make_trainer, state_dtype):
     assert evals(full) == evals(resumed)
     moments = [s[k] for s in resumed.optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
     assert moments and {m.dtype for m in moments} == {torch.float32 if state_dtype == "fp32" else torch.bfloat16}
+    if case == "bf16-params":  # the master weights came back at fp32, equal to the uninterrupted run's
+        assert {p.dtype for p in resumed.model.parameters()} == {torch.bfloat16}
+        for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+            master, resumed_master = full.optimizer.state[p]["master"], resumed.optimizer.state[q]["master"]
+            assert resumed_master.dtype == torch.float32 and torch.equal(master, resumed_master)
+            assert torch.equal(q, resumed_master.to(torch.bfloat16))
 
 
 def test_logged_averages_cover_every_micro_batch(make_trainer, monkeypatch):

@@ -24,6 +24,9 @@
 #   notriton bench2's row without dsmtp.model.moe_triton's kernels (on by default since session 14; $NOTRITON:
 #          the --disable flags, default triton_gather and triton_swiglu: the token-row gathers and the routed
 #          SwiGLU's gradient by torch.compile instead)
+#   bf16p  bench2's row with train.param_dtype=bf16 (bf16 parameters and gradients, fp32 master weights in the
+#          optimizer: no weight casts in forward, no gradient casts in backward)
+#   bf16pg the same, forward+backward replayed as one CUDA graph
 #   noce   bench2's row without the fused cross-entropy (kernels.backends.triton_cross_entropy, on by default
 #          since session 15: both heads' losses by dsmtp.model.cross_entropy_triton)
 #   coordesc bench2's row with inductor's coordinate-descent tuning of its own kernels' launch parameters
@@ -54,6 +57,7 @@ B="python3 tools/bench_train.py --config configs/small.yaml --compile --warmup 8
 SDPA="--set model.attention_backend=sdpa"; FLASH="--set model.attention_backend=flash"
 FP32="--set train.optimizer_state_dtype=fp32"; BF16="--set train.optimizer_state_dtype=bf16"
 QUACK=${QUACK:---enable quack_experts}
+BF16P="--set train.param_dtype=bf16 --set train.precision=bf16"
 NOTRITON=${NOTRITON:---disable triton_gather --disable triton_swiglu}
 
 step() {
@@ -80,6 +84,8 @@ step() {
     bench2) timeout 200 $B --label "flash bf16-states" $FLASH $BF16 ;;
     quack) timeout 200 $B --label "flash bf16-states quack" $FLASH $BF16 $QUACK --profile-steps 0 ;;
     notriton) timeout 200 $B --label "flash bf16-states notriton" $FLASH $BF16 $NOTRITON ;;
+    bf16p) timeout 200 $B --label "flash bf16-states bf16-params" $FLASH $BF16 $BF16P ;;
+    bf16pg) timeout 200 $B --label "flash bf16-states bf16-params graph" $FLASH $BF16 $BF16P --cuda-graph ;;
     noce) timeout 200 $B --label "flash bf16-states noce" $FLASH $BF16 --disable triton_cross_entropy ;;
     coordesc) TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 timeout 480 $B --label "flash bf16-states coordesc" \
                 $FLASH $BF16 --profile-steps 0 ;;

@@ -223,7 +223,8 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
                mtp_depth=d, mtp_kind=cfg.model.mtp_kind, heads_one_at_a_time=cfg.train.mtp_heads_one_at_a_time,
                disabled=",".join(args.disable), enabled=",".join(args.enable), device=torch.cuda.get_device_name(),
                attention_backend=next(m.attention_backend for m in model.modules() if hasattr(m, "attention_backend")),
-               optimizer_state_dtype=cfg.train.optimizer_state_dtype, compile_mode=cfg.train.compile_mode,
+               optimizer_state_dtype=cfg.train.optimizer_state_dtype, param_dtype=cfg.train.param_dtype,
+               compile_mode=cfg.train.compile_mode,
                step_ms=step_ms, step_ms_min=min(times), step_ms_max=max(times), tokens_per_s=tokens / step_ms * 1e3,
                gflop_per_token=fpt / 1e9, tflops=fpt * tokens / step_ms / 1e9,
                mfu=mfu(tokens / step_ms * 1e3, cfg.model, s),
@@ -272,8 +273,9 @@ def print_table(rows: list[dict]) -> None:
         return f"{r['label']:<{w}}{r['precision']:<5}{mtp_column(r):>7}"
 
     devices = sorted({r["device"] for r in rows})
+    params = " or ".join(sorted({r.get("param_dtype", "fp32") for r in rows}))  # rows before session 15: fp32
     print(f"device: {', '.join(devices)}; peak {PEAK_BF16_TFLOPS:.0f} TFLOP/s dense bf16; "
-          f"step = fwd+bwd+clip+fused AdamW, bf16 autocast over fp32 params")
+          f"step = fwd+bwd+clip+fused AdamW, bf16 autocast over {params} params (train.param_dtype)")
     head = (f"{key_head}{'tok/s':>9}{'step ms':>9}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>8}"
             f"{'attn':>6}{'exp':>6}{'rout':>6}{'rest':>6}{'loss':>8}")
     print(head)

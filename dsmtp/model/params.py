@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from dsmtp.config import OPTIMIZER_STATE_BYTES, Config, ModelConfig, load_config
+from dsmtp.config import OPTIMIZER_STATE_BYTES, PARAM_BYTES, Config, ModelConfig, load_config
 
 GiB = 2**30
 
@@ -148,7 +148,8 @@ class TrainingMemory:
 def training_memory(cfg: Config, world_size: int = 1, device_type: str = "cpu") -> TrainingMemory:
     """What each of `world_size` processes holds to train `cfg` on `device_type`.
 
-    Weights and gradients are fp32 (4 bytes each) and AdamW keeps two moments (8 bytes in fp32, 4 under
+    Weights and gradients are fp32 (4 bytes each; 2 under train.param_dtype=bf16, whose optimizer adds 4 for
+    the master weights) and AdamW keeps two moments (8 bytes in fp32, 4 under
     train.optimizer_state_dtype=bf16). A process
     holds 1 / (tp * pp) of the dense parameters and 1 / (tp * pp * ep) of the routed experts; ZeRO stage
     1 shards the moments over the data-parallel ranks, stage 2 the gradients too, stage 3 the weights too.
@@ -176,8 +177,10 @@ def training_memory(cfg: Config, world_size: int = 1, device_type: str = "cpu") 
                                       recompute_every=t.activation_recompute_every)
     fused = 2 if t.compile else 1
     activations = {part: activation_bytes * tokens * n // (model_parallel * fused) for part, n in per_token.items()}
-    return TrainingMemory(parameters=per_rank(4, 3), gradients=per_rank(4, 2),
-                          optimizer=per_rank(2 * OPTIMIZER_STATE_BYTES[t.optimizer_state_dtype], 1),
+    param_bytes = PARAM_BYTES[t.param_dtype]
+    master_bytes = 4 if t.param_dtype != "fp32" else 0
+    return TrainingMemory(parameters=per_rank(param_bytes, 3), gradients=per_rank(param_bytes, 2),
+                          optimizer=per_rank(2 * OPTIMIZER_STATE_BYTES[t.optimizer_state_dtype] + master_bytes, 1),
                           activations_by_part=activations)
 
 

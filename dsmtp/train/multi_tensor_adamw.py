@@ -22,7 +22,7 @@ import triton.language as tl
 # pairs tools/bench_optimizer_update.py measured on an H200 (notes/gpu/NOTES.md, issue 25).
 BLOCK = 512
 NUM_WARPS = 4
-MOMENT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+DTYPES = {torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @triton.jit
@@ -32,10 +32,11 @@ def _tensor_pointer(addresses, row, n_tensors, t, dtype: tl.constexpr):
 
 
 @triton.jit
-def _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask, step, lr, grad_scale,
-                 beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, MOMENT_DTYPE: tl.constexpr):
+def _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, master_ptr, offsets, mask, step, lr, grad_scale,
+                 beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, PARAM_DTYPE: tl.constexpr,
+                 MOMENT_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr):
     # IEEE division and square root (Triton's defaults approximate them), as torch computes them
-    g = tl.div_rn(tl.load(grad_ptr + offsets, mask=mask), grad_scale)
+    g = tl.div_rn(tl.load(grad_ptr + offsets, mask=mask).to(tl.float32), grad_scale)
     m = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
     v = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
     m = m + (1 - beta1) * (g - m)
@@ -43,8 +44,14 @@ def _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask
     bias1 = 1 - tl.exp2(step * log2_beta1)
     bias2 = 1 - tl.exp2(step * log2_beta2)
     update = tl.div_rn(tl.div_rn(m, bias1), tl.div_rn(tl.sqrt_rn(v), tl.sqrt_rn(bias2)) + eps)
-    param = tl.load(param_ptr + offsets, mask=mask)
-    tl.store(param_ptr + offsets, param * (1 - lr * weight_decay) - lr * update, mask=mask)
+    if HAS_MASTER:
+        weights = tl.load(master_ptr + offsets, mask=mask)
+    else:
+        weights = tl.load(param_ptr + offsets, mask=mask)
+    weights = weights * (1 - lr * weight_decay) - lr * update
+    if HAS_MASTER:
+        tl.store(master_ptr + offsets, weights, mask=mask)
+    tl.store(param_ptr + offsets, weights.to(PARAM_DTYPE), mask=mask)
     tl.store(exp_avg_ptr + offsets, m.to(MOMENT_DTYPE), mask=mask)
     tl.store(exp_avg_sq_ptr + offsets, v.to(MOMENT_DTYPE), mask=mask)
 
@@ -52,25 +59,29 @@ def _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask
 @triton.jit
 def _adamw_blocks(addresses, block_tensor, block_start, numels, n_tensors, lr_ptr, grad_scale_ptr, skip_ptr,
                   beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
-                  MOMENT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                  PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
+                  BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
     start = tl.multiple_of(tl.load(block_start + pid), BLOCK)
     offsets = start + tl.arange(0, BLOCK)
     numel = tl.load(numels + t)
-    param = _tensor_pointer(addresses, 0, n_tensors, t, tl.float32)
-    grad = _tensor_pointer(addresses, 1, n_tensors, t, tl.float32)
+    param = _tensor_pointer(addresses, 0, n_tensors, t, PARAM_DTYPE)
+    grad = _tensor_pointer(addresses, 1, n_tensors, t, PARAM_DTYPE)
     exp_avg = _tensor_pointer(addresses, 2, n_tensors, t, MOMENT_DTYPE)
     exp_avg_sq = _tensor_pointer(addresses, 3, n_tensors, t, MOMENT_DTYPE)
     step = tl.load(_tensor_pointer(addresses, 4, n_tensors, t, tl.float32))  # this step already counted
+    master = _tensor_pointer(addresses, 5 if HAS_MASTER else 0, n_tensors, t, tl.float32)
     lr, grad_scale = tl.load(lr_ptr), tl.load(grad_scale_ptr)
     if tl.load(skip_ptr) == 0:  # a skipped step writes nothing
         if start + BLOCK <= numel:  # whole blocks unmasked, so their loads and stores are vectorized
-            _adamw_block(param, grad, exp_avg, exp_avg_sq, offsets, None, step, lr, grad_scale,
-                         beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, MOMENT_DTYPE)
+            _adamw_block(param, grad, exp_avg, exp_avg_sq, master, offsets, None, step, lr, grad_scale,
+                         beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, PARAM_DTYPE, MOMENT_DTYPE,
+                         HAS_MASTER)
         else:
-            _adamw_block(param, grad, exp_avg, exp_avg_sq, offsets, offsets < numel, step, lr, grad_scale,
-                         beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, MOMENT_DTYPE)
+            _adamw_block(param, grad, exp_avg, exp_avg_sq, master, offsets, offsets < numel, step, lr, grad_scale,
+                         beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, PARAM_DTYPE, MOMENT_DTYPE,
+                         HAS_MASTER)
 
 
 def _log2(beta: float) -> float:
@@ -106,11 +117,14 @@ class MultiTensorAdamW:
         addresses = [t.data_ptr() for group in tensors for t in group]
         cached = self._addresses.get(key)
         if cached is None or cached[0] != addresses:
-            params, grads, exp_avgs, exp_avg_sqs, _ = tensors  # checked as they change, not every step
-            if any(t.dtype != torch.float32 for t in params + grads) or not all(
-                    t.is_contiguous() for t in params + grads + exp_avgs + exp_avg_sqs):
-                raise ValueError("MultiTensorAdamW updates contiguous fp32 parameters and gradients; "
-                                 "keep train.optimizer_state_dtype=fp32 for other parameter dtypes")
+            params, grads, exp_avgs, exp_avg_sqs, _, *masters = tensors  # checked as they change, not every step
+            weights = masters[0] if masters else params
+            if (any(t.dtype != torch.float32 for t in weights)
+                    or any(t.dtype not in DTYPES or t.dtype != params[0].dtype for t in params + grads)
+                    or not all(t.is_contiguous() for group in tensors[:4] + masters for t in group)):
+                raise ValueError("MultiTensorAdamW updates contiguous fp32 weights (the parameters, or their "
+                                 "master weights) from gradients in the parameters' dtype, fp32 or bf16; keep "
+                                 "train.optimizer_state_dtype and train.param_dtype at fp32 for other dtypes")
             # pinned staging and an asynchronous copy: the host does not wait for the device
             table = torch.tensor(addresses, dtype=torch.int64)
             device = tensors[0][0].device
@@ -122,13 +136,14 @@ class MultiTensorAdamW:
     def __call__(self, params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                  exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], lr: torch.Tensor, beta1: float,
                  beta2: float, eps: float, weight_decay: float, grad_scale: torch.Tensor,
-                 skip: torch.Tensor) -> None:
+                 skip: torch.Tensor, masters: list[torch.Tensor] | None = None) -> None:
         key = tuple(id(p) for p in params)
         tensor_of_block, start_of_block, numels = self._block_map(key, params)
-        table = self._address_table(key, [params, grads, exp_avgs, exp_avg_sqs, steps])
+        table = self._address_table(key, [params, grads, exp_avgs, exp_avg_sqs, steps] + ([masters] if masters else []))
         # alpha picks the Tensor overload: without it the 0-d tensor binds as a Scalar, an .item() sync
         torch._foreach_add_(steps, (~skip).float(), alpha=1.0)
         _adamw_blocks[(tensor_of_block.numel(),)](
             table, tensor_of_block, start_of_block, numels, len(params), lr, grad_scale.float(),
             skip.to(torch.uint8), beta1, beta2, _log2(beta1), _log2(beta2), eps, weight_decay,
-            MOMENT_DTYPE=MOMENT_DTYPES[exp_avgs[0].dtype], BLOCK=self.block, num_warps=self.num_warps)
+            PARAM_DTYPE=DTYPES[params[0].dtype], MOMENT_DTYPE=DTYPES[exp_avgs[0].dtype], HAS_MASTER=masters is not None,
+            BLOCK=self.block, num_warps=self.num_warps)

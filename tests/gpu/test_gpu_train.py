@@ -128,11 +128,13 @@ def test_parallel_heads_one_at_a_time_matches_plain_backward(tmp_path, compile_l
     assert max(errors.values()) < 1e-2
 
 
-@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float32])
-def test_multi_tensor_adamw_matches_cpu_reference(state_dtype):
+@pytest.mark.parametrize("state_dtype,param_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                                     (torch.bfloat16, torch.bfloat16)])
+def test_multi_tensor_adamw_matches_cpu_reference(state_dtype, param_dtype):
     """AdamWLowPrecisionMoments on CUDA (one Triton launch per group: multi_tensor_adamw) against
     adamw_update run eagerly on the CPU: 6 clipped steps, one of them skipped, over matrices, vectors
-    and a 3-D expert stack; moments in bf16 and, where nothing rounds, in fp32.
+    and a 3-D expert stack; moments in bf16 and, where nothing rounds, in fp32; fp32 parameters, and
+    bf16 ones over fp32 master weights (train.param_dtype=bf16).
     The bf16 moments may round a tie the other way, which moves a parameter by ~lr * 2^-8 = 4e-5 and
     compounds over the steps; a wrong formula moves it by ~lr = 1e-2."""
     from torch import nn
@@ -144,18 +146,25 @@ def test_multi_tensor_adamw_matches_cpu_reference(state_dtype):
     cpu = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
     gpu = [nn.Parameter(p.detach().cuda()) for p in cpu]
     hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
-    optimizers = [AdamWLowPrecisionMoments(parameter_groups(ps, 0.1), **hyper, state_dtype=state_dtype)
-                  for ps in (cpu, gpu)]
+    optimizers = [AdamWLowPrecisionMoments(parameter_groups(ps, 0.1), **hyper, state_dtype=state_dtype,
+                                           param_dtype=param_dtype) for ps in (cpu, gpu)]
     for step in range(6):
         grads = [torch.randn(s, generator=gen) * (float("inf") if step == 3 and i == 0 else 1.0)
                  for i, s in enumerate(shapes)]
         for params, optimizer in zip((cpu, gpu), optimizers):
             for p, g in zip(params, grads):
-                p.grad = g.to(p.device)
+                p.grad = g.to(p.device, p.dtype)
             clipped_step(optimizer, params, max_norm=1.0)
     for a, b in zip(cpu, gpu):
+        assert a.dtype == b.dtype == param_dtype
         atol = 5e-4 if state_dtype == torch.bfloat16 else 1e-6
-        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=0, atol=atol)
+        # a bf16 parameter: its master's rounding, which a master 5e-4 away can take one ulp (2^-8) further
+        torch.testing.assert_close(b.detach().cpu().float(), a.detach().float(), atol=atol,
+                                   rtol=0 if param_dtype == torch.float32 else 2 ** -7)
+        if param_dtype != torch.float32:
+            ours, reference = optimizers[1].state[b]["master"], optimizers[0].state[a]["master"]
+            assert ours.dtype == reference.dtype == torch.float32
+            torch.testing.assert_close(ours.cpu(), reference, rtol=0, atol=atol)
         for key in ("exp_avg", "exp_avg_sq"):
             ours, reference = optimizers[1].state[b][key], optimizers[0].state[a][key]
             assert ours.dtype == reference.dtype == state_dtype
