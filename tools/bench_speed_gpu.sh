@@ -32,7 +32,8 @@
 #   coordesc bench2's row with inductor's coordinate-descent tuning of its own kernels' launch parameters
 #   autotune bench2's row with train.compile_mode=max-autotune-no-cudagraphs (longer compile)
 #   graph  bench2's row with forward+backward replayed as one CUDA graph (train.cuda_graph)
-#   best   the quack row with forward+backward replayed as one CUDA graph: everything on
+#   best   everything that paid at once: bf16 parameters, forward+backward as one CUDA graph, inductor's
+#          coordinate-descent tuning (minutes more compile)
 #   optim  the optimizer update alone: fused AdamW (fp32 moments) against the Triton bf16-moment update by
 #          block size and warps (tools/bench_optimizer_update.py), rows to $OUT/optimizer_update.jsonl
 #   moe    the MoE kernel levers alone, per MoE layer call: tools/bench_moe_kernels.py (moe_triton's kernels;
@@ -91,7 +92,8 @@ step() {
                 $FLASH $BF16 --profile-steps 0 ;;
     autotune) timeout 560 $B --label "flash bf16-states autotune" $FLASH $BF16 --set train.compile=true --set train.compile_mode=max-autotune-no-cudagraphs ;;
     graph) timeout 200 $B --label "flash bf16-states graph" $FLASH $BF16 --cuda-graph ;;
-    best) timeout 200 $B --label "flash bf16-states quack graph" $FLASH $BF16 $QUACK --cuda-graph ;;
+    best) TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 timeout 540 $B --label "flash bf16-states bf16-params graph coordesc" \
+            $FLASH $BF16 $BF16P --cuda-graph --profile-steps 0 ;;
     optim) timeout 150 python3 tools/bench_optimizer_update.py --config configs/small.yaml --results "$OUT/optimizer_update.jsonl" ;;
     moe) timeout 180 python3 tools/bench_moe_kernels.py --config configs/small.yaml --results "$OUT/moe_kernels.jsonl" ;;
     ceb) timeout 150 python3 tools/bench_cross_entropy.py --config configs/small.yaml --results "$OUT/cross_entropy.jsonl" ;;
