@@ -336,6 +336,30 @@ def train_losses(model: torch.nn.Module, batches: list[torch.Tensor], lr: float,
 FP8_STEPS, FP8_LR, FP8_LATE_LOSS_TOLERANCE = 40, 2e-3, 4e-2
 
 
+def loss_curves(variants: dict) -> dict[str, list[float]]:
+    """Each variant's losses on the same fresh-batch stream from the same initial weights: `variants`
+    maps a name to a function that takes the model copy and returns its optimizer (None: fused AdamW)."""
+    ensure_initialized()
+    torch.manual_seed(0)
+    base = DeepSeekV3(small_config()).cuda().train()
+    batches = bigram_batches(FP8_STEPS, seed=0)
+    curves = {}
+    for name, prepare in variants.items():
+        model = clone(base, lambda: DeepSeekV3(small_config())).cuda().train()
+        curves[name] = train_losses(model, batches, FP8_LR, prepare(model))
+    return curves
+
+
+def assert_curves_agree(curves: dict[str, list[float]], reference: str, other: str) -> None:
+    """Both learn; the first losses agree within 2% and the mean of steps 10-39 within
+    FP8_LATE_LOSS_TOLERANCE."""
+    late = {k: sum(v[10:]) / len(v[10:]) for k, v in curves.items()}
+    for name, losses in curves.items():
+        assert late[name] < 0.75 * losses[0], (name, losses)  # it learns
+    assert abs(curves[other][0] - curves[reference][0]) / curves[reference][0] < 2e-2
+    assert abs(late[other] - late[reference]) / late[reference] < FP8_LATE_LOSS_TOLERANCE, curves
+
+
 def test_training_steps_bf16_and_fp8_agree():
     """FP8 training follows bf16's loss curve on a stream of fresh batches: both learn, and the mean
     loss of steps 10-39 agrees within 4%. Calibrated on an H200 (session 5, notes/gpu/NOTES.md): over
@@ -345,21 +369,10 @@ def test_training_steps_bf16_and_fp8_agree():
     moved the curve by -1.0..+3.3% here: embedding and head learn this stream alone): the GEMM tests
     above check those against float64. (Memorising one batch, the old design, was chaotic: its
     endpoint moved 3-7% when only the initial weights' rounding changed.)"""
-    ensure_initialized()
-    torch.manual_seed(0)
-    base = DeepSeekV3(small_config()).cuda().train()
-    batches = bigram_batches(FP8_STEPS, seed=0)
-    curves = {}
-    for precision in ("bf16", "fp8"):
-        model = clone(base, lambda: DeepSeekV3(small_config())).cuda().train()
-        if precision == "fp8":
-            assert len(model.enable_fp8()) > 0
-        curves[precision] = train_losses(model, batches, FP8_LR)
-    late = {k: sum(v[10:]) / len(v[10:]) for k, v in curves.items()}
-    for precision, losses in curves.items():
-        assert late[precision] < 0.75 * losses[0], (precision, losses)  # it learns
-    assert abs(curves["fp8"][0] - curves["bf16"][0]) / curves["bf16"][0] < 2e-2
-    assert abs(late["fp8"] - late["bf16"]) / late["bf16"] < FP8_LATE_LOSS_TOLERANCE, curves
+    def fp8(model):
+        assert len(model.enable_fp8()) > 0
+
+    assert_curves_agree(loss_curves({"bf16": lambda model: None, "fp8": fp8}), "bf16", "fp8")
 
 
 def test_training_steps_with_bf16_params_follow_fp32_params():
@@ -370,19 +383,12 @@ def test_training_steps_with_bf16_params_follow_fp32_params():
     from dsmtp.config import TrainConfig
     from dsmtp.train.optim import build_optimizer
 
-    ensure_initialized()
-    torch.manual_seed(0)
-    base = DeepSeekV3(small_config()).cuda().train()
-    batches = bigram_batches(FP8_STEPS, seed=0)
-    curves = {}
-    for param_dtype in ("fp32", "bf16"):
-        model = clone(base, lambda: DeepSeekV3(small_config())).cuda().train()
-        opt = build_optimizer(model, TrainConfig(lr=FP8_LR, weight_decay=0.0, optimizer_state_dtype="bf16",
-                                                 param_dtype=param_dtype, precision="bf16"))
-        assert {p.dtype for p in model.parameters()} == {torch.float32 if param_dtype == "fp32" else torch.bfloat16}
-        curves[param_dtype] = train_losses(model, batches, FP8_LR, opt)
-    late = {k: sum(v[10:]) / len(v[10:]) for k, v in curves.items()}
-    for param_dtype, losses in curves.items():
-        assert late[param_dtype] < 0.75 * losses[0], (param_dtype, losses)  # it learns
-    assert abs(curves["bf16"][0] - curves["fp32"][0]) / curves["fp32"][0] < 2e-2
-    assert abs(late["bf16"] - late["fp32"]) / late["fp32"] < FP8_LATE_LOSS_TOLERANCE, curves
+    def optimizer(param_dtype):
+        def build(model):
+            opt = build_optimizer(model, TrainConfig(lr=FP8_LR, weight_decay=0.0, optimizer_state_dtype="bf16",
+                                                     param_dtype=param_dtype, precision="bf16"))
+            assert {p.dtype for p in model.parameters()} == {torch.float32 if param_dtype == "fp32" else torch.bfloat16}
+            return opt
+        return build
+
+    assert_curves_agree(loss_curves({"fp32": optimizer("fp32"), "bf16": optimizer("bf16")}), "fp32", "bf16")
