@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -841,27 +842,26 @@ def load_trainer_state(ckpt: Path) -> dict:
 class CheckpointWriter:
     """A checkpoint directory written by one process, tensor by tensor, e.g. while converting from another
     format (peak memory: one tensor). `tensors` gives every tensor's dtype and full shape, in file order;
-    those in `by_row` are written one dim-0 row at a time (each row its own chunk, e.g. one expert)."""
+    `pieces` names those written a piece at a time, with how many leading dimensions a piece's index has
+    (each piece its own chunk: 1 for one expert of a stacked tensor, 2 for its gate or up projection)."""
 
     def __init__(self, folder: Path, tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                 by_row: Iterable[str] = ()):
-        self.folder, self.tensors, self.by_row = Path(folder), tensors, set(by_row)
+                 pieces: Optional[dict[str, int]] = None):
+        self.folder, self.tensors, self.pieces = Path(folder), tensors, pieces or {}
         chunks = []
         for name, (dtype, shape) in tensors.items():
-            if name in self.by_row:
-                chunks += [(name, (row,) + (0,) * (len(shape) - 1), (1, *shape[1:]), dtype) for row in range(shape[0])]
-            else:
-                chunks.append((name, (0,) * len(shape), tuple(shape), dtype))
+            depth = self.pieces.get(name, 0)
+            chunks += [(name, index + (0,) * (len(shape) - depth), (1,) * depth + tuple(shape[depth:]), dtype)
+                       for index in itertools.product(*map(range, shape[:depth]))]
         (self.folder / SHARDS).mkdir(parents=True, exist_ok=True)
         self.shard = _ShardFile(self.folder / SHARDS / _shard_name(0), chunks)
 
-    def write(self, name: str, tensor: torch.Tensor, row: Optional[int] = None) -> None:
-        if (row is None) == (name in self.by_row):
-            raise ValueError(f"{name} is written {'by row' if name in self.by_row else 'whole'}")
-        if row is None:
-            self.shard.write(name, (0,) * tensor.dim(), tensor)
-        else:
-            self.shard.write(name, (row,) + (0,) * tensor.dim(), tensor.unsqueeze(0))
+    def write(self, name: str, tensor: torch.Tensor, index: tuple[int, ...] = ()) -> None:
+        """The whole tensor `name`, or its piece name[index]."""
+        if len(index) != self.pieces.get(name, 0):
+            raise ValueError(f"{name} is written in pieces of {self.pieces.get(name, 0)} leading indices, "
+                             f"not {len(index)}")
+        self.shard.write(name, index + (0,) * tensor.dim(), tensor.reshape((1,) * len(index) + tensor.shape))
 
     def finish(self, cfg: Config, tokenizer: Optional[Path] = None, step: int = 0, tokens: int = 0,
                trainer_state: Optional[dict] = None) -> Path:
@@ -895,13 +895,12 @@ class ModelTensors:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name[len(MODEL):]: self.stored.shape(name) for name in self.stored.tensors if name.startswith(MODEL)}
 
-    def read(self, name: str, row: Optional[int] = None) -> torch.Tensor:
-        if row is None:
-            return self.stored.read(MODEL + name)
+    def read(self, name: str, index: tuple[int, ...] = ()) -> torch.Tensor:
         shape = self.stored.shape(MODEL + name)
-        if not 0 <= row < shape[0]:
-            raise IndexError(f"{name}: row {row} out of range for shape {list(shape)}")
-        return self.stored.read(MODEL + name, (row,) + (0,) * (len(shape) - 1), (1, *shape[1:]))[0]
+        if not all(0 <= i < n for i, n in zip(index, shape)) or len(index) > len(shape):
+            raise IndexError(f"{name}: index {list(index)} out of range for shape {list(shape)}")
+        rest = tuple(shape[len(index):])
+        return self.stored.read(MODEL + name, index + (0,) * len(rest), (1,) * len(index) + rest).view(rest)
 
 
 def open_checkpoint(path: Path, overrides: Sequence[str] = ()) -> tuple[Config, ModelTensors, Path]:

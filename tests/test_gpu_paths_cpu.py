@@ -32,7 +32,7 @@ def test_dispatch_local_matches_per_token_loop():
     for t in range(20):
         for j in range(3):
             e = ids[t, j]
-            h = torch.nn.functional.silu(x[t] @ experts.w1[e].T) * (x[t] @ experts.w3[e].T)
+            h = torch.nn.functional.silu(x[t] @ experts.w13[e, 0].T) * (x[t] @ experts.w13[e, 1].T)
             ref[t] += gates[t, j] * (h @ experts.w2[e].T)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(count_tokens(ids, 8), torch.bincount(ids.flatten(), minlength=8))
@@ -160,12 +160,14 @@ def test_optimizer_update_table_from_its_results_file(tmp_path, capsys):
                num_warps=4, ms=4.0, gb_moved=15.0, diff_vs_first=0.0)
     results = tmp_path / "rows.jsonl"
     results.write_text(json.dumps(dict(row, update="torch fused AdamW", block=None, num_warps=None, ms=6.0,
-                                       gb_moved=21.0, diff_vs_first=None)) + "\n" + json.dumps(row) + "\n")
+                                       gb_moved=21.0, diff_vs_first=None)) + "\n" + json.dumps(row) + "\n"
+                       + json.dumps(dict(row, param_dtype="bf16", block=1024, ms=5.0)) + "\n")
     bench_optimizer_update.main(["--table", str(results)])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "H200, small.yaml" and len(lines) == 5
-    assert lines[3] == "| torch fused AdamW | - | - | 6.000 | 21.0 | 3.50 | - |"
-    assert lines[4] == "| multi_tensor_adamw, bf16 moments | 512 | 4 | 4.000 | 15.0 | 3.75 | 0.0e+00 |"
+    assert lines[0] == "H200, small.yaml" and len(lines) == 6
+    assert lines[3] == "| torch fused AdamW | fp32 | - | - | 6.000 | 21.0 | 3.50 | - |"
+    assert lines[4] == "| multi_tensor_adamw, bf16 moments | fp32 | 512 | 4 | 4.000 | 15.0 | 3.75 | 0.0e+00 |"
+    assert lines[5] == "| multi_tensor_adamw, bf16 moments | bf16 | 1024 | 4 | 5.000 | 15.0 | 3.00 | 0.0e+00 |"
 
 
 def test_moe_kernels_table_from_its_results_file(tmp_path, capsys):

@@ -41,7 +41,7 @@ def test_name_mapping_is_a_bijection(q_lora_rank):
     assert len(hf) == len(targets)  # no two of our tensors write the same HF name
     for ours, t in targets:
         back = names.from_hf(t.hf_name, m)
-        assert (back.name, back.expert) == (ours, t.expert)
+        assert (back.name, back.index) == (ours, t.index)
         # the embedding / head copies of MTP layers are the only shared tensors
         assert back.shared_copy == t.hf_name.endswith((f"{m.num_layers}.embed_tokens.weight",
                                                        f"{m.num_layers + 1}.embed_tokens.weight",

@@ -52,8 +52,7 @@ def test_quack_grouped_swiglu_glue_matches_reference(monkeypatch, compiled):
     e, h, i = 6, 64, 32
     counts = torch.tensor([0, 7, 3, 20, 0, 9])
     x = torch.randn(int(counts.sum()), h, dtype=torch.float64)
-    ws = [torch.randn(e, i, h, dtype=torch.float64) * 0.1, torch.randn(e, h, i, dtype=torch.float64) * 0.1,
-          torch.randn(e, i, h, dtype=torch.float64) * 0.1]
+    ws = [torch.randn(e, 2, i, h, dtype=torch.float64) * 0.1, torch.randn(e, h, i, dtype=torch.float64) * 0.1]
     grad_out = torch.randn(x.shape[0], h, dtype=torch.float64)
 
     ref_in = [t.clone().requires_grad_() for t in (x, *ws)]
@@ -61,7 +60,7 @@ def test_quack_grouped_swiglu_glue_matches_reference(monkeypatch, compiled):
 
     # bf16 rows and fp32 weights, as the CUDA path receives them
     ours_in = [t.to(dtype).requires_grad_()
-               for t, dtype in zip((x, *ws), (torch.bfloat16, torch.float32, torch.float32, torch.float32))]
+               for t, dtype in zip((x, *ws), (torch.bfloat16, torch.float32, torch.float32))]
     fn = torch.compile(kernels.quack_grouped_swiglu, backend="aot_eager") if compiled else kernels.quack_grouped_swiglu
     out = fn(ours_in[0], counts, *ours_in[1:])
     out.backward(grad_out.to(out.dtype))
@@ -76,5 +75,4 @@ def test_quack_experts_without_quack_says_so(monkeypatch):
     monkeypatch.setattr(kernels, "_quack_gemm", lambda: None)
     counts = torch.tensor([2, 2])
     with pytest.raises(RuntimeError, match="quack-kernels is not importable"):
-        kernels.quack_grouped_swiglu(torch.randn(4, 16), counts, *(torch.randn(2, 8, 16), torch.randn(2, 16, 8),
-                                                                    torch.randn(2, 8, 16)))
+        kernels.quack_grouped_swiglu(torch.randn(4, 16), counts, torch.randn(2, 2, 8, 16), torch.randn(2, 16, 8))

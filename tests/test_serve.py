@@ -484,8 +484,9 @@ def test_server_client_disconnect_frees_slot(trained_ckpt):
     """A random model (it rarely ends a sentence) streams 240 tokens; the client hangs up after the
     first event: its sequence is dropped from the batch and the server goes on serving."""
     _, cfg, tokenizer = load(trained_ckpt)
+    # a seed whose greedy continuation runs to max_tokens without an end of sentence (asserted first)
     model = random_model(tiny_config(vocab_size=cfg.model.vocab_size, mtp_depth=2, max_positions=256),
-                         dtype=torch.float32)
+                         seed=2, dtype=torch.float32)
     ids = encode_prompt(tokenizer, "the")
     assert Engine(model).generate([Request(ids, 240, stop_ids=(tokenizer.eos_id,))])[0][0].finish_reason == "length"
     srv = _start_server(model, tokenizer, cfg, max_new_tokens=240)

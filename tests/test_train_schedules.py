@@ -53,7 +53,7 @@ def test_no_weight_decay_on_norms_and_vectors():
     assert "layers.0.attn_norm.weight" in no_decay_names and "mtp.0.enorm.weight" in no_decay_names
     assert all(n.endswith("norm.weight") for n in no_decay_names)  # this model has no biases
     decay_names = {names[id(p)] for p in decay["params"]}
-    assert {"embed.weight", "head.weight", "layers.1.ffn.router.weight", "layers.1.ffn.experts.w1"} <= decay_names
+    assert {"embed.weight", "head.weight", "layers.1.ffn.router.weight", "layers.1.ffn.experts.w13"} <= decay_names
     assert len(decay_names) + len(no_decay_names) == len(list(model.parameters()))
     assert not any("expert_bias" in n for n in decay_names | no_decay_names)  # a buffer, never optimized
 

@@ -8,6 +8,7 @@ not constexpr, type errors in the lowering) before a GPU run does. Run with TRIT
 import os
 import sys
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -36,11 +37,13 @@ KERNELS = {
     "multi_tensor_adamw._adamw_blocks": (
         multi_tensor_adamw._adamw_blocks,
         ["*i64", "*i32", "*i64", "*i64", "i32", "*fp32", "*fp32", "*u8"] + ["fp32"] * 6,
-        dict(PARAM_DTYPE=tl.float32, MOMENT_DTYPE=tl.bfloat16, HAS_MASTER=False, BLOCK=multi_tensor_adamw.BLOCK)),
+        dict(PARAM_DTYPE=tl.float32, MOMENT_DTYPE=tl.bfloat16, HAS_MASTER=False,
+             BLOCK=multi_tensor_adamw.LAUNCH[torch.float32][0])),
     "multi_tensor_adamw._adamw_blocks[bf16_params_fp32_masters]": (
         multi_tensor_adamw._adamw_blocks,
         ["*i64", "*i32", "*i64", "*i64", "i32", "*fp32", "*fp32", "*u8"] + ["fp32"] * 6,
-        dict(PARAM_DTYPE=tl.bfloat16, MOMENT_DTYPE=tl.bfloat16, HAS_MASTER=True, BLOCK=multi_tensor_adamw.BLOCK)),
+        dict(PARAM_DTYPE=tl.bfloat16, MOMENT_DTYPE=tl.bfloat16, HAS_MASTER=True,
+             BLOCK=multi_tensor_adamw.LAUNCH[torch.bfloat16][0])),
 }
 
 

@@ -27,6 +27,8 @@
 #   bf16p  bench2's row with train.param_dtype=bf16 (bf16 parameters and gradients, fp32 master weights in the
 #          optimizer: no weight casts in forward, no gradient casts in backward)
 #   bf16pg the same, forward+backward replayed as one CUDA graph
+#   old    bf16p's row with the code of an earlier commit ($OLD, default .old: that commit's dsmtp/, tools/ and
+#          configs/, from `git archive`): the before row of a change no switch turns off ($OLD_LABEL names it)
 #   noce   bench2's row without the fused cross-entropy (kernels.backends.triton_cross_entropy, on by default
 #          since session 15: both heads' losses by dsmtp.model.cross_entropy_triton)
 #   coordesc bench2's row with inductor's coordinate-descent tuning of its own kernels' launch parameters
@@ -46,7 +48,7 @@
 #   table  the table of every row $OUT/speed25.jsonl holds, and torchtitan's
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 R=$OUT/speed25.jsonl
 # FA4SITE's path must hold "/site-packages/": quack's kernel-cache key treats only functions from such paths
 # (or dist-packages) as installed code and walks into any other, where cutlass-dsl's globals cannot be keyed
@@ -87,6 +89,8 @@ step() {
     notriton) timeout 200 $B --label "flash bf16-states notriton" $FLASH $BF16 $NOTRITON ;;
     bf16p) timeout 200 $B --label "flash bf16-states bf16-params" $FLASH $BF16 $BF16P ;;
     bf16pg) timeout 200 $B --label "flash bf16-states bf16-params graph" $FLASH $BF16 $BF16P --cuda-graph ;;
+    old) (cd "${OLD:-.old}" && PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH timeout 200 $B \
+            --label "${OLD_LABEL:-flash bf16-states bf16-params, earlier commit}" $FLASH $BF16 $BF16P --profile-steps 0) ;;
     noce) timeout 200 $B --label "flash bf16-states noce" $FLASH $BF16 --disable triton_cross_entropy ;;
     coordesc) TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 timeout 480 $B --label "flash bf16-states coordesc" \
                 $FLASH $BF16 --profile-steps 0 ;;

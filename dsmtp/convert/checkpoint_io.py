@@ -1,6 +1,6 @@
 """Reading tensors one at a time, for the converters.
 
-Converters read through `TensorSource` (names, shapes, one tensor or one expert row at a time), so the
+Converters read through `TensorSource` (names, shapes, one tensor or one expert's piece at a time), so the
 exporter reads a dsmtp checkpoint (`dsmtp.checkpoint.ModelTensors`, any sharded layout) and the
 importer reads HF safetensors files (`SafetensorsSource`) the same way.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 
@@ -21,8 +21,9 @@ class TensorSource(Protocol):
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor name with its full (unsharded) shape."""
 
-    def read(self, name: str, row: Optional[int] = None) -> torch.Tensor:
-        """The whole tensor, or only its `row`-th slice along dim 0 (one expert of a stacked tensor)."""
+    def read(self, name: str, index: tuple[int, ...] = ()) -> torch.Tensor:
+        """The whole tensor, or only its piece tensor[index] at leading indices `index` (one expert of a
+        stacked tensor, or one expert's gate or up projection)."""
 
 
 def _header(path: Path) -> tuple[dict, int]:
@@ -69,15 +70,17 @@ class SafetensorsSource:
     def dtype(self, name: str) -> torch.dtype:
         return DTYPE_FROM_CODE[self._entries[name][1]["dtype"]]
 
-    def read(self, name: str, row: Optional[int] = None) -> torch.Tensor:
+    def read(self, name: str, index: tuple[int, ...] = ()) -> torch.Tensor:
         path, entry, data_start = self._entries[name]
         shape, dtype = entry["shape"], DTYPE_FROM_CODE[entry["dtype"]]
-        begin, end = entry["data_offsets"]
-        if row is not None:
-            if not 0 <= row < shape[0]:
-                raise IndexError(f"{name}: row {row} out of range for shape {shape}")
-            row_bytes = (end - begin) // shape[0]
-            begin, end, shape = begin + row * row_bytes, begin + (row + 1) * row_bytes, shape[1:]
+        begin, _ = entry["data_offsets"]
+        if not all(0 <= i < n for i, n in zip(index, shape)) or len(index) > len(shape):
+            raise IndexError(f"{name}: index {list(index)} out of range for shape {shape}")
+        # row-major: a piece at leading indices is one contiguous run of bytes
+        shape = shape[len(index):]
+        piece_bytes = dtype.itemsize * math.prod(shape)
+        begin += piece_bytes * sum(i * math.prod(entry["shape"][k + 1:len(index)]) for k, i in enumerate(index))
+        end = begin + piece_bytes
         buffer = bytearray(end - begin)
         with open(path, "rb") as f:
             f.seek(data_start + begin)

@@ -42,7 +42,7 @@ INDEX_FILE = "model.safetensors.index.json"
 class PlannedTensor:
     hf_name: str
     source: str  # our tensor name
-    row: Optional[int]  # expert index into a stacked tensor
+    index: tuple[int, ...]  # source[index]: leading indices into a stacked expert tensor, () for all of it
     dtype: torch.dtype
     shape: tuple[int, ...]
     kind: str = "plain"  # plain | fp8 (quantized weight) | scale (its weight_scale_inv, right after it)
@@ -77,13 +77,13 @@ def plan(cfg: ModelConfig, dtype: torch.dtype, quantize_fp8: bool = False) -> li
     out = []
     for name, shape in names.our_shapes(cfg).items():
         for t in names.hf_targets(name, cfg):
-            hf_shape = shape if t.expert is None else shape[1:]
+            hf_shape = shape[len(t.index):]
             if quantize_fp8 and fp8.is_quantized(t.hf_name):
-                out.append(PlannedTensor(t.hf_name, name, t.expert, fp8.FP8, hf_shape, "fp8"))
-                out.append(PlannedTensor(t.hf_name + fp8.SCALE_SUFFIX, name, t.expert, torch.float32,
+                out.append(PlannedTensor(t.hf_name, name, t.index, fp8.FP8, hf_shape, "fp8"))
+                out.append(PlannedTensor(t.hf_name + fp8.SCALE_SUFFIX, name, t.index, torch.float32,
                                          fp8.scale_shape(hf_shape), "scale"))
                 continue
-            out.append(PlannedTensor(t.hf_name, name, t.expert,
+            out.append(PlannedTensor(t.hf_name, name, t.index,
                                      torch.float32 if names.is_float32_in_hf(t.hf_name) else dtype, hf_shape))
     return out
 
@@ -124,9 +124,9 @@ def write_files(source: TensorSource, out: Path, files: list[tuple[str, list[Pla
                 if t.kind == "scale":
                     tensor = scale
                 elif t.kind == "fp8":
-                    tensor, scale = fp8.quantize(source.read(t.source, t.row))
+                    tensor, scale = fp8.quantize(source.read(t.source, t.index))
                 else:
-                    tensor = source.read(t.source, t.row).to(t.dtype)
+                    tensor = source.read(t.source, t.index).to(t.dtype)
                 writer.write(t.hf_name, tensor)
                 progress.update()
         except BaseException:

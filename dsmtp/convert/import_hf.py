@@ -2,7 +2,7 @@
 
     dsmtp import-hf path/to/hf_model OUT [--config base.yaml] [--set parallel.tp=2 --set train.lr=1e-4]
 
-OUT gets a dsmtp checkpoint of the weights (dsmtp.checkpoint: our names, float32, one chunk per expert;
+OUT gets a dsmtp checkpoint of the weights (dsmtp.checkpoint: our names, float32, one chunk per expert projection;
 config.yaml; tokenizer.model when HF_DIR has one; index.json and manifest.json). The model section of the
 config comes from config.json; `--config` and `--set` choose everything else (parallel layout, training,
 data). MTP layers (model.layers.{L..L+D-1}) come in when config.json declares them, parallel MTP heads
@@ -114,9 +114,8 @@ def write_our_weights(source: SafetensorsSource, cfg: Config, out: Path, quantiz
     dequantized."""
     m = cfg.model
     shapes = names.our_shapes(m)
-    stacked = {n for n in shapes if any(t.expert is not None for t in names.hf_targets(n, m))}
-    writer = CheckpointWriter(out, {MODEL + n: (torch.float32, s) for n, s in shapes.items()},
-                              by_row={MODEL + n for n in stacked})
+    pieces = {MODEL + n: len(t.index) for n in shapes for t in names.hf_targets(n, m)[:1] if t.index}
+    writer = CheckpointWriter(out, {MODEL + n: (torch.float32, s) for n, s in shapes.items()}, pieces)
     try:
         for hf_name in tqdm(names.hf_shapes(m), desc="import-hf", unit="tensor", file=sys.stderr):
             where = names.from_hf(hf_name, m)
@@ -129,7 +128,7 @@ def write_our_weights(source: SafetensorsSource, cfg: Config, out: Path, quantiz
                     raise ValueError(f"{hf_name} differs from {main}: dsmtp shares one embedding and output head "
                                      "between the trunk and its MTP modules, so it cannot import distinct copies")
                 continue
-            writer.write(MODEL + where.name, tensor.to(torch.float32), row=where.expert)
+            writer.write(MODEL + where.name, tensor.to(torch.float32), where.index)
     except BaseException:
         writer.abort()
         raise

@@ -11,7 +11,8 @@ time and tests can list the 671B layout without allocating it.
     mtp.{k}.{enorm,hnorm,eh_proj}.weight  model.layers.{L+k}.{enorm,hnorm,eh_proj}.weight
     mtp.{k}.norm.weight                   model.layers.{L+k}.shared_head.norm.weight
     mtp.{k}.layer.<layer>                 model.layers.{L+k}.<layer'>
-    ...ffn.experts.w1/w3/w2  [E, ., .]    ...mlp.experts.{e}.gate_proj/up_proj/down_proj.weight (one per expert)
+    ...ffn.experts.w13[e, 0]/[e, 1]       ...mlp.experts.{e}.gate_proj/up_proj.weight (w13 [E, 2, I, H])
+    ...ffn.experts.w2[e]                  ...mlp.experts.{e}.down_proj.weight (w2 [E, H, I])
 
 L is num_layers and k the 0-based MTP index (depth k+1). RoPE rows need no permutation: both sides use
 DeepSeek's interleaved layout.
@@ -27,7 +28,7 @@ PARALLEL_HEADS_FILE, beside the trunk's shards:
 from __future__ import annotations
 
 import re
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -54,7 +55,10 @@ _LAYER = {
     "ffn.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight",
     "ffn.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
 }
-_EXPERTS = {"ffn.experts.w1": "gate_proj", "ffn.experts.w3": "up_proj", "ffn.experts.w2": "down_proj"}
+# Stacked routed experts: HF projection -> (our tensor, its index after the expert's).
+_EXPERTS = {"gate_proj": ("ffn.experts.w13", (0,)), "up_proj": ("ffn.experts.w13", (1,)),
+            "down_proj": ("ffn.experts.w2", ())}
+_STACKED = {ours for ours, _ in _EXPERTS.values()}
 _MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
             "norm.weight": "shared_head.norm.weight"}
 PARALLEL_HEADS_FILE = "mtp_heads.safetensors"
@@ -65,23 +69,23 @@ _TOP = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.wei
 _SHARED_COPIES = {"embed.weight": "embed_tokens.weight", "head.weight": "shared_head.head.weight"}
 
 _LAYER_INV = {v: k for k, v in _LAYER.items()}
-_EXPERTS_INV = {v: k for k, v in _EXPERTS.items()}
 _MTP_OWN_INV = {v: k for k, v in _MTP_OWN.items()}
 _TOP_INV = {v: k for k, v in _TOP.items()}
 _SHARED_COPIES_INV = {v: k for k, v in _SHARED_COPIES.items()}
 
 
 class HFTarget(NamedTuple):
-    """One HF tensor made from one of ours: `expert` selects a row of a stacked expert tensor."""
+    """One HF tensor made from one of ours: ours[index], `index` the leading indices into a stacked expert
+    tensor (the expert, then gate or up for w13), () for a whole tensor."""
     hf_name: str
-    expert: Optional[int] = None
+    index: tuple[int, ...] = ()
 
 
 class OurSource(NamedTuple):
-    """Where an HF tensor lives in our model. `shared_copy`: an MTP layer's copy of the shared embedding or
-    head (our model holds it once)."""
+    """Where an HF tensor lives in our model: name[index]. `shared_copy`: an MTP layer's copy of the shared
+    embedding or head (our model holds it once)."""
     name: str
-    expert: Optional[int] = None
+    index: tuple[int, ...] = ()
     shared_copy: bool = False
 
 
@@ -91,8 +95,9 @@ class UnknownTensorError(KeyError):
 
 
 def _layer_targets(suffix: str, prefix: str, cfg: ModelConfig) -> list[HFTarget]:
-    if suffix in _EXPERTS:
-        return [HFTarget(f"{prefix}.mlp.experts.{e}.{_EXPERTS[suffix]}.weight", e) for e in range(cfg.n_routed_experts)]
+    if suffix in _STACKED:
+        return [HFTarget(f"{prefix}.mlp.experts.{e}.{projection}.weight", (e, *index))
+                for e in range(cfg.n_routed_experts) for projection, (ours, index) in _EXPERTS.items() if ours == suffix]
     if suffix in _LAYER:
         return [HFTarget(f"{prefix}.{_LAYER[suffix]}")]
     raise UnknownTensorError(f"no HF name for layer tensor {suffix!r}")
@@ -128,7 +133,7 @@ def hf_targets(name: str, cfg: ModelConfig) -> list[HFTarget]:
 
 def to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
     """One of our tensors -> [(hf_name, tensor)]; stacked experts are split per expert (views, no copy)."""
-    return [(t.hf_name, tensor if t.expert is None else tensor[t.expert]) for t in hf_targets(name, cfg)]
+    return [(t.hf_name, tensor[t.index]) for t in hf_targets(name, cfg)]
 
 
 def from_hf(hf_name: str, cfg: ModelConfig) -> OurSource:
@@ -164,7 +169,8 @@ def _from_hf_layer(suffix: str, prefix: str, cfg: ModelConfig, hf_name: str) -> 
         return OurSource(prefix + _LAYER_INV[suffix])
     e = re.fullmatch(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", suffix)
     if e and int(e.group(1)) < cfg.n_routed_experts:
-        return OurSource(prefix + _EXPERTS_INV[e.group(2)], int(e.group(1)))
+        ours, index = _EXPERTS[e.group(2)]
+        return OurSource(prefix + ours, (int(e.group(1)), *index))
     raise UnknownTensorError(f"{hf_name!r} is not a DeepSeek-V3 tensor this converter knows (for this config)")
 
 
@@ -192,7 +198,7 @@ def _layer_shapes(cfg: ModelConfig, layer_id: int) -> dict[str, tuple[int, ...]]
         return s
     e, i = cfg.n_routed_experts, cfg.moe_intermediate_size
     s.update({"ffn.router.weight": (e, h), "ffn.router.expert_bias": (e,),
-              "ffn.experts.w1": (e, i, h), "ffn.experts.w3": (e, i, h), "ffn.experts.w2": (e, h, i)})
+              "ffn.experts.w13": (e, 2, i, h), "ffn.experts.w2": (e, h, i)})
     if cfg.n_shared_experts > 0:
         si = i * cfg.n_shared_experts
         s.update({"ffn.shared_experts.w1.weight": (si, h), "ffn.shared_experts.w3.weight": (si, h),
@@ -223,7 +229,7 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     out: dict[str, tuple[int, ...]] = {}
     for name, shape in our_shapes(cfg).items():
         for t in hf_targets(name, cfg):
-            out[t.hf_name] = shape if t.expert is None else shape[1:]
+            out[t.hf_name] = shape[len(t.index):]
     return out
 
 

@@ -197,35 +197,34 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
     return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
 
-def grouped_swiglu(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                   w3: torch.Tensor, use_fp8: bool = False) -> torch.Tensor:
+def grouped_swiglu(x: torch.Tensor, tokens_per_expert: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                   use_fp8: bool = False) -> torch.Tensor:
     """SwiGLU per expert over tokens sorted by expert.
 
-    x [N, H] holds tokens_per_expert[e] rows for expert e, in expert order; w1/w3 [E, I, H], w2 [E, H, I].
-    `use_fp8` runs the CUDA grouped GEMMs in FP8 (dsmtp.model.fp8).
+    x [N, H] holds tokens_per_expert[e] rows for expert e, in expert order; w13 [E, 2, I, H] (gate, up),
+    w2 [E, H, I]. `use_fp8` runs the CUDA grouped GEMMs in FP8 (dsmtp.model.fp8).
     """
     # The grouped GEMM computes in bf16: it serves bf16 inputs (autocast casts the dispatched rows) and
     # leaves an fp32 model, e.g. an fp32 inference run, at full precision.
     if x.is_cuda and (use_fp8 or (backends.grouped_mm and x.dtype == torch.bfloat16)):
         if backends.quack_experts and not use_fp8:
-            return quack_grouped_swiglu(x, tokens_per_expert, w1, w2, w3)
-        return _grouped_swiglu_cuda(x, tokens_per_expert, w1, w2, w3, use_fp8)
+            return quack_grouped_swiglu(x, tokens_per_expert, w13, w2)
+        return _grouped_swiglu_cuda(x, tokens_per_expert, w13, w2, use_fp8)
     if x.is_cuda and _static_shapes:
-        return _masked_swiglu(x, tokens_per_expert, w1, w2, w3)
+        return _masked_swiglu(x, tokens_per_expert, w13, w2)
     # Reference path: one GEMM per expert; the split sizes need the counts on the host.
     chunks = x.split(tokens_per_expert.tolist())
-    return torch.cat([swiglu(chunk, w1[e], w2[e], w3[e]) for e, chunk in enumerate(chunks)])
+    return torch.cat([swiglu(chunk, w13[e, 0], w2[e], w13[e, 1]) for e, chunk in enumerate(chunks)])
 
 
-def _masked_swiglu(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                   w3: torch.Tensor) -> torch.Tensor:
+def _masked_swiglu(x: torch.Tensor, tokens_per_expert: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """The reference path without the host: every expert over every row, each row keeping its own
     expert's output. num_experts times the work, for the few rows of a decoding step (fp32 on CUDA)."""
     rows = torch.arange(x.shape[0], device=x.device)
     expert_of_row = (rows[:, None] >= tokens_per_expert.cumsum(0)[None, :]).sum(dim=1)
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=x.dtype, device=x.device)
-    for e in range(w1.shape[0]):
-        out = torch.where((expert_of_row == e)[:, None], swiglu(x, w1[e], w2[e], w3[e]), out)
+    for e in range(w13.shape[0]):
+        out = torch.where((expert_of_row == e)[:, None], swiglu(x, w13[e, 0], w2[e], w13[e, 1]), out)
     return out
 
 
@@ -353,20 +352,17 @@ def _bf16_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tenso
     return torch._grouped_mm(x.to(torch.bfloat16), weight.to(torch.bfloat16).transpose(1, 2), offs=offsets)
 
 
-def _grouped_swiglu_cuda(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                         w3: torch.Tensor, use_fp8: bool) -> torch.Tensor:
+def _grouped_swiglu_cuda(x: torch.Tensor, tokens_per_expert: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                         use_fp8: bool) -> torch.Tensor:
     # One grouped GEMM per projection for all experts; group boundaries stay on the device, so the
     # host never waits for the router. Gate and up projections share one GEMM (twice the width).
     if use_fp8:
         x, offsets, rows = fp8.pad_groups(x.to(torch.bfloat16), tokens_per_expert)
-        mm, weight_dtype = fp8.grouped_mm, w1.dtype  # FP8 scales are taken from the master weights
+        # FP8 scales are taken from the fp32 weights: bf16-rounded ones trained worse (notes/code-measurements.md)
+        mm = fp8.grouped_mm
     else:
         offsets, rows, mm = tokens_per_expert.cumsum(0).to(torch.int32), None, _bf16_grouped_mm
-        weight_dtype = torch.bfloat16
-    # Cast before concatenating: each weight's gradient then arrives as a tensor of its own that `.grad`
-    # takes as is, where autograd would copy each slice of one fp32 gradient. The FP8 path quantizes the
-    # fp32 master weights: bf16-rounded ones trained worse (notes/code-measurements.md).
-    gate_up = mm(x, torch.cat([w1.to(weight_dtype), w3.to(weight_dtype)], dim=1), offsets)
+    gate_up = mm(x, w13.flatten(1, 2), offsets)
     out = mm(swiglu_activation(gate_up), w2, offsets)
     return out if rows is None else fp8.unpad_groups(out, rows)
 
@@ -389,20 +385,20 @@ def _quack():
 
 
 @torch.library.custom_op("dsmtp::quack_swiglu_forward", mutates_args=())
-def _quack_swiglu_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+def _quack_swiglu_forward(x: torch.Tensor, w13i: torch.Tensor, w2: torch.Tensor,
                           cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     quack, tuned = _quack(), backends.quack_tuned
-    preact, h = quack.gemm_gated(x, w13.transpose(1, 2), activation="swiglu", cu_seqlens_m=cu_seqlens, tuned=tuned)
+    preact, h = quack.gemm_gated(x, w13i.transpose(1, 2), activation="swiglu", cu_seqlens_m=cu_seqlens, tuned=tuned)
     return quack.gemm(h, w2.transpose(1, 2), cu_seqlens_m=cu_seqlens, tuned=tuned), preact
 
 
 @_quack_swiglu_forward.register_fake
-def _(x, w13, w2, cu_seqlens):
-    return x.new_empty(x.shape[0], w2.shape[1]), x.new_empty(x.shape[0], w13.shape[1])
+def _(x, w13i, w2, cu_seqlens):
+    return x.new_empty(x.shape[0], w2.shape[1]), x.new_empty(x.shape[0], w13i.shape[1])
 
 
 @torch.library.custom_op("dsmtp::quack_swiglu_backward", mutates_args=())
-def _quack_swiglu_backward(grad: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+def _quack_swiglu_backward(grad: torch.Tensor, x: torch.Tensor, w13i: torch.Tensor, w2: torch.Tensor,
                            cu_seqlens: torch.Tensor, preact: torch.Tensor
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     quack, tuned = _quack(), backends.quack_tuned
@@ -410,33 +406,33 @@ def _quack_swiglu_backward(grad: torch.Tensor, x: torch.Tensor, w13: torch.Tenso
     grad_preact, h = quack.gemm_dgated(grad, w2, preact, activation="swiglu", cu_seqlens_m=cu_seqlens, tuned=tuned)
     offsets = cu_seqlens[1:]
     grad_w2 = torch._grouped_mm(grad.t(), h, offs=offsets)
-    grad_w13 = torch._grouped_mm(grad_preact.t(), x, offs=offsets)
-    return quack.gemm(grad_preact, w13, cu_seqlens_m=cu_seqlens, tuned=tuned), grad_w13, grad_w2
+    grad_w13i = torch._grouped_mm(grad_preact.t(), x, offs=offsets)
+    return quack.gemm(grad_preact, w13i, cu_seqlens_m=cu_seqlens, tuned=tuned), grad_w13i, grad_w2
 
 
 @_quack_swiglu_backward.register_fake
-def _(grad, x, w13, w2, cu_seqlens, preact):
-    return torch.empty_like(x), torch.empty_like(w13), torch.empty_like(w2)
+def _(grad, x, w13i, w2, cu_seqlens, preact):
+    return torch.empty_like(x), torch.empty_like(w13i), torch.empty_like(w2)
 
 
 def _quack_swiglu_setup_context(ctx, inputs, output):
-    x, w13, w2, cu_seqlens = inputs
-    ctx.save_for_backward(x, w13, w2, cu_seqlens, output[1])
+    x, w13i, w2, cu_seqlens = inputs
+    ctx.save_for_backward(x, w13i, w2, cu_seqlens, output[1])
 
 
 def _quack_swiglu_grad(ctx, grad_out, grad_preact):
-    x, w13, w2, cu_seqlens, preact = ctx.saved_tensors
-    return (*_quack_swiglu_backward(grad_out.contiguous(), x, w13, w2, cu_seqlens, preact), None)
+    x, w13i, w2, cu_seqlens, preact = ctx.saved_tensors
+    return (*_quack_swiglu_backward(grad_out.contiguous(), x, w13i, w2, cu_seqlens, preact), None)
 
 
 _quack_swiglu_forward.register_autograd(_quack_swiglu_grad, setup_context=_quack_swiglu_setup_context)
 
 
-def quack_grouped_swiglu(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                         w3: torch.Tensor) -> torch.Tensor:
+def quack_grouped_swiglu(x: torch.Tensor, tokens_per_expert: torch.Tensor, w13: torch.Tensor,
+                         w2: torch.Tensor) -> torch.Tensor:
     """grouped_swiglu's CUDA bf16 case through quack. Gate and up rows interleaved into one [E, 2I, H]
     weight: quack's gated epilogue pairs output column 2j (gate) with 2j + 1 (up)."""
-    e, i, h = w1.shape
-    w13 = torch.stack([w1.to(torch.bfloat16), w3.to(torch.bfloat16)], dim=2).reshape(e, 2 * i, h)
+    e, _, i, h = w13.shape
+    interleaved = w13.to(torch.bfloat16).transpose(1, 2).reshape(e, 2 * i, h)
     cu_seqlens = F.pad(tokens_per_expert.cumsum(0), (1, 0)).to(torch.int32)
-    return _quack_swiglu_forward(x.to(torch.bfloat16), w13, w2.to(torch.bfloat16), cu_seqlens)[0]
+    return _quack_swiglu_forward(x.to(torch.bfloat16), interleaved, w2.to(torch.bfloat16), cu_seqlens)[0]

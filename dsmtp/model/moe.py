@@ -77,19 +77,21 @@ class RoutedExperts(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         e, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.w1 = nn.Parameter(torch.empty(e, i, h))  # gate
+        # w13[e, 0] is expert e's gate projection (DeepSeek's w1), w13[e, 1] its up projection (w3): one
+        # tensor, so the grouped GEMM takes both as one [E, 2I, H] weight without concatenating them in
+        # every forward, and their gradient arrives as one tensor (vLLM's w13 layout, gate and up as halves).
+        self.w13 = nn.Parameter(torch.empty(e, 2, i, h))
         self.w2 = nn.Parameter(torch.empty(e, h, i))  # down
-        self.w3 = nn.Parameter(torch.empty(e, i, h))  # up
-        for w in (self.w1, self.w2, self.w3):
+        for w in (self.w13, self.w2):
             nn.init.normal_(w, std=cfg.init_std)
         self.fp8 = False  # set by DeepSeekV3.enable_fp8
 
     @property
     def num_experts(self) -> int:
-        return self.w1.shape[0]
+        return self.w13.shape[0]
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        return kernels.grouped_swiglu(x, tokens_per_expert, self.w1, self.w2, self.w3, use_fp8=self.fp8)
+        return kernels.grouped_swiglu(x, tokens_per_expert, self.w13, self.w2, use_fp8=self.fp8)
 
 
 def count_tokens(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:

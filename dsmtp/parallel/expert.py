@@ -31,7 +31,7 @@ def shard_experts(model: nn.Module, ep_rank: int, ep_size: int, ep_group: dist.P
     for moe in moe_layers(model):
         experts = moe.experts
         local = experts.num_experts // ep_size
-        for name in ("w1", "w2", "w3"):
+        for name in ("w13", "w2"):
             full = getattr(experts, name)
             shard = nn.Parameter(full[ep_rank * local:(ep_rank + 1) * local].clone())
             setattr(shard, EXPERT_ATTR, True)

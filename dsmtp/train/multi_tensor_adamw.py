@@ -17,11 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-# 4 elements a thread (512 over 4 warps): with 8 a thread the sm90 build needs over three times the
-# registers, and a memory-bound kernel wants every warp an SM can hold. The fastest of the block/warp
-# pairs tools/bench_optimizer_update.py measured on an H200 (notes/gpu/NOTES.md, issue 25).
-BLOCK = 512
-NUM_WARPS = 4
+# Elements a program and warps a program, by the parameters' dtype: the fastest of the pairs
+# tools/bench_optimizer_update.py measured on an H200 (notes/gpu/NOTES.md, issue 25). fp32: 4 elements a
+# thread (512 over 4 warps): with 8 a thread the sm90 build needs over three times the registers, and a
+# memory-bound kernel wants every warp an SM can hold.
+LAUNCH = {torch.float32: (512, 4), torch.bfloat16: (512, 4)}
 DTYPES = {torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -91,22 +91,24 @@ def _log2(beta: float) -> float:
 class MultiTensorAdamW:
     """adamw_update_all's signature, one launch per call. Keeps, per parameter group, the block map
     (static: sizes do not change) and the address table of the last call. `block` elements a program
-    and `num_warps` a program: tools/bench_optimizer_update.py times the choices."""
+    and `num_warps` a program (default: LAUNCH's for the parameters' dtype): tools/bench_optimizer_update.py
+    times the choices."""
 
-    def __init__(self, block: int = BLOCK, num_warps: int = NUM_WARPS):
-        if block & (block - 1) or block < 128:
+    def __init__(self, block: int | None = None, num_warps: int | None = None):
+        if block is not None and (block & (block - 1) or block < 128):
             raise ValueError(f"block={block}: a power of two >= 128 (Triton's block sizes)")
         self.block, self.num_warps = block, num_warps
         self._blocks: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._addresses: dict[tuple, tuple[list[int], torch.Tensor]] = {}
 
-    def _block_map(self, key: tuple, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _block_map(self, key: tuple, params: list[torch.Tensor], block: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if key not in self._blocks:
             numels = [p.numel() for p in params]
-            counts = [math.ceil(n / self.block) for n in numels]
+            counts = [math.ceil(n / block) for n in numels]
             tensor_of_block = torch.repeat_interleave(torch.arange(len(params), dtype=torch.int32),
                                                       torch.tensor(counts))
-            start_of_block = torch.cat([torch.arange(c, dtype=torch.int64) * self.block for c in counts])
+            start_of_block = torch.cat([torch.arange(c, dtype=torch.int64) * block for c in counts])
             device = params[0].device
             # built once, at the first step: the only blocking copies this class makes
             self._blocks[key] = (tensor_of_block.to(device), start_of_block.to(device),
@@ -138,7 +140,9 @@ class MultiTensorAdamW:
                  beta2: float, eps: float, weight_decay: float, grad_scale: torch.Tensor,
                  skip: torch.Tensor, masters: list[torch.Tensor] | None = None) -> None:
         key = tuple(id(p) for p in params)
-        tensor_of_block, start_of_block, numels = self._block_map(key, params)
+        block, num_warps = LAUNCH.get(params[0].dtype, LAUNCH[torch.float32])
+        block, num_warps = self.block or block, self.num_warps or num_warps
+        tensor_of_block, start_of_block, numels = self._block_map(key, params, block)
         table = self._address_table(key, [params, grads, exp_avgs, exp_avg_sqs, steps] + ([masters] if masters else []))
         # alpha picks the Tensor overload: without it the 0-d tensor binds as a Scalar, an .item() sync
         torch._foreach_add_(steps, (~skip).float(), alpha=1.0)
@@ -146,4 +150,4 @@ class MultiTensorAdamW:
             table, tensor_of_block, start_of_block, numels, len(params), lr, grad_scale.float(),
             skip.to(torch.uint8), beta1, beta2, _log2(beta1), _log2(beta2), eps, weight_decay,
             PARAM_DTYPE=DTYPES[params[0].dtype], MOMENT_DTYPE=DTYPES[exp_avgs[0].dtype], HAS_MASTER=masters is not None,
-            BLOCK=self.block, num_warps=self.num_warps)
+            BLOCK=block, num_warps=num_warps)

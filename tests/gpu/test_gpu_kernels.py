@@ -54,8 +54,7 @@ def test_grouped_swiglu_matches_per_expert_reference(monkeypatch, quack):
     e, h, i = 8, 256, 128
     counts = torch.tensor([0, 37, 5, 300, 1, 0, 129, 64])  # empty and unaligned groups on purpose
     x = torch.randn(int(counts.sum()), h, dtype=torch.float64)
-    ws = [torch.randn(e, i, h, dtype=torch.float64) * 0.05, torch.randn(e, h, i, dtype=torch.float64) * 0.05,
-          torch.randn(e, i, h, dtype=torch.float64) * 0.05]
+    ws = [torch.randn(e, 2, i, h, dtype=torch.float64) * 0.05, torch.randn(e, h, i, dtype=torch.float64) * 0.05]
     grad_out = torch.randn(x.shape[0], h, dtype=torch.float64)
 
     ref_in = [t.clone().requires_grad_() for t in (x, *ws)]
@@ -64,7 +63,7 @@ def test_grouped_swiglu_matches_per_expert_reference(monkeypatch, quack):
 
     # bf16 rows (as dispatch_local passes them under autocast), fp32 weights (as the parameters are)
     gpu_in = [t.to("cuda", dtype).requires_grad_()
-              for t, dtype in zip((x, *ws), (torch.bfloat16, torch.float32, torch.float32, torch.float32))]
+              for t, dtype in zip((x, *ws), (torch.bfloat16, torch.float32, torch.float32))]
     out = kernels.grouped_swiglu(gpu_in[0], counts.cuda(), *gpu_in[1:])
     out.backward(grad_out.float().cuda())
     assert out.dtype == torch.bfloat16
