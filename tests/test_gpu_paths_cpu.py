@@ -161,13 +161,13 @@ def test_optimizer_update_table_from_its_results_file(tmp_path, capsys):
     results = tmp_path / "rows.jsonl"
     results.write_text(json.dumps(dict(row, update="torch fused AdamW", block=None, num_warps=None, ms=6.0,
                                        gb_moved=21.0, diff_vs_first=None)) + "\n" + json.dumps(row) + "\n"
-                       + json.dumps(dict(row, param_dtype="bf16", block=1024, ms=5.0)) + "\n")
+                       + json.dumps(dict(row, param_dtype="bf16", block=1024, iters=4, ms=5.0)) + "\n")
     bench_optimizer_update.main(["--table", str(results)])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "H200, small.yaml" and len(lines) == 6
-    assert lines[3] == "| torch fused AdamW | fp32 | - | - | 6.000 | 21.0 | 3.50 | - |"
-    assert lines[4] == "| multi_tensor_adamw, bf16 moments | fp32 | 512 | 4 | 4.000 | 15.0 | 3.75 | 0.0e+00 |"
-    assert lines[5] == "| multi_tensor_adamw, bf16 moments | bf16 | 1024 | 4 | 5.000 | 15.0 | 3.00 | 0.0e+00 |"
+    assert lines[3] == "| torch fused AdamW | fp32 | - | - | - | 6.000 | 21.0 | 3.50 | - |"
+    assert lines[4] == "| multi_tensor_adamw, bf16 moments | fp32 | 512 | 4 | 1 | 4.000 | 15.0 | 3.75 | 0.0e+00 |"
+    assert lines[5] == "| multi_tensor_adamw, bf16 moments | bf16 | 1024 | 4 | 4 | 5.000 | 15.0 | 3.00 | 0.0e+00 |"
 
 
 def test_moe_kernels_table_from_its_results_file(tmp_path, capsys):

@@ -242,11 +242,13 @@ def test_fp32_param_checkpoint_loads_into_bf16_params():
     assert max((p.float() - q).abs().max().item() for p, q in zip(copies, params)) < 0.1  # moved from there, not from 0
 
 
+@pytest.mark.parametrize("iters", [1, 3])
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
-def test_multi_tensor_update_matches_the_reference_in_triton_interpreter(param_dtype):
+def test_multi_tensor_update_matches_the_reference_in_triton_interpreter(param_dtype, iters):
     """multi_tensor_adamw's kernel (Triton's interpreter on the CPU: tests/conftest.py turns it on without
     CUDA) against adamw_update_all: bf16 moments, fp32 parameters or bf16 ones over fp32 masters, partial
-    blocks, one skipped step. The compiled kernel runs against the same reference in tests/gpu."""
+    blocks (and, with 3 blocks a program, programs whose last blocks lie past the tensor's end), one skipped
+    step. The compiled kernel runs against the same reference in tests/gpu."""
     import os
 
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -258,7 +260,7 @@ def test_multi_tensor_update_matches_the_reference_in_triton_interpreter(param_d
     shapes = [(40, 13), (7,), (3, 200)]
     weights = [torch.randn(s, generator=gen) for s in shapes]
     runs = {}
-    for name, update in (("reference", adamw_update_all), ("kernel", MultiTensorAdamW(block=128))):
+    for name, update in (("reference", adamw_update_all), ("kernel", MultiTensorAdamW(block=128, iters=iters))):
         masters = [w.clone() for w in weights] if param_dtype != torch.float32 else None
         params = [w.to(param_dtype) for w in weights] if masters else [w.clone() for w in weights]
         moments = [[torch.zeros(s, dtype=torch.bfloat16) for s in shapes] for _ in range(2)]
@@ -279,6 +281,25 @@ def test_multi_tensor_update_matches_the_reference_in_triton_interpreter(param_d
             atol = 5e-4 if kind in ("params", "weights") else 2**-7 * b.float().abs().max().item()
             torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol)
     assert all(float(s) == 3 for s in runs["kernel"]["steps"])
+
+
+@pytest.mark.parametrize("iters", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_tensor_sum_of_squares_in_triton_interpreter(dtype, iters):
+    """The clipping norm's kernel (MultiTensorAdamW.sum_of_squares, Triton's interpreter) against a float64
+    sum over tensors that end inside a block, and inside a program's blocks."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off where CUDA is present: tests/gpu runs the compiled kernel")
+    from dsmtp.train.multi_tensor_adamw import MultiTensorAdamW
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(s, generator=gen).to(dtype) for s in [(40, 13), (7,), (3, 200), (128,)]]
+    expected = sum(t.double().square().sum() for t in tensors)
+    got = MultiTensorAdamW(block=128, iters=iters).sum_of_squares(tensors)
+    assert got.dtype == torch.float32 and got.shape == ()
+    assert abs(got.item() - expected.item()) <= 1e-5 * expected.item()
 
 
 def test_param_dtype_bf16_is_refused_where_its_gradients_would_round_or_its_masters_cannot_live():

@@ -38,12 +38,16 @@ KERNELS = {
         multi_tensor_adamw._adamw_blocks,
         ["*i64", "*i32", "*i64", "*i64", "i32", "*fp32", "*fp32", "*u8"] + ["fp32"] * 6,
         dict(PARAM_DTYPE=tl.float32, MOMENT_DTYPE=tl.bfloat16, HAS_MASTER=False,
-             BLOCK=multi_tensor_adamw.LAUNCH[torch.float32][0])),
+             BLOCK=multi_tensor_adamw.LAUNCH[torch.float32][0], ITERS=4)),
     "multi_tensor_adamw._adamw_blocks[bf16_params_fp32_masters]": (
         multi_tensor_adamw._adamw_blocks,
         ["*i64", "*i32", "*i64", "*i64", "i32", "*fp32", "*fp32", "*u8"] + ["fp32"] * 6,
         dict(PARAM_DTYPE=tl.bfloat16, MOMENT_DTYPE=tl.bfloat16, HAS_MASTER=True,
-             BLOCK=multi_tensor_adamw.LAUNCH[torch.bfloat16][0])),
+             BLOCK=multi_tensor_adamw.LAUNCH[torch.bfloat16][0], ITERS=4)),
+    "multi_tensor_adamw._sum_squares_blocks": (
+        multi_tensor_adamw._sum_squares_blocks,
+        ["*i64", "*i32", "*i64", "*i64", "*fp32"],
+        dict(DTYPE=tl.bfloat16, BLOCK=multi_tensor_adamw.LAUNCH[torch.bfloat16][0], ITERS=4)),
 }
 
 

@@ -144,6 +144,14 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
         return self._multi_tensor
 
     @torch.no_grad()
+    def grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
+        """The global L2 norm of `grads` in fp32 in one launch on CUDA (multi_tensor_adamw); None elsewhere."""
+        if (not grads or grads[0].device.type != "cuda" or any(g.dtype != grads[0].dtype for g in grads)
+                or not all(g.is_contiguous() for g in grads)):
+            return None
+        return self._update_fn(grads[0].device).sum_of_squares(grads).sqrt()
+
+    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
@@ -177,6 +185,17 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
         return loss
 
 
+def global_norm(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all of `grads`, accumulated in fp32: AdamWLowPrecisionMoments' one-launch kernel on
+    CUDA, torch's multi-tensor norms otherwise."""
+    if isinstance(optimizer, AdamWLowPrecisionMoments) and (norm := optimizer.grad_norm(grads)) is not None:
+        return norm
+    if all(g.dtype == torch.float32 for g in grads):
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
+    # bf16 gradients (train.param_dtype=bf16): each tensor's norm accumulated in fp32
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
+
+
 def clipped_step(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], max_norm: float,
                  skip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip the gradients to a global norm of max_norm (<= 0: no clipping) and take one step of a fused
@@ -187,11 +206,7 @@ def clipped_step(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter
     early when `found_inf` is set (torch.amp.GradScaler's hooks). So clipping costs no extra pass over
     the gradients, and neither it nor the skip waits for the host to read the norm.
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    if all(g.dtype == torch.float32 for g in grads):
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-    else:  # bf16 gradients (train.param_dtype=bf16): each tensor's norm accumulated in fp32
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
+    norm = global_norm(optimizer, [p.grad for p in params if p.grad is not None])
     skipped = ~torch.isfinite(norm)
     if skip is not None:
         skipped |= skip

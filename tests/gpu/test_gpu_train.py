@@ -128,6 +128,26 @@ def test_parallel_heads_one_at_a_time_matches_plain_backward(tmp_path, compile_l
     assert max(errors.values()) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_norm_in_one_launch_matches_float64(dtype):
+    """AdamWLowPrecisionMoments.grad_norm (clipping's norm, one Triton launch) against float64, over the
+    small config's parameter shapes; an inf gradient gives an inf norm (the step is then skipped)."""
+    from dsmtp.config import load_config
+    from dsmtp.convert.names import our_shapes
+    from dsmtp.train.optim import AdamWLowPrecisionMoments
+
+    torch.manual_seed(0)
+    grads = [torch.randn(shape, device="cuda", dtype=dtype)
+             for shape in our_shapes(load_config("configs/small.yaml").model).values()]
+    optimizer = AdamWLowPrecisionMoments([torch.nn.Parameter(torch.zeros(1, device="cuda"))], lr=1e-3,
+                                         betas=(0.9, 0.95), eps=1e-8)
+    expected = torch.stack([g.double().square().sum() for g in grads]).sum().sqrt()
+    norm = optimizer.grad_norm(grads)
+    assert norm.dtype == torch.float32 and abs(norm.item() - expected.item()) <= 1e-5 * expected.item()
+    grads[3][0] = float("inf")
+    assert optimizer.grad_norm(grads).isinf()
+
+
 @pytest.mark.parametrize("state_dtype,param_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
                                                      (torch.bfloat16, torch.bfloat16)])
 def test_multi_tensor_adamw_matches_cpu_reference(state_dtype, param_dtype):
