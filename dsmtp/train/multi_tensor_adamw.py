@@ -2,9 +2,10 @@
 
 torch's fused AdamW does this for moments in the parameters' dtype; ours keeps them in bf16 over fp32
 parameters, which no torch kernel takes, and per-parameter calls from Python leave the GPU waiting for
-the host (notes/gpu/NOTES.md, issue 25). So each program updates one block of one tensor, finding the
-tensor's parameter, gradient, moments and step count through a table of addresses, as multi-tensor
-kernels do. The table is rebuilt only when an address changes and is uploaded without a host wait.
+the host (notes/gpu/NOTES.md, issue 25). So each program updates a few consecutive blocks of one tensor,
+finding the tensor's parameter, gradient, moments and step count through a table of addresses, as
+multi-tensor kernels do. The table is rebuilt only when an address changes and is uploaded without a host
+wait. Clipping's global gradient norm runs over the same block map, also in one launch.
 
 The arithmetic is optim.adamw_update's (the CPU reference; the GPU test compares them).
 """
@@ -121,6 +122,11 @@ class MultiTensorAdamW:
         self._blocks: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._addresses: dict[tuple, tuple[list[int], torch.Tensor]] = {}
 
+    def _launch(self, dtype: torch.dtype) -> tuple[int, int, int]:
+        """(block, warps, blocks a program): this instance's choices, else LAUNCH's for `dtype`."""
+        block, num_warps, iters = LAUNCH.get(dtype, LAUNCH[torch.float32])
+        return self.block or block, self.num_warps or num_warps, self.iters or iters
+
     def _block_map(self, key: tuple, params: list[torch.Tensor], block: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tensor of each program, its first element, every tensor's size); a program covers `block` elements."""
@@ -155,8 +161,7 @@ class MultiTensorAdamW:
                  beta2: float, eps: float, weight_decay: float, grad_scale: torch.Tensor,
                  skip: torch.Tensor, masters: list[torch.Tensor] | None = None) -> None:
         key = tuple(id(p) for p in params)
-        block, num_warps, iters = LAUNCH.get(params[0].dtype, LAUNCH[torch.float32])
-        block, num_warps, iters = self.block or block, self.num_warps or num_warps, self.iters or iters
+        block, num_warps, iters = self._launch(params[0].dtype)
         tensor_of_block, start_of_block, numels = self._block_map(key, params, block * iters)
         table = self._address_table(key, [params, grads, exp_avgs, exp_avg_sqs, steps] + ([masters] if masters else []),
                                     _check_update)
@@ -172,8 +177,7 @@ class MultiTensorAdamW:
         """The sum of the squares of every element of `tensors` (contiguous, fp32 or bf16, one dtype), in
         fp32 on the device: one launch for the list, as the update's (clipping's global gradient norm)."""
         key = ("sum_of_squares",) + tuple(t.numel() for t in tensors)
-        block, num_warps, iters = LAUNCH.get(tensors[0].dtype, LAUNCH[torch.float32])
-        block, num_warps, iters = self.block or block, self.num_warps or num_warps, self.iters or iters
+        block, num_warps, iters = self._launch(tensors[0].dtype)
         tensor_of_block, start_of_block, numels = self._block_map(key, tensors, block * iters)
         table = self._address_table(key, [tensors], _check_summed)
         partial_sums = torch.empty(tensor_of_block.numel(), dtype=torch.float32, device=tensors[0].device)
