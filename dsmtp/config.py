@@ -230,6 +230,10 @@ class TrainConfig:
     # CUDA): the host launches one graph instead of thousands of kernels, with the same arithmetic as eager
     # (tests/gpu/test_gpu_train.py; its speed: notes/code-measurements.md).
     cuda_graph: bool = False
+    # Run the optimizer update on a side stream, layer by layer in forward order, while the next step's
+    # forward runs: each layer waits only for its own parameters (dsmtp.train.overlap; one process on CUDA,
+    # dsmtp's own AdamW: train.optimizer_state_dtype or train.param_dtype bf16). Same arithmetic as in turn.
+    overlap_update: bool = False
     # Where the training and eval records go: metrics.jsonl always; "tensorboard" and "wandb" add writers
     # of the same records (dsmtp.train.trackers; pip install 'dsmtp[tracking]').
     trackers: list[str] = field(default_factory=lambda: ["jsonl"])
@@ -596,6 +600,8 @@ def validate_world(cfg: Config, world_size: int) -> int:
                                "set it to false")
     _require(t.param_dtype == "fp32", f"train.param_dtype={t.param_dtype} keeps master weights in the single-process "
                                       "optimizer, not under torchrun: set it to fp32")
+    _require(not t.overlap_update, "train.overlap_update=true overlaps the single-process step, not a step under "
+                                   "torchrun: set it to false")
     _require(not (p.resolved_engine == "deepspeed" and t.optimizer_state_dtype != "fp32"),
              f"train.optimizer_state_dtype={t.optimizer_state_dtype} under DeepSpeed (parallel.engine={p.engine}): "
              "its ZeRO optimizer keeps the moments in fp32 partitions of its own; use parallel.engine=native, or "
@@ -661,6 +667,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Optional[int]:
              f"train.activation_recompute_every={t.activation_recompute_every} must be >= 0 (0: keep all "
              "activations, 1: recompute every layer, N: every N-th layer)")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    _require(not t.overlap_update or "bf16" in (t.optimizer_state_dtype, t.param_dtype),
+             "train.overlap_update=true steps dsmtp's own AdamW layer by layer, which train.optimizer_state_dtype=fp32 "
+             "with train.param_dtype=fp32 does not use (torch's fused AdamW): set train.optimizer_state_dtype=bf16, or "
+             "train.overlap_update=false")
+    _require(not t.overlap_update or p.tp == p.pp == p.ep == 1,
+             f"train.overlap_update=true overlaps the single-process step, not a tp={p.tp} pp={p.pp} ep={p.ep} layout: "
+             "set train.overlap_update=false or parallel.tp, pp and ep to 1")
     _require(not t.cuda_graph or p.tp == p.pp == p.ep == 1,
              f"train.cuda_graph=true replays the single-process step, not a tp={p.tp} pp={p.pp} ep={p.ep} layout: "
              "set train.cuda_graph=false or parallel.tp, pp and ep to 1")

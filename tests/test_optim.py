@@ -328,3 +328,66 @@ def test_memory_estimate_counts_bf16_params_and_their_masters():
     bf16 = training_memory(cfg)
     assert bf16.parameters * 2 == fp32.parameters and bf16.gradients * 2 == fp32.gradients
     assert bf16.optimizer == fp32.optimizer + fp32.parameters  # two moments plus a 4-byte master per parameter
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_staged_step_equals_one_step(param_dtype):
+    """step(stages=...) (dsmtp.train.overlap's order: stage by stage, each across the parameter groups)
+    against the plain step, over clipped steps and a skipped one: the same weights, moments and masters
+    bit for bit, and after_stage called once a stage, in order."""
+    runs = []
+    for staged in (False, True):
+        params = make_params()
+        optimizer = AdamWLowPrecisionMoments(groups(params), **HYPER, param_dtype=param_dtype)
+        stages = [[params[2], params[0]], [params[1]]]  # across the groups, out of group order
+        called = []
+        for step in range(4):
+            gen = torch.Generator().manual_seed(100 + step)
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=gen) * (float("inf") if step == 2 else 1.0)).to(p.dtype)
+            stepper = (lambda: optimizer.step(stages=stages, after_stage=called.append)) if staged else None
+            clipped_step(optimizer, params, max_norm=1.0, step=stepper)
+        assert called == ([0, 1] * 4 if staged else [])
+        runs.append([params, [optimizer.state[p] for p in params]])
+    for a, b in zip(*(params for params, _ in runs)):
+        assert a.dtype == b.dtype == param_dtype and torch.equal(a, b)
+    for a, b in zip(*(states for _, states in runs)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_forward_stages_hold_every_parameter_once_in_forward_order():
+    """dsmtp.train.overlap's stages: the model's own parameters (embedding, head, final norm) first, then each
+    trunk layer's, then each MTP module's; together every parameter exactly once."""
+    from dsmtp.config import ModelConfig
+    from dsmtp.model import DeepSeekV3
+    from dsmtp.parallel.topology import ensure_initialized
+    from dsmtp.train.overlap import forward_stages
+
+    ensure_initialized()
+    model = DeepSeekV3(ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                   moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
+                                   topk_group=1, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                   v_head_dim=8, max_position_embeddings=64, mtp_depth=2))
+    entries, stages = forward_stages(model)
+    assert entries == [model, *model.layers, *model.mtp] and len(stages) == 1 + 2 + 2
+    names = {id(p): n for n, p in model.named_parameters()}
+    staged = [names[id(p)] for stage in stages for p in stage]
+    assert sorted(staged) == sorted(names.values())  # every parameter, none twice
+    assert {names[id(p)] for p in stages[0]} == {"embed.weight", "norm.weight", "head.weight"}
+    for i in range(2):
+        assert all(names[id(p)].startswith(f"layers.{i}.") for p in stages[1 + i])
+        assert all(names[id(p)].startswith(f"mtp.{i}.") for p in stages[3 + i])
+
+
+def test_overlap_update_is_refused_where_it_cannot_run():
+    cfg = Config()
+    cfg.train.overlap_update = True
+    with pytest.raises(ConfigError, match=r"train.overlap_update=true .*train.optimizer_state_dtype=bf16"):
+        validate(cfg)
+    cfg.train.optimizer_state_dtype = "bf16"
+    validate(cfg)
+    with pytest.raises(ConfigError, match=r"train.overlap_update=true .*not a step under torchrun"):
+        validate(cfg, world_size=2)
+    cfg.parallel.tp = 2
+    with pytest.raises(ConfigError, match=r"set train.overlap_update=false or parallel.tp, pp and ep to 1"):
+        validate(cfg)

@@ -236,6 +236,13 @@ def test_cuda_graph_is_refused_where_it_cannot_run(make_trainer, tmp_path, data_
         config_from_dict({"train": {"cuda_graph": True}, "parallel": {"tp": 2}})
 
 
+def test_overlap_update_is_refused_without_cuda(make_trainer):
+    """train.overlap_update needs CUDA streams: refused before any work, naming the fix (its arithmetic
+    against the update in turn: tests/test_optim.py here, tests/gpu/test_gpu_train.py on a GPU)."""
+    with pytest.raises(ConfigError, match="train.overlap_update=true overlaps CUDA streams: set it to false"):
+        make_trainer(overlap_update=True, optimizer_state_dtype="bf16")
+
+
 def test_end_of_run_outputs(make_trainer):
     trainer = make_trainer(steps=3, log_interval=2)
     trainer.run()

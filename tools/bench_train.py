@@ -42,6 +42,7 @@ from dsmtp.train.cuda_graph import EAGER_STEPS, GraphedBackward  # noqa: E402
 from dsmtp.train.metrics import MetricsLog  # noqa: E402
 from dsmtp.train.flops import PEAK_BF16_FLOPS, flops_per_token, mfu  # noqa: E402
 from dsmtp.train.optim import build_optimizer, clipped_step  # noqa: E402
+from dsmtp.train.overlap import OverlappedUpdate  # noqa: E402
 from dsmtp.train.trainer import autocast_for, apply_train_settings  # noqa: E402
 
 PEAK_BF16_TFLOPS = PEAK_BF16_FLOPS / 1e12
@@ -164,6 +165,7 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
     autocast = autocast_for(args.precision, torch.device("cuda"))
     model.train()
     opt = build_optimizer(model, cfg.train)
+    overlap = OverlappedUpdate(model, opt) if cfg.train.overlap_update else None
     b, s, d = cfg.train.micro_batch_size, cfg.train.seq_len, mtp_depth
     gen = torch.Generator(device="cuda").manual_seed(0)
     batches = [torch.randint(0, cfg.model.vocab_size, (b, s + d + 1), device="cuda", generator=gen) for _ in range(4)]
@@ -183,7 +185,7 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
         loss = (graphed or backward)(samples, 0.3)
         if marks:
             marks[0].record()
-        clipped_step(opt, model.parameters(), cfg.train.grad_clip)
+        clipped_step(opt, model.parameters(), cfg.train.grad_clip, step=None if overlap is None else overlap.step)
         if marks:
             marks[1].record()
         opt.zero_grad(set_to_none=True)
@@ -224,7 +226,7 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
                disabled=",".join(args.disable), enabled=",".join(args.enable), device=torch.cuda.get_device_name(),
                attention_backend=next(m.attention_backend for m in model.modules() if hasattr(m, "attention_backend")),
                optimizer_state_dtype=cfg.train.optimizer_state_dtype, param_dtype=cfg.train.param_dtype,
-               compile_mode=cfg.train.compile_mode,
+               compile_mode=cfg.train.compile_mode, overlap_update=cfg.train.overlap_update,
                step_ms=step_ms, step_ms_min=min(times), step_ms_max=max(times), tokens_per_s=tokens / step_ms * 1e3,
                gflop_per_token=fpt / 1e9, tflops=fpt * tokens / step_ms / 1e9,
                mfu=mfu(tokens / step_ms * 1e3, cfg.model, s),

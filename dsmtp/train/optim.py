@@ -17,7 +17,7 @@ The fused kernel reads and writes each parameter, gradient and moment once per s
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -152,37 +152,47 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
         return self._update_fn(grads[0].device).sum_of_squares(grads).sqrt()
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, stages: list[list[nn.Parameter]] | None = None,
+             after_stage: Callable[[int], None] | None = None):
+        """One update of every parameter with a gradient. With `stages` (lists of parameters that together
+        hold every one), stage by stage in their order, calling `after_stage(i)` once stage i's launches
+        are queued (dsmtp.train.overlap); each tensor's arithmetic is the same either way."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            device = params[0].device
-            # a fill kernel with the value as its argument: torch.tensor(lr, device=cuda) is a blocking copy
-            lr = torch.full((), group["lr"], dtype=torch.float32, device=device)
-            scale = torch.ones((), device=device) if grad_scale is None else grad_scale.to(device)
-            skip = torch.zeros((), dtype=torch.bool, device=device) if found_inf is None else found_inf.to(device) > 0
-            update = self._update_fn(device)
-            beta1, beta2 = group["betas"]
-            for p in params:
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    for key in MOMENTS:
-                        state[key] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
-                if p.dtype != torch.float32 and "master" not in state:
-                    state["master"] = p.detach().float().clone()
-            states = [self.state[p] for p in params]
-            masters = [s["master"] for s in states] if params[0].dtype != torch.float32 else None
-            update(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                   [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr, beta1, beta2,
-                   group["eps"], group["weight_decay"], scale, skip, masters)
+        for i, stage in enumerate(stages or [None]):
+            members = None if stage is None else {id(p) for p in stage}
+            for group in self.param_groups:
+                params = [p for p in group["params"] if p.grad is not None and (members is None or id(p) in members)]
+                if params:
+                    self._update(group, params)
+            if after_stage is not None:
+                after_stage(i)
         return loss
+
+    def _update(self, group: dict, params: list[nn.Parameter]) -> None:
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        device = params[0].device
+        # a fill kernel with the value as its argument: torch.tensor(lr, device=cuda) is a blocking copy
+        lr = torch.full((), group["lr"], dtype=torch.float32, device=device)
+        scale = torch.ones((), device=device) if grad_scale is None else grad_scale.to(device)
+        skip = torch.zeros((), dtype=torch.bool, device=device) if found_inf is None else found_inf.to(device) > 0
+        update = self._update_fn(device)
+        beta1, beta2 = group["betas"]
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                for key in MOMENTS:
+                    state[key] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
+            if p.dtype != torch.float32 and "master" not in state:
+                state["master"] = p.detach().float().clone()
+        states = [self.state[p] for p in params]
+        masters = [s["master"] for s in states] if params[0].dtype != torch.float32 else None
+        update(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+               [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr, beta1, beta2,
+               group["eps"], group["weight_decay"], scale, skip, masters)
 
 
 def global_norm(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) -> torch.Tensor:
@@ -197,10 +207,12 @@ def global_norm(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) -> 
 
 
 def clipped_step(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], max_norm: float,
-                 skip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 skip: torch.Tensor | None = None, step: Callable[[], None] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip the gradients to a global norm of max_norm (<= 0: no clipping) and take one step of a fused
     optimizer, unless the norm is not finite or `skip` (a device bool) is set: then nothing changes.
-    Returns (norm before clipping, skipped), both on the device.
+    Returns (norm before clipping, skipped), both on the device. `step` takes the step in place of
+    optimizer.step() (dsmtp.train.overlap's, on a side stream).
 
     The fused kernel does both jobs as it goes: it divides every gradient by `grad_scale` and returns
     early when `found_inf` is set (torch.amp.GradScaler's hooks). So clipping costs no extra pass over
@@ -214,7 +226,7 @@ def clipped_step(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter
     optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0) if max_norm > 0 else torch.ones_like(norm)
     optimizer.found_inf = skipped.float()
     try:
-        optimizer.step()
+        (step or optimizer.step)()
     finally:
         del optimizer.grad_scale, optimizer.found_inf
     return norm, skipped

@@ -42,6 +42,7 @@ from dsmtp.train.cuda_graph import GraphedBackward
 from dsmtp.train.flops import mfu
 from dsmtp.train.metrics import IntervalMeter, LossSums, MetricsLog, expert_load_imbalance
 from dsmtp.train.optim import build_optimizer, clipped_step
+from dsmtp.train.overlap import OverlappedUpdate
 
 
 class BatchStream(Protocol):
@@ -167,6 +168,8 @@ class Trainer:
         self.device = topology.device()
         if t.cuda_graph and self.device.type != "cuda":
             raise ConfigError("train.cuda_graph=true needs a CUDA device: set it to false here")
+        if t.overlap_update and self.device.type != "cuda":
+            raise ConfigError("train.overlap_update=true overlaps CUDA streams: set it to false here")
         memory.check_training_memory(cfg, self.device, torch.distributed.get_world_size(),
                                      int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         self.autocast = autocast_for(t.precision, self.device, t.fp8_backend)
@@ -175,6 +178,7 @@ class Trainer:
         self.build_model()
         self.graphed_backward = GraphedBackward(self.backward_pass, list(self.model.parameters())) \
             if t.cuda_graph else None
+        self.overlap = OverlappedUpdate(self.model, self.optimizer) if t.overlap_update else None
         self.data = data if data is not None else self.open_data()
         self.log = MetricsLog(self.out_dir / "metrics.jsonl")
         self.trackers: list = []  # train.trackers' writers beside self.log while run() runs (logging rank)
@@ -235,7 +239,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         grad_norm, skipped = clipped_step(self.optimizer, self.model.parameters(), self.cfg.train.grad_clip,
-                                          skip=~finite_loss)
+                                          skip=~finite_loss, step=None if self.overlap is None else self.overlap.step)
         imbalance = expert_load_imbalance(self.model)
         update_expert_bias(self.model, gamma * ~skipped)  # a skipped step only resets the counts
         self.optimizer.zero_grad(set_to_none=True)
@@ -294,6 +298,8 @@ class Trainer:
 
     def state_to_save(self) -> checkpoint.State:
         """The model and optimizer tensors this process holds (a distributed trainer: this rank's chunks)."""
+        if self.overlap is not None:
+            self.overlap.synchronize()
         return checkpoint.module_state(self.model, self.optimizer)
 
     def state_to_load(self, with_optimizer: bool) -> checkpoint.State:
