@@ -21,6 +21,7 @@ MFU is dsmtp.train.flops.mfu: docs/design.md's FLOPs per token over the dense bf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -182,14 +183,15 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
     def step(i: int, marks: tuple[torch.cuda.Event, ...] = ()) -> torch.Tensor:
         """marks: two events recorded between the phases, on the GPU's timeline (no host wait)."""
         samples = batches[i % len(batches)][None]
-        loss = (graphed or backward)(samples, 0.3)
-        if marks:
-            marks[0].record()
-        clipped_step(opt, model.parameters(), cfg.train.grad_clip, step=None if overlap is None else overlap.step)
-        if marks:
-            marks[1].record()
-        opt.zero_grad(set_to_none=True)
-        update_expert_bias(model, 1e-3)
+        with contextlib.nullcontext() if overlap is None else overlap.computing():
+            loss = (graphed or backward)(samples, 0.3)
+            if marks:
+                marks[0].record()
+            clipped_step(opt, model.parameters(), cfg.train.grad_clip, step=None if overlap is None else overlap.step)
+            if marks:
+                marks[1].record()
+            opt.zero_grad(set_to_none=True)
+            update_expert_bias(model, 1e-3)
         return loss
 
     t0 = time.time()

@@ -8,13 +8,18 @@ trunk layer's, then each MTP module's. An event marks each stage's end, and the 
 event as it enters stage i's module. Each tensor's arithmetic is the in-turn update's, so the parameters
 match it bit for bit (tests/gpu/test_gpu_train.py).
 
-Under train.cuda_graph the waits are captured into the graph as waits on external events, which the update
-records outside it. The gradients and clipping's scale the side stream reads are marked as in use by it,
+Concurrent kernels share the SMs block by block: forward and backward run on a stream of the highest
+priority (`computing`) and the update on one of the lowest, so that as the update's short blocks finish, the
+forward's blocks are dispatched first. Under train.cuda_graph the waits are captured into the graph as waits
+on external events, which the update records outside it. The gradients and clipping's scale the side stream reads are marked as in use by it,
 so releasing them (zero_grad) cannot hand their memory to the next forward before the update has read them.
 Anything else that reads the parameters or the optimizer's state (a checkpoint) calls `synchronize` first.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -47,10 +52,21 @@ class OverlappedUpdate:
                              "set train.optimizer_state_dtype=bf16 (or train.param_dtype=bf16)")
         entries, self.stages = forward_stages(model)
         self.optimizer = optimizer
-        self.stream = torch.cuda.Stream()
+        self.stream = torch.cuda.Stream(priority=0)  # the lowest priority there is (the default stream's)
+        self.compute = torch.cuda.Stream(priority=-100)  # clamped to the highest
         self.events = [torch.cuda.Event(external=True) for _ in self.stages]
         for module, event in zip(entries, self.events):
             module.register_forward_pre_hook(lambda module, args, event=event: _wait(event))
+
+    @contextmanager
+    def computing(self) -> Iterator[None]:
+        """Runs the enclosed work (a training step: forward, backward, clipping, the update's launch) on the
+        high-priority compute stream, ordered after and before the caller's stream."""
+        outer = torch.cuda.current_stream()
+        self.compute.wait_stream(outer)
+        with torch.cuda.stream(self.compute):
+            yield
+        outer.wait_stream(self.compute)
 
     def step(self) -> None:
         self.stream.wait_stream(torch.cuda.current_stream())  # backward and clipping's norm are done

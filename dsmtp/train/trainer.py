@@ -263,9 +263,10 @@ class Trainer:
     def train_step(self) -> StepResult:
         t = self.cfg.train
         lam = schedules.mtp_weight(t, self.tokens)
-        sums, finite = self.accumulate_gradients(lam)
-        grad_norm, imbalance, skipped = self.optimizer_step(
-            schedules.learning_rate(t, self.step), schedules.bias_update_rate(t, self.tokens), finite)
+        with contextlib.nullcontext() if self.overlap is None else self.overlap.computing():
+            sums, finite = self.accumulate_gradients(lam)
+            grad_norm, imbalance, skipped = self.optimizer_step(
+                schedules.learning_rate(t, self.step), schedules.bias_update_rate(t, self.tokens), finite)
         self.step += 1
         self.tokens += self.tokens_per_step
         return StepResult(sums, self.tokens_per_step, grad_norm, imbalance, skipped)
