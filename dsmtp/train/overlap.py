@@ -11,9 +11,10 @@ match it bit for bit (tests/gpu/test_gpu_train.py).
 Concurrent kernels share the SMs block by block: forward and backward run on a stream of the highest
 priority (`computing`) and the update on one of the lowest, so that as the update's short blocks finish, the
 forward's blocks are dispatched first. Under train.cuda_graph the waits are captured into the graph as waits
-on external events, which the update records outside it. The gradients and clipping's scale the side stream reads are marked as in use by it,
-so releasing them (zero_grad) cannot hand their memory to the next forward before the update has read them.
-Anything else that reads the parameters or the optimizer's state (a checkpoint) calls `synchronize` first.
+on external events, which the update records outside it. The gradients and clipping's scale the side stream
+reads are marked as in use by it, so releasing them (zero_grad) cannot hand their memory to the next forward
+before the update has read them. Anything else that reads the parameters or the optimizer's state (a
+checkpoint) calls `synchronize` first.
 """
 
 from __future__ import annotations
