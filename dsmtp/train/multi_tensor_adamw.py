@@ -130,6 +130,7 @@ class MultiTensorAdamW:
     def _block_map(self, key: tuple, params: list[torch.Tensor], block: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tensor of each program, its first element, every tensor's size); a program covers `block` elements."""
+        key = key + (block,)
         if key not in self._blocks:
             numels = [p.numel() for p in params]
             counts = [math.ceil(n / block) for n in numels]

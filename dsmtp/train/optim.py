@@ -146,8 +146,7 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
     @torch.no_grad()
     def grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
         """The global L2 norm of `grads` in fp32 in one launch on CUDA (multi_tensor_adamw); None elsewhere."""
-        if (not grads or grads[0].device.type != "cuda" or any(g.dtype != grads[0].dtype for g in grads)
-                or not all(g.is_contiguous() for g in grads)):
+        if not grads or grads[0].device.type != "cuda":
             return None
         return self._update_fn(grads[0].device).sum_of_squares(grads).sqrt()
 
@@ -161,24 +160,28 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with_grads = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not with_grads:
+            return loss
+        device = with_grads[0].device
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        scale = torch.ones((), device=device) if grad_scale is None else grad_scale.to(device)
+        skip = torch.zeros((), dtype=torch.bool, device=device) if found_inf is None else found_inf.to(device) > 0
+        # a fill kernel with the value as its argument: torch.tensor(lr, device=cuda) is a blocking copy
+        lrs = [torch.full((), group["lr"], dtype=torch.float32, device=device) for group in self.param_groups]
         for i, stage in enumerate(stages or [None]):
             members = None if stage is None else {id(p) for p in stage}
-            for group in self.param_groups:
+            for group, lr in zip(self.param_groups, lrs):
                 params = [p for p in group["params"] if p.grad is not None and (members is None or id(p) in members)]
                 if params:
-                    self._update(group, params)
+                    self._update(group, params, lr, scale, skip)
             if after_stage is not None:
                 after_stage(i)
         return loss
 
-    def _update(self, group: dict, params: list[nn.Parameter]) -> None:
-        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        device = params[0].device
-        # a fill kernel with the value as its argument: torch.tensor(lr, device=cuda) is a blocking copy
-        lr = torch.full((), group["lr"], dtype=torch.float32, device=device)
-        scale = torch.ones((), device=device) if grad_scale is None else grad_scale.to(device)
-        skip = torch.zeros((), dtype=torch.bool, device=device) if found_inf is None else found_inf.to(device) > 0
-        update = self._update_fn(device)
+    def _update(self, group: dict, params: list[nn.Parameter], lr: torch.Tensor, scale: torch.Tensor,
+                skip: torch.Tensor) -> None:
+        update = self._update_fn(params[0].device)
         beta1, beta2 = group["betas"]
         for p in params:
             state = self.state[p]
