@@ -386,6 +386,11 @@ def test_overlap_update_is_refused_where_it_cannot_run():
         validate(cfg)
     cfg.train.optimizer_state_dtype = "bf16"
     validate(cfg)
+    cfg.train.cuda_graph = True
+    with pytest.raises(ConfigError, match=r"train.overlap_update=true with train.cuda_graph=true: .*set "
+                                          r"train.cuda_graph=false or train.overlap_update=false"):
+        validate(cfg)
+    cfg.train.cuda_graph = False
     with pytest.raises(ConfigError, match=r"train.overlap_update=true .*not a step under torchrun"):
         validate(cfg, world_size=2)
     cfg.parallel.tp = 2

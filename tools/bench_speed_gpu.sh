@@ -36,7 +36,6 @@
 #   graph  bench2's row with forward+backward replayed as one CUDA graph (train.cuda_graph)
 #   best   everything that paid at once: bf16 parameters, forward+backward as one CUDA graph, inductor's
 #          coordinate-descent tuning (minutes more compile)
-#   bestov best with train.overlap_update (the update on a side stream, overlapping the next forward)
 #   ov     bf16p's row with train.overlap_update, eager (profiled)
 #   optim  the optimizer update alone: fused AdamW (fp32 moments) against the Triton bf16-moment update by
 #          block size and warps (tools/bench_optimizer_update.py), rows to $OUT/optimizer_update.jsonl
@@ -100,8 +99,6 @@ step() {
     graph) timeout 200 $B --label "flash bf16-states graph" $FLASH $BF16 --cuda-graph ;;
     best) TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 timeout 540 $B --label "flash bf16-states bf16-params graph coordesc" \
             $FLASH $BF16 $BF16P --cuda-graph --profile-steps 0 ;;
-    bestov) TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 timeout 540 $B --label "flash bf16-states bf16-params graph coordesc overlap" \
-            $FLASH $BF16 $BF16P --cuda-graph --profile-steps 0 --set train.overlap_update=true ;;
     ov) timeout 200 $B --label "flash bf16-states bf16-params overlap" $FLASH $BF16 $BF16P --set train.overlap_update=true ;;
     optim) timeout 150 python3 tools/bench_optimizer_update.py --config configs/small.yaml --results "$OUT/optimizer_update.jsonl" ;;
     moe) timeout 180 python3 tools/bench_moe_kernels.py --config configs/small.yaml --results "$OUT/moe_kernels.jsonl" ;;

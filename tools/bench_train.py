@@ -36,7 +36,7 @@ import torch._dynamo
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # PYTHONPATH may name another dsmtp first
 
-from dsmtp.config import load_config  # noqa: E402
+from dsmtp.config import ConfigError, load_config, validate  # noqa: E402
 from dsmtp.model import DeepSeekV3, kernels, moe_layers, update_expert_bias  # noqa: E402
 from dsmtp.parallel.topology import ensure_initialized  # noqa: E402
 from dsmtp.train.cuda_graph import EAGER_STEPS, GraphedBackward  # noqa: E402
@@ -161,7 +161,6 @@ def run_one(cfg, args, mtp_depth: int) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = DeepSeekV3(cfg.model).cuda()
     # The trainer's own speed set-up and autocast (--set train.activation_recompute_every=N applies too).
-    cfg.train.precision, cfg.train.compile, cfg.train.cuda_graph = args.precision, args.compile, args.cuda_graph
     apply_train_settings(model, cfg.train)
     autocast = autocast_for(args.precision, torch.device("cuda"))
     model.train()
@@ -376,6 +375,11 @@ def main(argv: list[str]) -> int:
         print("bench_train needs a CUDA device", file=sys.stderr)
         return 2
     cfg = load_config(args.config, args.set)
+    cfg.train.precision, cfg.train.compile, cfg.train.cuda_graph = args.precision, args.compile, args.cuda_graph
+    try:
+        validate(cfg)  # the flags above join the config's own rules
+    except ConfigError as e:
+        parser.error(str(e))
     backends = getattr(kernels, "backends", None)
     for flag, names, value in (("--disable", args.disable, False), ("--enable", args.enable, True)):
         for name in names:

@@ -10,11 +10,14 @@ match it bit for bit (tests/gpu/test_gpu_train.py).
 
 Concurrent kernels share the SMs block by block: forward and backward run on a stream of the highest
 priority (`computing`) and the update on one of the lowest, so that as the update's short blocks finish, the
-forward's blocks are dispatched first. Under train.cuda_graph the waits are captured into the graph as waits
-on external events, which the update records outside it. The gradients and clipping's scale the side stream
-reads are marked as in use by it, so releasing them (zero_grad) cannot hand their memory to the next forward
-before the update has read them. Anything else that reads the parameters or the optimizer's state (a
-checkpoint) calls `synchronize` first.
+forward's blocks are dispatched first. The gradients and clipping's scale the side stream reads are marked as
+in use by it, so releasing them (zero_grad) cannot hand their memory to the next forward before the update
+has read them. Anything else that reads the parameters or the optimizer's state (a checkpoint) calls
+`synchronize` first.
+
+Not under train.cuda_graph (the validator refuses the pair): captured as external-event waits, the forward's
+waits did not hold in a replayed graph (tests/gpu/test_gpu_train.py caught it once the update was slowed;
+notes/gpu/NOTES.md, session 17).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class OverlappedUpdate:
         self.optimizer = optimizer
         self.stream = torch.cuda.Stream(priority=0)  # the lowest priority there is (the default stream's)
         self.compute = torch.cuda.Stream(priority=-100)  # clamped to the highest
-        self.events = [torch.cuda.Event(external=True) for _ in self.stages]
+        self.events = [torch.cuda.Event() for _ in self.stages]
         for module, event in zip(entries, self.events):
             module.register_forward_pre_hook(lambda module, args, event=event: _wait(event))
 

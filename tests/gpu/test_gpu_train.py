@@ -98,26 +98,39 @@ def test_cuda_graph_training_matches_eager(tmp_path, compile_layers):
     assert max(errors.values()) < 1e-3, errors
 
 
-@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda_graph"])
-def test_overlapped_update_matches_the_update_in_turn(tmp_path, graph):
+@pytest.mark.parametrize("compile_layers,slow_update", [(False, False), (False, True), (True, True)],
+                         ids=["eager", "eager-slow_update", "compiled-slow_update"])
+def test_overlapped_update_matches_the_update_in_turn(tmp_path, monkeypatch, compile_layers, slow_update):
     """train.overlap_update (the update on a side stream, stage by stage, while the next forward runs)
     against the same run updating in turn: 7 steps with an evaluation and a checkpoint between them,
     bf16 parameters over fp32 masters. Any stage the forward did not wait for would read half-updated or
     stale weights; the same kernels in the same order per tensor give the same weights, masters and
-    losses bit for bit."""
+    losses bit for bit. slow_update: every stage's update starts with a ~10 ms spin on its stream and the
+    loss is read only at the end, so the forward reaches each stage before its update is done and the host
+    queues steps ahead of the device, as in a real run (a tiny model's update is otherwise done long before
+    the next forward needs it: without the spin this test passed under a CUDA graph whose waits did not hold)."""
     ensure_initialized()
     data = prepare_tiny_corpus(tmp_path / "data")
+    log_interval = 7 if slow_update else 1
     runs = {}
     for overlap in (False, True):
-        trainer = Trainer(tiny_config(tmp_path / f"run-{overlap}", data, steps=7, log_interval=1, eval_interval=5,
-                                      save_interval=5, cuda_graph=graph, optimizer_state_dtype="bf16",
-                                      param_dtype="bf16", precision="bf16", grad_accum=1, overlap_update=overlap))
+        trainer = Trainer(tiny_config(tmp_path / f"run-{overlap}", data, steps=7, log_interval=log_interval,
+                                      eval_interval=5, save_interval=5, compile=compile_layers,
+                                      optimizer_state_dtype="bf16", param_dtype="bf16", precision="bf16",
+                                      grad_accum=1, overlap_update=overlap))
         assert (trainer.overlap is not None) == overlap
+        if slow_update:
+            update = trainer.optimizer._update
+
+            def spun_update(*args, update=update):
+                torch.cuda._sleep(20_000_000)
+                update(*args)
+            monkeypatch.setattr(trainer.optimizer, "_update", spun_update)
         trainer.run()
         torch.cuda.synchronize()
         runs[overlap] = trainer
     losses = {o: [r["loss"] for r in t.log.records() if r["kind"] == "train"] for o, t in runs.items()}
-    assert len(losses[True]) == 7 and losses[True] == losses[False]
+    assert len(losses[True]) == 7 // log_interval and losses[True] == losses[False]
     in_turn, overlapped = (dict(t.model.state_dict()) for t in (runs[False], runs[True]))
     for name, value in in_turn.items():
         assert torch.equal(overlapped[name], value), name
