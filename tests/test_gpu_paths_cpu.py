@@ -195,3 +195,17 @@ def test_cross_entropy_table_from_its_results_file(tmp_path, capsys):
     assert lines[0] == "H200, small.yaml, one head" and len(lines) == 5
     assert lines[3].startswith("| torch | 5.881 | 1.12 |")
     assert lines[4] == "| fused | 5.365 | 1.12 | 7.4e-08 | 1.6e-03 | 1.8e-03 |"
+
+
+def test_table_marks_a_row_whose_loss_was_not_finite(tmp_path, capsys):
+    """A run whose loss went non-finite (written as null) prints nan and is named as no result: its step
+    time may be that of a broken step (numbers made up)."""
+    base = dict(precision="bf16", compile=True, mtp_kind="sequential", device="H200", tflops=300.0, mfu=0.3,
+                mtp_depth=1, tokens_per_s=170_000.0, peak_mem_gib=20.0, step_ms=96.0)
+    results = tmp_path / "rows.jsonl"
+    results.write_text(json.dumps(dict(base, label="good", loss=10.0)) + "\n"
+                       + json.dumps(dict(base, label="broken", loss=None)) + "\n")
+    assert bench_train.main(["--table", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[3].split()[-1] == "nan"
+    assert "not finite loss (its speed is not a result): broken D=1" in out and "good D=1" not in out

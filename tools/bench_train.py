@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -268,6 +269,11 @@ def label_width(rows: list[dict]) -> int:
     return max([22] + [len(r["label"]) + 1 for r in rows])
 
 
+def loss_of(row: dict) -> float:
+    """The row's last loss; a non-finite one is written as null (dsmtp.train.metrics)."""
+    return math.nan if row["loss"] is None else row["loss"]
+
+
 def print_table(rows: list[dict]) -> None:
     w = label_width(rows)
     key_head = f"{'run':<{w}}{'prec':<5}{'MTP':>7}"  # the columns every table below starts with
@@ -285,7 +291,10 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         shares = "".join(f"{r[f'share_{c}'] * 100:>5.0f}%" if f"share_{c}" in r else f"{'-':>6}" for c in CATEGORIES)
         print(f"{key(r)}{r['tokens_per_s']:>9.0f}{r['step_ms']:>9.1f}"
-              f"{r['tflops']:>9.1f}{r['mfu'] * 100:>6.1f}%{r['peak_mem_gib']:>8.1f}{shares}{r['loss']:>8.3f}")
+              f"{r['tflops']:>9.1f}{r['mfu'] * 100:>6.1f}%{r['peak_mem_gib']:>8.1f}{shares}{loss_of(r):>8.3f}")
+    diverged = [f"{r['label']} D={r['mtp_depth']}" for r in rows if not math.isfinite(loss_of(r))]
+    if diverged:
+        print(f"not finite loss (its speed is not a result): {', '.join(diverged)}")
     profiled = [r for r in rows if "kernel_ms" in r]
     if profiled:
         print("GPU time per step by the op that launched it (ms; profiler):")
