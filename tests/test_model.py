@@ -138,3 +138,28 @@ def test_small_config_matches_design_figures():
     assert counts.trunk_activated == pytest.approx(0.24e9, rel=0.01)
     assert counts.total == pytest.approx(0.75e9, rel=0.01)
     assert counts.activated == pytest.approx(0.26e9, rel=0.01)
+
+
+def test_dense_mlp_one_gemm_training_matches_two_gemms_in_float64():
+    """The dense MLP trains with gate and up as one GEMM over both weights (one rank, no FP8) and decodes
+    with two: outputs and every gradient (input, gate, up, down) equal the two-GEMM path's, which also
+    runs without gradients."""
+    from dsmtp.model.mlp import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(16, 24, init_std=0.2).double()
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    assert not mlp.split_gemms()
+    out = mlp(x)
+    out.square().sum().backward()
+    fused = [out.detach(), x.grad] + [w.weight.grad for w in (mlp.w1, mlp.w3, mlp.w2)]
+
+    x2 = x.detach().clone().requires_grad_()
+    w1, w3, w2 = (w.weight.detach().clone().requires_grad_() for w in (mlp.w1, mlp.w3, mlp.w2))
+    ref = F.linear(F.silu(x2 @ w1.T) * (x2 @ w3.T), w2)
+    ref.square().sum().backward()
+    for got, want in zip(fused, [ref.detach(), x2.grad, w1.grad, w3.grad, w2.grad]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        assert mlp.split_gemms()
+        torch.testing.assert_close(mlp(x), ref.detach(), rtol=1e-12, atol=1e-12)
