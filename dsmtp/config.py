@@ -673,8 +673,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Optional[int]:
              "train.overlap_update=false")
     _require(not (t.overlap_update and t.cuda_graph),
              "train.overlap_update=true with train.cuda_graph=true: a replayed graph's forward does not wait for the "
-             "update's stages (measured on an H200: stale weights, then NaN): set train.cuda_graph=false or "
-             "train.overlap_update=false")
+             "update's stages and reads stale weights: set train.cuda_graph=false or train.overlap_update=false")
     _require(not t.overlap_update or p.tp == p.pp == p.ep == 1,
              f"train.overlap_update=true overlaps the single-process step, not a tp={p.tp} pp={p.pp} ep={p.ep} layout: "
              "set train.overlap_update=false or parallel.tp, pp and ep to 1")

@@ -15,9 +15,8 @@ in use by it, so releasing them (zero_grad) cannot hand their memory to the next
 has read them. Anything else that reads the parameters or the optimizer's state (a checkpoint) calls
 `synchronize` first.
 
-Not under train.cuda_graph (the validator refuses the pair): captured as external-event waits, the forward's
-waits did not hold in a replayed graph (tests/gpu/test_gpu_train.py caught it once the update was slowed;
-notes/gpu/NOTES.md, session 17).
+Not under train.cuda_graph (the validator refuses the pair): captured into a graph as external-event waits,
+the forward's waits did not hold when it was replayed.
 """
 
 from __future__ import annotations
