@@ -103,7 +103,8 @@ step() {
     optim) timeout 150 python3 tools/bench_optimizer_update.py --config configs/small.yaml --results "$OUT/optimizer_update.jsonl" ;;
     moe) timeout 180 python3 tools/bench_moe_kernels.py --config configs/small.yaml --results "$OUT/moe_kernels.jsonl" ;;
     ceb) timeout 150 python3 tools/bench_cross_entropy.py --config configs/small.yaml --results "$OUT/cross_entropy.jsonl" ;;
-    tt) [ -d /tmp/tt ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tt .whl-tt/*.whl
+    tt) [ -d .tt ] || { echo "tt: .tt is not on this machine: carry .tt and .whl-tt with every call that runs tt"; return; }
+        [ -d /tmp/tt ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tt .whl-tt/*.whl
         (cd .tt && PYTHONPATH=/tmp/tt:$PYTHONPATH timeout 400 python3 bench_tt.py --variants compile,compile+mtp1 \
            --json-out "$OUT/torchtitan.json") ;;
     curves) mkdir -p "$OUT/runs"
