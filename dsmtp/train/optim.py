@@ -169,10 +169,15 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
         skip = torch.zeros((), dtype=torch.bool, device=device) if found_inf is None else found_inf.to(device) > 0
         # a fill kernel with the value as its argument: torch.tensor(lr, device=cuda) is a blocking copy
         lrs = [torch.full((), group["lr"], dtype=torch.float32, device=device) for group in self.param_groups]
-        for i, stage in enumerate(stages or [None]):
-            members = None if stage is None else {id(p) for p in stage}
-            for group, lr in zip(self.param_groups, lrs):
-                params = [p for p in group["params"] if p.grad is not None and (members is None or id(p) in members)]
+        # each stage's parameters by group, in group order: one pass over the parameters
+        stage_of = {id(p): i for i, stage in enumerate(stages) for p in stage} if stages else {}
+        staged = [[[] for _ in self.param_groups] for _ in range(len(stages) if stages else 1)]
+        for g, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is not None:
+                    staged[stage_of[id(p)] if stages else 0][g].append(p)
+        for i, by_group in enumerate(staged):
+            for group, lr, params in zip(self.param_groups, lrs, by_group):
                 if params:
                     self._update(group, params, lr, scale, skip)
             if after_stage is not None:
