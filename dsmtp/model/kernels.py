@@ -262,7 +262,11 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | No
 
 @torch.library.custom_op("dsmtp::swiglu_backward", mutates_args=())
 def _swiglu_backward_triton(gate_up: torch.Tensor, grad_h: torch.Tensor) -> torch.Tensor:
-    return _triton_kernels("moe_triton").swiglu_backward(gate_up.contiguous(), grad_h.contiguous())
+    # the kernel works on [rows, columns]; the dense MLPs' activations are [batch, seq, columns]
+    columns = gate_up.shape[-1]
+    grad = _triton_kernels("moe_triton").swiglu_backward(gate_up.reshape(-1, columns).contiguous(),
+                                                         grad_h.reshape(-1, columns // 2).contiguous())
+    return grad.view(gate_up.shape)
 
 
 @_swiglu_backward_triton.register_fake

@@ -391,3 +391,26 @@ def test_training_steps_with_bf16_params_follow_fp32_params():
         return build
 
     assert_curves_agree(loss_curves({"fp32": optimizer("fp32"), "bf16": optimizer("bf16")}), "fp32", "bf16")
+
+
+def test_dense_mlp_one_gemm_on_cuda_matches_float64():
+    """The dense MLP's training path on CUDA (gate and up as one GEMM, the SwiGLU gradient by the Triton
+    kernel, on [batch, seq, columns] activations) against the two-GEMM expression in float64 on the CPU."""
+    from dsmtp.model.mlp import MLP
+
+    ensure_initialized()
+    torch.manual_seed(0)
+    mlp = MLP(512, 1024, init_std=0.02).cuda().bfloat16()
+    x = torch.randn(2, 64, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn(2, 64, 512, device="cuda", dtype=torch.bfloat16)
+    assert not mlp.split_gemms() and kernels.backends.triton_swiglu
+    out = mlp(x)
+    out.backward(grad_out)
+
+    x64 = x.detach().double().cpu().requires_grad_()
+    w1, w3, w2 = (w.weight.detach().double().cpu().requires_grad_() for w in (mlp.w1, mlp.w3, mlp.w2))
+    ref = torch.nn.functional.linear(torch.nn.functional.silu(x64 @ w1.T) * (x64 @ w3.T), w2)
+    ref.backward(grad_out.double().cpu())
+    for got, want in zip([out, x.grad, mlp.w1.weight.grad, mlp.w3.weight.grad, mlp.w2.weight.grad],
+                         [ref, x64.grad, w1.grad, w3.grad, w2.grad]):
+        assert rel_err(got.detach(), want.detach()) < 1e-2
