@@ -118,12 +118,13 @@ def test_kernel_families_count_each_kernel_once_on_its_launching_op():
 
 def test_peer_table_compares_rows_of_the_same_mtp_depth(tmp_path, capsys):
     """bench_train --table --peer: each compiled dsmtp row against torchtitan's variant of its MTP depth,
-    ratios computed from the two files (numbers made up)."""
+    ratios computed from the two files (numbers made up); a row whose loss was not finite gets none."""
     base = dict(precision="bf16", compile=True, mtp_kind="sequential", device="H200", step_ms=100.0, tflops=300.0,
                 mfu=0.3, loss=10.0)
     rows = [dict(base, label="flash", mtp_depth=1, tokens_per_s=200_000.0, peak_mem_gib=20.0),
             dict(base, label="flash", mtp_depth=0, tokens_per_s=230_000.0, peak_mem_gib=18.0),
-            dict(base, label="eager", compile=False, mtp_depth=1, tokens_per_s=1.0, peak_mem_gib=1.0)]
+            dict(base, label="eager", compile=False, mtp_depth=1, tokens_per_s=1.0, peak_mem_gib=1.0),
+            dict(base, label="diverged", mtp_depth=1, tokens_per_s=300_000.0, peak_mem_gib=20.0, loss=None)]
     results, peer = tmp_path / "rows.jsonl", tmp_path / "tt.json"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     peer.write_text(json.dumps([{"variant": "compile", "tokens_per_s": 184_000.0, "peak_mem_gib": 30.0},
@@ -131,9 +132,9 @@ def test_peer_table_compares_rows_of_the_same_mtp_depth(tmp_path, capsys):
                                 {"variant": "eager", "error": "timeout"}]))
     assert bench_train.main(["--table", str(results), "--peer", str(peer)]) == 0
     lines = capsys.readouterr().out.split("against torchtitan")[1].splitlines()[2:]
-    assert len(lines) == 2  # the eager row has no compiled peer
-    assert "compile+mtp1" in lines[0] and "1.25x" in lines[0]
-    assert lines[1].split()[3] == "compile" and "1.25x" in lines[1]
+    assert len(lines) == 2  # the eager row has no compiled peer; a non-finite loss's speed is no result
+    assert "compile+mtp1" in lines[0] and "1.250x" in lines[0]  # three decimals: the goals sit at 1.25x
+    assert lines[1].split()[3] == "compile" and "1.250x" in lines[1]
 
 
 def test_table_prints_each_phase_span_and_the_host_time(tmp_path, capsys):
