@@ -18,6 +18,7 @@ import yaml
 
 MTP_KINDS = ("sequential", "parallel")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash")  # model.attention_backend (dsmtp.model.kernels.attention)
+ROUTER_DTYPES = ("fp32", "autocast")  # model.router_dtype (dsmtp.model.moe.Router)
 # train.optimizer_state_dtype -> bytes per element of each AdamW moment (dsmtp.train.optim keeps them)
 OPTIMIZER_STATE_BYTES = {"fp32": 4, "bf16": 2}
 OPTIMIZER_STATE_DTYPES = tuple(OPTIMIZER_STATE_BYTES)
@@ -81,6 +82,10 @@ class ModelConfig:
     # 'dsmtp[gpu]'; Hopper or newer, bf16/fp16), sdpa = torch's scaled_dot_product_attention, auto =
     # flash where it can run, SDPA elsewhere. CPU runs always take SDPA.
     attention_backend: str = "auto"
+    # The router's GEMM (not part of the architecture): fp32 whatever the autocast, as HF transformers'
+    # DeepSeek-V3; or autocast, the step's compute dtype like every other linear (bf16 on GPU), as
+    # DeepSeek-V3's inference/model.py, torchtitan and Megatron-LM's default. Sigmoid and top-k stay fp32.
+    router_dtype: str = "fp32"
 
     @property
     def qk_head_dim(self) -> int:
@@ -463,6 +468,8 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.mtp_kind in MTP_KINDS, f"model.mtp_kind={m.mtp_kind!r} must be one of {', '.join(MTP_KINDS)}")
     _require(m.attention_backend in ATTENTION_BACKENDS,
              f"model.attention_backend={m.attention_backend!r} must be one of {', '.join(ATTENTION_BACKENDS)}")
+    _require(m.router_dtype in ROUTER_DTYPES,
+             f"model.router_dtype={m.router_dtype!r} must be one of {', '.join(ROUTER_DTYPES)}")
     _require(0 <= m.first_k_dense_replace <= m.num_layers,
              f"model.first_k_dense_replace={m.first_k_dense_replace} must be in [0, num_layers={m.num_layers}]")
     _require(m.q_lora_rank is None or m.q_lora_rank > 0,

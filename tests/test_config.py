@@ -53,6 +53,7 @@ def test_671b_schedule_reads_exponent_numbers():
      "train.compile_mode='max-autotune' must be one of default, max-autotune-no-cudagraphs"),
     ({"train": {"compile_mode": "max-autotune-no-cudagraphs"}},
      "train.compile_mode=max-autotune-no-cudagraphs applies to compiled layers only: set train.compile=true"),
+    ({"model": {"router_dtype": "bf16"}}, "model.router_dtype='bf16' must be one of fp32, autocast"),
     ({"serve": {"port": 70000}}, "serve.port=70000 must be in [0, 65535]"),
     ({"serve": {"max_choices": 0}}, "serve.max_choices=0 must be >= 1"),
     ({"serve": {"max_body_bytes": 0}}, "serve.max_body_bytes=0 must be >= 1"),

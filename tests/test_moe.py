@@ -49,6 +49,30 @@ def test_router_matches_float64_brute_force(n_experts, n_group, topk_group, top_
             assert g == pytest.approx(ref_gates[t][e], rel=1e-5)
 
 
+@pytest.mark.parametrize("router_dtype", ["fp32", "autocast"])
+def test_router_dtype_under_bf16_autocast(router_dtype):
+    """model.router_dtype=fp32 keeps the scores at fp32 accuracy under bf16 autocast; autocast computes
+    the logits from bf16-rounded operands, rounded to bf16, as a bf16 GEMM does."""
+    cfg = tiny_model_config(router_dtype=router_dtype)
+    router = Router(cfg)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(64, cfg.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, scores = router(x)
+    assert scores.dtype == torch.float32
+    if router_dtype == "fp32":
+        logits = x.double() @ router.weight.double().T
+        torch.testing.assert_close(scores.double(), logits.sigmoid(), rtol=1e-5, atol=1e-6)
+    else:
+        logits = (x.bfloat16().double() @ router.weight.bfloat16().double().T).bfloat16().double()
+        # Within one bf16 step (8 significant bits) of the rounded float64 product: the GEMM accumulates
+        # in fp32, so an exact product near a rounding boundary may round the other way.
+        one_step = logits.abs() * 2.0 ** -7 + 1e-6
+        assert ((scores.double().logit() - logits).abs() <= one_step).all()
+        fp32_scores = (x.double() @ router.weight.double().T).sigmoid()
+        assert (scores.double() - fp32_scores).abs().max() > 1e-4  # the bf16 rounding is visible
+
+
 def test_descending_rank_by_hand_and_against_topk():
     x = torch.tensor([[1.0, 3.0, 3.0, float("-inf"), float("-inf"), 2.0]])
     assert descending_rank(x).tolist() == [[3, 0, 1, 4, 5, 2]]  # ties, -inf included, in index order

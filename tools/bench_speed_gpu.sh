@@ -27,6 +27,7 @@
 #   bf16p  bench2's row with train.param_dtype=bf16 (bf16 parameters and gradients, fp32 master weights in the
 #          optimizer: no weight casts in forward, no gradient casts in backward)
 #   bf16pg the same, forward+backward replayed as one CUDA graph
+#   bf16pgr bf16pg's row with model.router_dtype=autocast (the router's GEMM in bf16 instead of fp32)
 #   old    bf16p's row with the code of an earlier commit ($OLD, default .old: that commit's dsmtp/, tools/ and
 #          configs/, from `git archive`): the before row of a change no switch turns off ($OLD_LABEL names it)
 #   noce   bench2's row without the fused cross-entropy (kernels.backends.triton_cross_entropy, on by default
@@ -90,6 +91,8 @@ step() {
     notriton) timeout 200 $B --label "flash bf16-states notriton" $FLASH $BF16 $NOTRITON ;;
     bf16p) timeout 200 $B --label "flash bf16-states bf16-params" $FLASH $BF16 $BF16P ;;
     bf16pg) timeout 200 $B --label "flash bf16-states bf16-params graph" $FLASH $BF16 $BF16P --cuda-graph ;;
+    bf16pgr) timeout 200 $B --label "flash bf16-states bf16-params graph bf16-router" $FLASH $BF16 $BF16P --cuda-graph \
+            --set model.router_dtype=autocast ;;
     old) (cd "${OLD:-.old}" && PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH timeout 200 $B \
             --label "${OLD_LABEL:-flash bf16-states bf16-params, earlier commit}" $FLASH $BF16 $BF16P --profile-steps 0) ;;
     noce) timeout 200 $B --label "flash bf16-states noce" $FLASH $BF16 --disable triton_cross_entropy ;;

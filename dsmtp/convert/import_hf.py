@@ -33,7 +33,7 @@ from dsmtp.convert.hf_config import UnsupportedHFConfig, from_hf_config, read_hf
 from dsmtp.io import atomic_directory
 
 # Model fields a user may change on import: they do not change what the weights compute.
-TRAINING_ONLY_MODEL_FIELDS = {"aux_loss_alpha", "init_std", "attention_backend"}
+TRAINING_ONLY_MODEL_FIELDS = {"aux_loss_alpha", "init_std", "attention_backend", "router_dtype"}
 
 
 def hf_weight_files(hf_dir: Path, m: ModelConfig) -> list[Path]:

@@ -48,14 +48,19 @@ class Router(nn.Module):
         self.topk_group = cfg.topk_group
         self.norm_topk_prob = cfg.norm_topk_prob
         self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.router_dtype = cfg.router_dtype
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         nn.init.normal_(self.weight, std=cfg.init_std)
         self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, H] -> expert_ids [T, k], gates [T, k] (float32), scores [T, E] (float32)."""
-        with torch.autocast(x.device.type, enabled=False):  # scores in fp32 also under bf16 autocast
-            scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        if self.router_dtype == "fp32":
+            with torch.autocast(x.device.type, enabled=False):
+                logits = F.linear(x.float(), self.weight.float())
+        else:
+            logits = F.linear(x, self.weight)
+        scores = logits.float().sigmoid()
         biased = (scores + self.expert_bias).view(-1, self.n_group, self.n_experts // self.n_group)
         # Rank groups by the sum of their two best biased scores; drop all but topk_group of them.
         group_scores = torch.where(descending_rank(biased) < 2, biased, 0.0).sum(dim=-1)

@@ -414,3 +414,34 @@ def test_dense_mlp_one_gemm_on_cuda_matches_float64():
     for got, want in zip([out, x.grad, mlp.w1.weight.grad, mlp.w3.weight.grad, mlp.w2.weight.grad],
                          [ref, x64.grad, w1.grad, w3.grad, w2.grad]):
         assert rel_err(got.detach(), want.detach()) < 1e-2
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_router_autocast_dtype_on_cuda_matches_float64(compiled):
+    """model.router_dtype=autocast on CUDA (bf16 GEMM, fp32 sigmoid), eager and compiled: scores within two
+    bf16 steps of the float64 product of the bf16-rounded operands, gradients against float64 (the CPU
+    test pins the same rounding with the CPU's bf16 GEMM)."""
+    from dsmtp.model.moe import Router
+
+    torch.manual_seed(0)
+    cfg = small_config(router_dtype="autocast")
+    router = Router(cfg).cuda()
+    torch.nn.init.normal_(router.weight, std=0.05)
+    x = torch.randn(256, cfg.hidden_size, device="cuda", requires_grad=True)
+    run = torch.compile(router) if compiled else router
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expert_ids, gates, scores = run(x)
+    (scores.square().sum() + gates.square().sum()).backward()
+
+    x64 = x.detach().bfloat16().double().cpu().requires_grad_()
+    w64 = router.weight.detach().bfloat16().double().cpu().requires_grad_()
+    logits = x64 @ w64.T
+    one_step = logits.detach().abs() * 2.0 ** -7 + 1e-6
+    assert ((scores.detach().double().cpu().logit() - logits.detach()).abs() <= 2 * one_step).all()
+    ref_scores = logits.sigmoid()
+    chosen = ref_scores.gather(1, expert_ids.cpu())
+    ref_gates = chosen / chosen.sum(dim=-1, keepdim=True) * cfg.routed_scaling_factor
+    (ref_scores.square().sum() + ref_gates.square().sum()).backward()
+    assert rel_err(gates.detach(), ref_gates.detach()) < 1e-2
+    assert rel_err(x.grad, x64.grad) < 2e-2
+    assert rel_err(router.weight.grad, w64.grad) < 2e-2
