@@ -123,6 +123,7 @@ def test_peer_table_compares_rows_of_the_same_mtp_depth(tmp_path, capsys):
                 mfu=0.3, loss=10.0)
     rows = [dict(base, label="flash", mtp_depth=1, tokens_per_s=200_000.0, peak_mem_gib=20.0),
             dict(base, label="flash", mtp_depth=0, tokens_per_s=230_000.0, peak_mem_gib=18.0),
+            dict(base, label="just under", mtp_depth=1, tokens_per_s=199_952.0, peak_mem_gib=20.0),
             dict(base, label="eager", compile=False, mtp_depth=1, tokens_per_s=1.0, peak_mem_gib=1.0),
             dict(base, label="diverged", mtp_depth=1, tokens_per_s=300_000.0, peak_mem_gib=20.0, loss=None)]
     results, peer = tmp_path / "rows.jsonl", tmp_path / "tt.json"
@@ -132,9 +133,10 @@ def test_peer_table_compares_rows_of_the_same_mtp_depth(tmp_path, capsys):
                                 {"variant": "eager", "error": "timeout"}]))
     assert bench_train.main(["--table", str(results), "--peer", str(peer)]) == 0
     lines = capsys.readouterr().out.split("against torchtitan")[1].splitlines()[2:]
-    assert len(lines) == 2  # the eager row has no compiled peer; a non-finite loss's speed is no result
-    assert "compile+mtp1" in lines[0] and "1.250x" in lines[0]  # three decimals: the goals sit at 1.25x
-    assert lines[1].split()[3] == "compile" and "1.250x" in lines[1]
+    assert len(lines) == 3  # the eager row has no compiled peer; a non-finite loss's speed is no result
+    assert "compile+mtp1" in lines[0] and "1.2500x" in lines[0]
+    assert lines[1].split()[3] == "compile" and "1.2500x" in lines[1]
+    assert "1.2497x" in lines[2]  # four decimals: the goals sit at 1.25x, and 1.2497 is not 1.250
 
 
 def test_table_prints_each_phase_span_and_the_host_time(tmp_path, capsys):

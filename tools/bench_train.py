@@ -335,7 +335,7 @@ def print_peer_table(rows: list[dict], peer_rows: list[dict]) -> None:
     peer = {r["variant"]: r for r in peer_rows if "error" not in r}
     w = label_width(rows)
     print(f"against torchtitan (bench_tt.py):\n{'run':<{w}}{'MTP':>7}{'tok/s':>9}{'peer':>14}{'peer tok/s':>11}"
-          f"{'ratio':>7}{'mem GiB':>8}{'peer GiB':>9}")
+          f"{'ratio':>8}{'mem GiB':>8}{'peer GiB':>9}")
     for r in rows:
         variant = PEER_VARIANTS.get(r["mtp_depth"])
         if (not r["compile"] or variant not in peer or r.get("mtp_kind", "sequential") != "sequential"
@@ -343,7 +343,7 @@ def print_peer_table(rows: list[dict], peer_rows: list[dict]) -> None:
             continue
         p = peer[variant]
         print(f"{r['label']:<{w}}{mtp_column(r):>7}{r['tokens_per_s']:>9.0f}{variant:>14}{p['tokens_per_s']:>11.0f}"
-              f"{r['tokens_per_s'] / p['tokens_per_s']:>6.3f}x{r['peak_mem_gib']:>8.1f}{p['peak_mem_gib']:>9.1f}")
+              f"{r['tokens_per_s'] / p['tokens_per_s']:>7.4f}x{r['peak_mem_gib']:>8.1f}{p['peak_mem_gib']:>9.1f}")
 
 
 def main(argv: list[str]) -> int:
