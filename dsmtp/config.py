@@ -83,8 +83,9 @@ class ModelConfig:
     # flash where it can run, SDPA elsewhere. CPU runs always take SDPA.
     attention_backend: str = "auto"
     # The router's GEMM (not part of the architecture): fp32 whatever the autocast, as HF transformers'
-    # DeepSeek-V3; or autocast, the step's compute dtype like every other linear (bf16 on GPU), as
-    # DeepSeek-V3's inference/model.py, torchtitan and Megatron-LM's default. Sigmoid and top-k stay fp32.
+    # DeepSeek-V3 and torchtitan (for the stability of load balancing); or autocast, the step's compute dtype
+    # like every other linear (bf16 on GPU), as DeepSeek-V3's inference/model.py and Megatron-LM's default
+    # (moe_router_dtype unset). Sigmoid and top-k stay fp32 either way.
     router_dtype: str = "fp32"
 
     @property
